@@ -1,0 +1,3 @@
+"""Postroom: a mail server for an organisation's own domains."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,251 @@
+"""The ``postroom`` command line: parse arguments, call the components, print results.
+
+Exit status: 0 on success, 1 on an error the user can fix (the message says how),
+2 on a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import socket
+import sqlite3
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .config import Config, ConfigError, default_config_text, load, parse_config
+from .spool import QUEUES, QueueSummary, connect, queue_summary
+from .users import UserError, UserStore
+
+DEFAULT_CONFIG = "postroom.toml"
+
+
+def _fail(message: str) -> int:
+    print(f"postroom: {message}", file=sys.stderr)
+    return 1
+
+
+def _default_hostname() -> str:
+    name = socket.gethostname().lower()           # no DNS lookup (never getfqdn)
+    try:
+        parse_config({"hostname": name}, Path("."), "hostname")
+    except ConfigError:
+        return "localhost"
+    return name
+
+
+def _load_or_defaults(path: Path) -> Config:
+    """The config at ``path``; when it does not exist, the defaults ``serve`` would write."""
+    if path.exists():
+        return load(path)
+    return parse_config({}, path.resolve().parent, f"{path} (not found: defaults)")
+
+
+# --- serve / check -------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .app import Postroom
+    from .observability import setup_logging
+
+    path = Path(args.config)
+    if not path.exists():
+        domains = ["localhost"] + ([d.lower() for d in args.domain] if args.domain else [])
+        text = default_config_text(_default_hostname(), list(dict.fromkeys(domains)))
+        path.write_text(text, encoding="utf-8")
+        print(f"postroom: wrote a new configuration to {path} "
+              f"(local domains: {', '.join(dict.fromkeys(domains))})")
+    try:
+        config = load(path)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    for warning in config.warnings():
+        print(f"postroom: WARNING {warning}", file=sys.stderr)
+    setup_logging(config.data_dir / "logs", stderr=not args.quiet)
+
+    def started(listeners: list) -> None:  # type: ignore[type-arg]
+        print(f"Postroom {__version__} is running as {config.hostname}, "
+              f"data in {config.data_dir}")
+        for b in listeners:
+            print(f"  {b.describe()}")
+        domain = config.local_domains[0]
+        mx = next((b for b in listeners if b.kind == "mx"), None)
+        print("Next, add a mailbox:")
+        print(f"  postroom users add alice@{domain} --password-stdin <<<'s3cret'")
+        if mx is not None:
+            print(f"  swaks --server {mx.host}:{mx.port} --to alice@{domain}")
+        print("Stop with Ctrl-C (or SIGTERM).", flush=True)
+
+    server = Postroom(config)
+    try:
+        asyncio.run(server.run_until_signalled(started))
+    except OSError as exc:
+        return _fail(f"cannot start: {exc.strerror or exc} (is another server on that port?)")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    path = Path(args.config)
+    try:
+        config = load(path)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    warnings = list(config.warnings())
+    users: set[str] = set()
+    if config.users_path.exists():
+        store = UserStore(config.users_path)
+        users = {u.address for u in store.list()}
+        store.close()
+    for domain in config.local_domains:
+        pm = f"postmaster@{domain}"
+        if pm not in users and pm not in config.aliases:
+            warnings.append(f"domains.local: {domain} has no postmaster (RFC 5321 4.5.1): "  # type: ignore[arg-type]
+                            f"add [aliases] \"{pm}\" = [\"you@{domain}\"] or "
+                            f"'postroom users add {pm}'; until then its mail waits in "
+                            f"{config.mail_dir / domain / 'postmaster'}")
+    for w in warnings:
+        print(f"WARNING {w}", file=sys.stderr)
+    print(f"{path}: configuration is valid"
+          + (f" ({len(warnings)} warning{'s' if len(warnings) != 1 else ''})" if warnings else ""))
+    return 0
+
+
+# --- users ---------------------------------------------------------------------------
+def _read_password(args: argparse.Namespace) -> str:
+    if args.password_stdin:
+        line = sys.stdin.readline()
+        return line[:-1] if line.endswith("\n") else line
+    if not sys.stdin.isatty():
+        raise UserError("no terminal to ask for a password: use --password-stdin")
+    first = getpass.getpass("Password: ")
+    if first != getpass.getpass("Again: "):
+        raise UserError("the passwords do not match")
+    return first
+
+
+def cmd_users(args: argparse.Namespace) -> int:
+    try:
+        config = _load_or_defaults(Path(args.config))
+    except ConfigError as exc:
+        return _fail(str(exc))
+    store = UserStore(config.users_path)
+    try:
+        if args.action == "add":
+            key = store.add(args.address, _read_password(args), admin=args.admin)
+            from .store import MaildirStore
+            local, _, domain = key.rpartition("@")
+            maildir = MaildirStore(config.mail_dir, config.hostname).create(local, domain)
+            print(f"added {key} (mailbox {maildir})")
+            if domain not in config.local_domains:
+                print(f"postroom: WARNING {domain} is not a local domain: mail for {key} "
+                      f"will not be accepted until [domains] local lists it", file=sys.stderr)
+        elif args.action == "remove":
+            print(f"removed {store.remove(args.address)} (its Maildir is kept)")
+        elif args.action == "passwd":
+            print(f"password changed for {store.set_password(args.address, _read_password(args))}")
+        elif args.action == "list":
+            users = store.list()
+            if args.json:
+                print(json.dumps({"users": [{"address": u.address, "created": u.created,
+                                             "admin": u.admin} for u in users]}, indent=2))
+            else:
+                for u in users:
+                    print(u.address + ("  (admin)" if u.admin else ""))
+                if not users:
+                    print("no users yet: postroom users add ADDRESS", file=sys.stderr)
+    except UserError as exc:
+        return _fail(str(exc))
+    finally:
+        store.close()
+    return 0
+
+
+# --- queue ---------------------------------------------------------------------------
+def _age(seconds: float) -> str:
+    s = int(seconds)
+    if s >= 86400:
+        return f"{s // 86400}d{(s % 86400) // 3600}h"
+    if s >= 3600:
+        return f"{s // 3600}h{(s % 3600) // 60}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60}s"
+    return f"{s}s"
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    try:
+        config = _load_or_defaults(Path(args.config))
+    except ConfigError as exc:
+        return _fail(str(exc))
+    if config.spool_path.exists():
+        conn = connect(config.spool_path, readonly=True)
+        try:
+            summary = queue_summary(conn)
+        except sqlite3.OperationalError as exc:
+            return _fail(f"cannot read the spool {config.spool_path}: {exc}")
+        finally:
+            conn.close()
+    else:
+        summary = [QueueSummary(name, 0, 0, None, 0) for name in QUEUES]
+    now = time.time()
+    if args.json:
+        print(json.dumps({"queues": [{
+            "name": q.name, "messages": q.messages, "recipients": q.recipients,
+            "oldest": q.oldest, "oldest_age_seconds": None if q.oldest is None
+            else round(now - q.oldest, 3), "held": q.held} for q in summary]}, indent=2))
+        return 0
+    print(f"{'QUEUE':22} {'MESSAGES':>8} {'RECIPIENTS':>10} {'OLDEST':>8} {'HELD':>5}")
+    for q in summary:
+        oldest = "-" if q.oldest is None else _age(now - q.oldest)
+        print(f"{q.name:22} {q.messages:8} {q.recipients:10} {oldest:>8} {q.held:5}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="postroom", description="Postroom mail server")
+    p.add_argument("--version", action="version", version=f"postroom {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument("-c", "--config", default=DEFAULT_CONFIG,
+                        help=f"config file (default: ./{DEFAULT_CONFIG})")
+        return sp
+
+    s = with_config(sub.add_parser("serve", help="run the server in the foreground"))
+    s.add_argument("--domain", action="append",
+                   help="a local domain for a new config (repeatable)")
+    s.add_argument("-q", "--quiet", action="store_true", help="log to the log file only")
+    s.set_defaults(fn=cmd_serve)
+    with_config(sub.add_parser("check", help="validate the config")).set_defaults(fn=cmd_check)
+
+    u = sub.add_parser("users", help="manage mailbox users")
+    usub = u.add_subparsers(dest="action", required=True)
+    a = with_config(usub.add_parser("add", help="add a mailbox user"))
+    a.add_argument("address")
+    a.add_argument("--password-stdin", action="store_true",
+                   help="read the password from the first line of stdin")
+    a.add_argument("--admin", action="store_true", help="may log in to the admin console")
+    r = with_config(usub.add_parser("remove", help="remove a user (the Maildir is kept)"))
+    r.add_argument("address")
+    pw = with_config(usub.add_parser("passwd", help="change a user's password"))
+    pw.add_argument("address")
+    pw.add_argument("--password-stdin", action="store_true")
+    ls = with_config(usub.add_parser("list", help="list users"))
+    ls.add_argument("--json", action="store_true")
+    u.set_defaults(fn=cmd_users)
+
+    q = with_config(sub.add_parser("queue", help="summarise the four queues"))
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(fn=cmd_queue)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.fn(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,430 @@
+"""The configuration: one TOML file turned into validated, frozen dataclasses.
+
+Config flows one way: file → :func:`load` → :class:`Config` → constructors. No other
+module reads the file or the environment. Every error names the file and the key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .address import AddressError, parse_path
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DeliveryConfig",
+    "Problem",
+    "SmtpConfig",
+    "TlsConfig",
+    "default_config_text",
+    "load",
+    "parse_config",
+    "parse_duration",
+    "parse_endpoint",
+]
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class Problem:
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.message}"
+
+
+class ConfigError(Exception):
+    """The config is invalid; ``problems`` names each key and what is wrong with it."""
+
+    def __init__(self, source: str, problems: list[Problem]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  {p}" for p in problems)
+        super().__init__(f"{source}: invalid configuration\n{lines}")
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    listen: tuple[tuple[str, int], ...] = (("127.0.0.1", 2525),)
+    submission: tuple[tuple[str, int], ...] = (("127.0.0.1", 2587),)
+    submissions: tuple[tuple[str, int], ...] = ()
+    max_message_size: int = 26214400
+    max_recipients: int = 100
+    command_timeout: float = 300.0
+    data_timeout: float = 600.0
+    max_connections: int = 1000
+    max_connections_per_peer: int = 50
+    max_errors: int = 10
+    auth_on_mx: bool = False
+    auth_failure_limit: int = 5
+    auth_failure_window: float = 600.0
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    retry: tuple[float, ...] = (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0)
+
+
+@dataclass(frozen=True)
+class Config:
+    hostname: str
+    data_dir: Path
+    smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    local_domains: tuple[str, ...] = ("localhost",)
+    trusted_networks: tuple[Network, ...] = (
+        ipaddress.ip_network("127.0.0.1/32"),
+        ipaddress.ip_network("::1/128"),
+    )
+    aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    source: str = "<defaults>"
+
+    @property
+    def spool_path(self) -> Path:
+        return self.data_dir / "spool.sqlite3"
+
+    @property
+    def users_path(self) -> Path:
+        return self.data_dir / "users.sqlite3"
+
+    @property
+    def mail_dir(self) -> Path:
+        return self.data_dir / "mail"
+
+    def warnings(self) -> list[Problem]:
+        """Things that are valid but dangerous: an open relay, a missing postmaster."""
+        found = []
+        for net in self.trusted_networks:
+            if net.prefixlen == 0 or (not net.is_private and not net.is_loopback and (
+                (net.version == 4 and net.prefixlen < 16) or (net.version == 6 and net.prefixlen < 32)
+            )):
+                found.append(Problem(
+                    "relay.trusted_networks",
+                    f"OPEN RELAY: {net} lets a large part of the Internet relay through this "
+                    "server without authentication; list only your own networks",
+                ))
+        return found
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(value: object) -> float:
+    """``"90s"``, ``"5m"``, ``"4h"``, ``"5d"`` or a number of seconds, as seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as \"5m\"")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if not isinstance(value, str):
+        raise ValueError("expected a duration such as \"5m\"")
+    m = _DURATION.match(value)
+    if not m:
+        raise ValueError(f"{value!r} is not a duration (use e.g. \"30s\", \"5m\", \"4h\", \"5d\")")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_endpoint(value: object) -> tuple[str, int]:
+    """``"127.0.0.1:2525"`` or ``"[::1]:2525"`` as (host, port)."""
+    if not isinstance(value, str):
+        raise ValueError("expected \"address:port\"")
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", value)
+    if not m:
+        raise ValueError(f"{value!r} is not \"address:port\" (IPv6 as \"[::1]:2525\")")
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} out of range")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            raise ValueError(f"{host!r} is not an IP address") from None
+    return host, port
+
+
+class _Reader:
+    """Takes values out of the parsed TOML, recording a Problem per bad key."""
+
+    def __init__(self, raw: dict[str, Any]) -> None:
+        self.raw = raw
+        self.problems: list[Problem] = []
+
+    def section(self, name: str, known: set[str]) -> dict[str, Any]:
+        value = self.raw.get(name, {})
+        if not isinstance(value, dict):
+            self.problems.append(Problem(name, "must be a table ([section])"))
+            return {}
+        for key in value:
+            if key not in known and name != "aliases":
+                self.problems.append(Problem(f"{name}.{key}", "unknown key (misspelt?)"))
+        return value
+
+    def get(self, table: dict[str, Any], prefix: str, key: str, kind: type, default: Any) -> Any:
+        if key not in table:
+            return default
+        value = table[key]
+        if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            self.problems.append(Problem(f"{prefix}{key}", f"must be an integer, not {value!r}"))
+            return default
+        if kind is not int and not isinstance(value, kind):
+            self.problems.append(Problem(f"{prefix}{key}", f"must be a {kind.__name__}, not {value!r}"))
+            return default
+        return value
+
+    def convert(self, table: dict[str, Any], prefix: str, key: str, fn: Any, default: Any) -> Any:
+        if key not in table:
+            return default
+        try:
+            return fn(table[key])
+        except (ValueError, TypeError) as exc:
+            self.problems.append(Problem(f"{prefix}{key}", str(exc)))
+            return default
+
+
+def _endpoints(value: object) -> tuple[tuple[str, int], ...]:
+    if not isinstance(value, list):
+        raise ValueError("must be a list of \"address:port\" strings")
+    return tuple(parse_endpoint(v) for v in value)
+
+
+def _schedule(value: object) -> tuple[float, ...]:
+    if not isinstance(value, list) or not value:
+        raise ValueError("must be a non-empty list of durations")
+    return tuple(parse_duration(v) for v in value)
+
+
+def _positive(value: int, key: str, reader: _Reader) -> int:
+    if value <= 0:
+        reader.problems.append(Problem(key, "must be greater than zero"))
+    return value
+
+
+def _domain(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError("must be a domain name")
+    try:
+        addr = parse_path(f"<x@{value}>", allow_null=False, utf8=True)
+    except AddressError as exc:
+        raise ValueError(f"{value!r} is not a valid domain: {exc}") from None
+    if addr.domain.startswith("[") or addr.domain.endswith("."):
+        raise ValueError(f"{value!r}: use a plain domain name")
+    return addr.domain
+
+
+TOP_KEYS = {"hostname", "data_dir", "smtp", "tls", "domains", "relay", "aliases", "delivery"}
+SMTP_KEYS = {
+    "listen", "submission", "submissions", "max_message_size", "max_recipients",
+    "command_timeout", "data_timeout", "max_connections", "max_connections_per_peer",
+    "max_errors", "auth_on_mx", "auth_failure_limit", "auth_failure_window",
+}
+
+
+def parse_config(raw: dict[str, Any], base_dir: Path, source: str) -> Config:
+    """Validate parsed TOML. Raises :class:`ConfigError` listing every problem."""
+    r = _Reader(raw)
+    for key in raw:
+        if key not in TOP_KEYS:
+            r.problems.append(Problem(key, "unknown key (misspelt?)"))
+    hostname = r.get(raw, "", "hostname", str, "") or socket.gethostname()
+    try:
+        hostname = _domain(hostname)
+    except ValueError as exc:
+        r.problems.append(Problem("hostname", str(exc)))
+    data_dir = Path(r.get(raw, "", "data_dir", str, "postroom-data"))
+    if not data_dir.is_absolute():
+        data_dir = base_dir / data_dir
+
+    s = r.section("smtp", SMTP_KEYS)
+    d = SmtpConfig()
+    smtp = SmtpConfig(
+        listen=r.convert(s, "smtp.", "listen", _endpoints, d.listen),
+        submission=r.convert(s, "smtp.", "submission", _endpoints, d.submission),
+        submissions=r.convert(s, "smtp.", "submissions", _endpoints, d.submissions),
+        max_message_size=_positive(
+            r.get(s, "smtp.", "max_message_size", int, d.max_message_size),
+            "smtp.max_message_size", r),
+        max_recipients=_positive(
+            r.get(s, "smtp.", "max_recipients", int, d.max_recipients), "smtp.max_recipients", r),
+        command_timeout=r.convert(s, "smtp.", "command_timeout", parse_duration, d.command_timeout),
+        data_timeout=r.convert(s, "smtp.", "data_timeout", parse_duration, d.data_timeout),
+        max_connections=_positive(
+            r.get(s, "smtp.", "max_connections", int, d.max_connections),
+            "smtp.max_connections", r),
+        max_connections_per_peer=_positive(
+            r.get(s, "smtp.", "max_connections_per_peer", int, d.max_connections_per_peer),
+            "smtp.max_connections_per_peer", r),
+        max_errors=_positive(r.get(s, "smtp.", "max_errors", int, d.max_errors),
+                             "smtp.max_errors", r),
+        auth_on_mx=r.get(s, "smtp.", "auth_on_mx", bool, d.auth_on_mx),
+        auth_failure_limit=_positive(
+            r.get(s, "smtp.", "auth_failure_limit", int, d.auth_failure_limit),
+            "smtp.auth_failure_limit", r),
+        auth_failure_window=r.convert(
+            s, "smtp.", "auth_failure_window", parse_duration, d.auth_failure_window),
+    )
+    if not (smtp.listen or smtp.submission or smtp.submissions):
+        r.problems.append(Problem("smtp.listen", "no listener at all: give at least one address"))
+
+    t = r.section("tls", {"cert_file", "key_file"})
+    cert = r.get(t, "tls.", "cert_file", str, "")
+    key = r.get(t, "tls.", "key_file", str, "")
+    if bool(cert) != bool(key):
+        r.problems.append(Problem("tls.cert_file", "cert_file and key_file go together: set both or neither"))
+    tls = TlsConfig(
+        cert_file=(base_dir / cert) if cert else None,
+        key_file=(base_dir / key) if key else None,
+    )
+    for name, path in (("tls.cert_file", tls.cert_file), ("tls.key_file", tls.key_file)):
+        if path is not None and not path.is_file():
+            r.problems.append(Problem(name, f"file not found: {path}"))
+
+    dom = r.section("domains", {"local"})
+    local_raw = r.get(dom, "domains.", "local", list, ["localhost"])
+    local_domains: list[str] = []
+    for i, v in enumerate(local_raw):
+        try:
+            local_domains.append(_domain(v))
+        except ValueError as exc:
+            r.problems.append(Problem(f"domains.local[{i}]", str(exc)))
+    if not local_domains:
+        r.problems.append(Problem("domains.local", "list at least one local domain"))
+
+    rel = r.section("relay", {"trusted_networks"})
+    nets_raw = r.get(rel, "relay.", "trusted_networks", list, ["127.0.0.1/32", "::1/128"])
+    nets: list[Network] = []
+    for i, v in enumerate(nets_raw):
+        try:
+            nets.append(ipaddress.ip_network(v, strict=True))
+        except (ValueError, TypeError) as exc:
+            r.problems.append(Problem(f"relay.trusted_networks[{i}]", f"{v!r}: {exc}"))
+
+    aliases: dict[str, tuple[str, ...]] = {}
+    for name, targets in r.section("aliases", set()).items():
+        key = f'aliases."{name}"'
+        try:
+            src = parse_path(f"<{name}>", allow_null=False, utf8=True)
+        except AddressError as exc:
+            r.problems.append(Problem(key, f"{name!r} is not an address: {exc}"))
+            continue
+        if src.domain not in local_domains:
+            r.problems.append(Problem(key, f"{src.domain} is not a local domain"))
+        if isinstance(targets, str):
+            targets = [targets]
+        if not isinstance(targets, list) or not targets:
+            r.problems.append(Problem(key, "must be a non-empty list of addresses"))
+            continue
+        out = []
+        for t_ in targets:
+            try:
+                out.append(parse_path(f"<{t_}>", allow_null=False, utf8=True).key)
+            except (AddressError, TypeError) as exc:
+                r.problems.append(Problem(key, f"{t_!r} is not an address: {exc}"))
+        aliases[src.key] = tuple(out)
+
+    dl = r.section("delivery", {"retry"})
+    retry = r.convert(dl, "delivery.", "retry", _schedule, DeliveryConfig().retry)
+
+    if r.problems:
+        raise ConfigError(source, r.problems)
+    return Config(
+        hostname=hostname, data_dir=data_dir, smtp=smtp, tls=tls,
+        local_domains=tuple(dict.fromkeys(local_domains)), trusted_networks=tuple(nets),
+        aliases=aliases, delivery=DeliveryConfig(retry=retry), source=source,
+    )
+
+
+def load(path: Path) -> Config:
+    """Read and validate a config file."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(str(path), [Problem("(file)", "no such file")]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), [Problem("(syntax)", str(exc))]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), [Problem("(file)", f"cannot read: {exc.__class__.__name__}")]) from None
+    return parse_config(raw, path.resolve().parent, str(path))
+
+
+def default_config_text(hostname: str, domains: list[str]) -> str:
+    """The commented config that the first ``postroom serve`` writes."""
+    local = ", ".join(f'"{d}"' for d in domains)
+    first = domains[-1]
+    return f'''# Postroom configuration. Every key is shown with its default; see
+# docs/configuration.md for the full reference. Check changes with: postroom check
+
+# The name this server uses in its greeting, in HELO/EHLO and in Received headers.
+# Default: the machine's name (no DNS lookup).
+hostname = "{hostname}"
+
+# Where the spool, the mailboxes, the users and the TLS certificate live.
+# Relative paths are relative to this file.
+data_dir = "postroom-data"
+
+[smtp]
+# The MX service: mail from the Internet to your domains (port 25 in production).
+listen = ["127.0.0.1:2525"]
+# Submission (port 587 in production): STARTTLS, then AUTH; relays for your users.
+submission = ["127.0.0.1:2587"]
+# Submission over implicit TLS (port 465 in production). Empty: off.
+submissions = []
+# The largest message accepted, in octets (advertised with SIZE).
+max_message_size = 26214400
+# The most recipients in one transaction; more get "452 4.5.3".
+max_recipients = 100
+# How long to wait for a client's next command, and for more message data.
+command_timeout = "5m"
+data_timeout = "10m"
+# Caps on simultaneous connections, in total and from one address ("421 4.7.0").
+max_connections = 1000
+max_connections_per_peer = 50
+# Errors in one session before the server says "421" and hangs up.
+max_errors = 10
+# Offer AUTH on the MX listener too (always only after STARTTLS).
+auth_on_mx = false
+# Failed AUTH attempts from one address within the window before AUTH is refused.
+auth_failure_limit = 5
+auth_failure_window = "10m"
+
+[tls]
+# PEM files. Empty: a self-signed certificate is made in data_dir on first start.
+cert_file = ""
+key_file = ""
+
+[domains]
+# Mail to these domains is delivered to local mailboxes (postroom users add ...).
+local = [{local}]
+
+[relay]
+# Clients in these networks may send mail to any domain without AUTH.
+# Everyone else gets "550 5.7.1 Relaying mail to <address> is not allowed".
+# Never put 0.0.0.0/0 or ::/0 here: that makes an open relay.
+trusted_networks = ["127.0.0.1/32", "::1/128"]
+
+[aliases]
+# "address" = ["target", ...]. Targets may be local mailboxes or remote addresses.
+# "postmaster@{first}" = ["alice@{first}"]
+
+[delivery]
+# Retry intervals after a failed delivery attempt; the last one repeats.
+retry = ["1m", "5m", "15m", "30m", "1h", "2h", "4h"]
+'''

@@ -1,0 +1,122 @@
+"""Content conversion: trace headers, alias expansion and loop detection. Pure: no I/O.
+
+- At receipt: a ``Received`` header (RFC 5321 §4.4) on every message; ``Message-ID``
+  and ``Date`` added to submitted messages that lack them (RFC 6409 §8).
+- In the queue: aliases expand to their targets, recursively, without loops.
+- At local delivery: ``Return-Path`` and ``Delivered-To`` go on top, and line ends
+  become LF for the Maildir.
+"""
+
+from __future__ import annotations
+
+import datetime
+import email.utils
+import ipaddress
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+__all__ = [
+    "MAX_HOPS", "Expansion", "count_hops", "expand", "local_delivery_bytes",
+    "missing_headers", "received_header",
+]
+
+MAX_HOPS = 100          # RFC 5321 §6.3: a simple "hop count" of Received headers
+MAX_ALIAS_DEPTH = 20
+
+_HEADER_END = re.compile(rb"\r\n\r\n")
+_RECEIVED = re.compile(rb"(?im)^received:")
+
+
+def _date(timestamp: float) -> str:
+    return email.utils.format_datetime(datetime.datetime.fromtimestamp(timestamp, datetime.UTC))
+
+
+def _literal(peer: str) -> str:
+    ip = ipaddress.ip_address(peer)
+    return f"[IPv6:{ip}]" if ip.version == 6 else f"[{ip}]"
+
+
+def received_header(
+    *, helo: str, peer: str, hostname: str, protocol: str, queue_id: str,
+    recipient: str | None, timestamp: float,
+) -> bytes:
+    """A Received header, folded, CRLF-terminated. ``protocol`` as RFC 3848 names it."""
+    helo_text = re.sub(r"[^\x21-\x7e]", "?", helo)[:255]
+    date = _date(timestamp)
+    for_part = f"\r\n\tfor <{recipient}>" if recipient else ""
+    return (
+        f"Received: from {helo_text} ({_literal(peer)})\r\n"
+        f"\tby {hostname} (Postroom) with {protocol} id {queue_id}{for_part};\r\n"
+        f"\t{date}\r\n"
+    ).encode("utf-8")
+
+
+def header_block(data: bytes) -> bytes:
+    m = _HEADER_END.search(data)
+    return data[: m.start() + 2] if m else data
+
+
+def count_hops(data: bytes) -> int:
+    return len(_RECEIVED.findall(header_block(data)))
+
+
+def missing_headers(data: bytes, hostname: str, timestamp: float) -> bytes:
+    """Date and Message-ID lines to add to a submitted message that lacks them."""
+    head = header_block(data).lower()
+    add = b""
+    if not re.search(rb"(?m)^message-id:", head):
+        add += f"Message-ID: <{secrets.token_hex(12)}@{hostname}>\r\n".encode()
+    if not re.search(rb"(?m)^date:", head):
+        add += f"Date: {_date(timestamp)}\r\n".encode()
+    return add
+
+
+@dataclass(frozen=True)
+class Expansion:
+    """Where one recipient ends up: final addresses, or why it cannot be expanded."""
+
+    targets: tuple[str, ...]
+    error: str = ""
+
+
+def expand(address: str, aliases: Mapping[str, tuple[str, ...]]) -> Expansion:
+    """Expand an alias (lower-case key) into its final targets, depth first.
+
+    A target that is itself an alias expands in turn; a cycle contributes each address
+    once; an alias that expands only into itself is an error. Addresses that are not
+    aliases are returned unchanged (the single element of ``targets``).
+    """
+    if address not in aliases:
+        return Expansion((address,))
+    seen: set[str] = set()
+    out: list[str] = []
+
+    def walk(addr: str, depth: int) -> str:
+        if depth > MAX_ALIAS_DEPTH:
+            return f"aliases nested deeper than {MAX_ALIAS_DEPTH} levels at {addr}"
+        if addr in seen:
+            return ""
+        seen.add(addr)
+        if addr not in aliases:
+            out.append(addr)
+            return ""
+        for target in aliases[addr]:
+            err = walk(target, depth + 1)
+            if err:
+                return err
+        return ""
+
+    error = walk(address, 0)
+    if error:
+        return Expansion((), error)
+    if not out:
+        return Expansion((), f"alias {address} expands only into aliases that loop back")
+    return Expansion(tuple(dict.fromkeys(out)))
+
+
+def local_delivery_bytes(data: bytes, sender: str, recipient: str) -> bytes:
+    """The Maildir file's content: Return-Path and Delivered-To, then the message, LF ends."""
+    head = f"Return-Path: <{sender}>\r\nDelivered-To: {recipient}\r\n".encode()
+    return (head + data).replace(b"\r\n", b"\n")

@@ -1,0 +1,339 @@
+"""The SMTP server: an asyncio adapter around the sans-I/O core.
+
+One :class:`Session` per connection. It feeds bytes to :class:`ServerProtocol`, answers
+the events that need a decision (policy for MAIL and RCPT, the spool for a finished
+message, the user store for AUTH), and writes replies in batches, so a pipelining
+client gets all its replies in one write.
+
+Receiving ends at "queued": this module never imports delivery or the queue manager.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import ssl
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+from .. import replies
+from ..config import Config
+from ..conversion import missing_headers, received_header
+from ..model import Reply, SmtpError
+from ..policy import RelaySettings, SessionSnapshot, check_mail, check_rcpt, peer_address
+from ..spool import NewMessage, NewRecipient, Spool, StorageFull, new_queue_id
+from .protocol import (
+    NEED_DATA, AuthCredentials, Capabilities, Closed, MailFrom, MessageReceived, Phase,
+    RcptTo, ServerProtocol, StartTls,
+)
+
+__all__ = ["AuthThrottle", "ServerState", "Session", "reply_for_exception"]
+
+log = logging.getLogger("postroom.smtp")
+
+READ_PAUSE = 256 * 1024
+
+
+def reply_for_exception(exc: BaseException, session_id: str) -> Reply:
+    """The one translation point: any exception becomes a reply, never its text."""
+    if isinstance(exc, SmtpError):
+        return exc.reply
+    if isinstance(exc, StorageFull):
+        log.error("session=%s storage full: %s", session_id, exc)
+        return replies.STORAGE_FULL
+    reference = f"{session_id}-{secrets.token_hex(3)}"
+    log.error("session=%s unexpected error, reference %s", session_id, reference, exc_info=exc)
+    return replies.internal_error(reference)
+
+
+class AuthThrottle:
+    """Counts failed AUTH attempts per peer address within a sliding window."""
+
+    def __init__(self, limit: int, window: float, clock: Callable[[], float] = time.monotonic):
+        self.limit, self.window, self.clock = limit, window, clock
+        self._failures: dict[str, deque[float]] = defaultdict(deque)
+
+    def _prune(self, peer: str) -> deque[float]:
+        q = self._failures[peer]
+        cutoff = self.clock() - self.window
+        while q and q[0] < cutoff:
+            q.popleft()
+        if not q:
+            del self._failures[peer]
+        return q
+
+    def blocked(self, peer: str) -> bool:
+        return len(self._prune(peer)) >= self.limit
+
+    def failed(self, peer: str) -> None:
+        self._failures[peer].append(self.clock())
+
+
+@dataclass
+class ServerState:
+    """What every session shares: config, decisions' inputs, counters, the spool."""
+
+    config: Config
+    spool: Spool
+    mailbox_exists: Callable[[str], bool]
+    verify_password: Callable[[str, str], str | None]
+    tls: ssl.SSLContext | None
+    executor: Executor | None = None
+    connections: int = 0
+    per_peer: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    sessions: set[Session] = field(default_factory=set)
+    shutting_down: bool = False
+    clock: Callable[[], float] = time.time
+
+    def __post_init__(self) -> None:
+        c = self.config
+        self.relay = RelaySettings(frozenset(c.local_domains), c.trusted_networks,
+                                   frozenset(c.aliases))
+        self.throttle = AuthThrottle(c.smtp.auth_failure_limit, c.smtp.auth_failure_window)
+
+    def capabilities(self, listener: str) -> Capabilities:
+        s = self.config.smtp
+        return Capabilities(
+            hostname=self.config.hostname, max_message_size=s.max_message_size,
+            max_recipients=s.max_recipients, max_errors=s.max_errors,
+            starttls=self.tls is not None and listener != "submissions",
+            auth=self.tls is not None and (listener != "mx" or s.auth_on_mx),
+            postmaster_domain=self.config.local_domains[0],
+        )
+
+
+class Session(asyncio.Protocol):
+    """One SMTP connection."""
+
+    def __init__(self, state: ServerState, listener: str, implicit_tls: bool) -> None:
+        self.state = state
+        self.listener = listener
+        self.core = ServerProtocol(state.capabilities(listener), tls_active=implicit_tls)
+        self.id = secrets.token_hex(4)
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self._readable = asyncio.Event()
+        self._lost = False
+        self._paused = False
+        self._counted = False
+        self._task: asyncio.Task[None] | None = None
+
+    # --- asyncio.Protocol ----------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peername = transport.get_extra_info("peername") or ("0.0.0.0", 0)
+        self.peer = str(peer_address(peername[0]))
+        st = self.state
+        limits = st.config.smtp
+        if st.shutting_down:
+            transport.write(replies.shutting_down(st.config.hostname).render())
+            transport.close()
+            return
+        if st.connections >= limits.max_connections:
+            log.warning("session=%s refused %s: %d connections", self.id, self.peer,
+                        st.connections)
+            transport.write(replies.TOO_MANY_CONNECTIONS.render())
+            transport.close()
+            return
+        if st.per_peer[self.peer] >= limits.max_connections_per_peer:
+            log.warning("session=%s refused %s: %d connections from this peer", self.id,
+                        self.peer, st.per_peer[self.peer])
+            transport.write(replies.TOO_MANY_CONNECTIONS_FROM_PEER.render())
+            transport.close()
+            return
+        self._counted = True
+        st.connections += 1
+        st.per_peer[self.peer] += 1
+        st.sessions.add(self)
+        log.info("session=%s connect from [%s]:%s listener=%s", self.id, self.peer, peername[1],
+                 self.listener)
+        self.core.greet()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def data_received(self, data: bytes) -> None:
+        self.core.receive(data)
+        self._readable.set()
+        if self.core.buffered > READ_PAUSE and not self._paused and self.transport:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool | None:
+        self._lost = True
+        self._readable.set()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._readable.set()
+        if self._counted:
+            self._counted = False
+            st = self.state
+            st.connections -= 1
+            st.per_peer[self.peer] -= 1
+            if st.per_peer[self.peer] <= 0:
+                del st.per_peer[self.peer]
+            st.sessions.discard(self)
+
+    def pause_writing(self) -> None:
+        if self.transport and not self._paused:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        pass    # reading resumes when the core asks for more input
+
+    def shutdown(self) -> None:
+        """Ask the session to end at its next wait for input."""
+        self._readable.set()
+
+    # --- the session loop ----------------------------------------------------------
+    def _flush(self) -> None:
+        out = self.core.take_output()
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(out)
+
+    def _snapshot(self) -> SessionSnapshot:
+        return SessionSnapshot(peer_address(self.peer), self.listener, self.core.tls_active,
+                               self.core.auth_user)
+
+    async def _run(self) -> None:
+        core = self.core
+        timeouts = self.state.config.smtp
+        try:
+            while True:
+                ev = core.next_event()
+                if ev is NEED_DATA:
+                    self._flush()
+                    if core.phase is Phase.CLOSED or self._lost:
+                        break
+                    if self.state.shutting_down:
+                        core.close_with(replies.shutting_down(self.state.config.hostname))
+                        continue
+                    if self._paused and self.transport is not None:
+                        self._paused = False
+                        self.transport.resume_reading()
+                    self._readable.clear()
+                    wait = timeouts.data_timeout if core.phase is Phase.DATA \
+                        else timeouts.command_timeout
+                    try:
+                        await asyncio.wait_for(self._readable.wait(), wait)
+                    except TimeoutError:
+                        log.info("session=%s timeout in %s phase", self.id, core.phase.value)
+                        core.close_with(replies.timeout(self.state.config.hostname))
+                    continue
+                if isinstance(ev, Closed):
+                    log.info("session=%s closing: %s", self.id, ev.reason)
+                    continue
+                try:
+                    await self._handle(ev)
+                except Exception as exc:  # noqa: BLE001 - the translation point
+                    core.respond(reply_for_exception(exc, self.id))
+        except Exception:  # noqa: BLE001 - never let a session crash the server
+            log.exception("session=%s crashed", self.id)
+        finally:
+            self._flush()
+            if self.transport is not None:
+                self.transport.close()
+            log.info("session=%s disconnect from [%s] errors=%d", self.id, self.peer,
+                     core.errors)
+
+    async def _handle(self, ev: object) -> None:
+        core = self.core
+        if isinstance(ev, MailFrom):
+            verdict = check_mail(self._snapshot())
+            log.info("session=%s mail from=<%s> %s: %s", self.id, ev.sender,
+                     "accepted" if verdict.accept else "refused", verdict.reason)
+            core.respond(verdict.reply)
+        elif isinstance(ev, RcptTo):
+            verdict = check_rcpt(self._snapshot(), ev.recipient, self.state.relay,
+                                 self.state.mailbox_exists)
+            log.info("session=%s rcpt to=<%s> %s (%s): %s", self.id, ev.recipient,
+                     "accepted" if verdict.accept else "refused", verdict.reply.code,
+                     verdict.reason)
+            core.respond(verdict.reply)
+        elif isinstance(ev, MessageReceived):
+            core.respond(await self._enqueue(ev))
+        elif isinstance(ev, AuthCredentials):
+            core.respond(await self._authenticate(ev))
+        elif isinstance(ev, StartTls):
+            await self._start_tls()
+        else:
+            raise TypeError(f"unexpected event {ev!r}")
+
+    async def _enqueue(self, ev: MessageReceived) -> Reply:
+        st = self.state
+        env = ev.envelope
+        assert env.sender is not None
+        qid = new_queue_id()
+        now = st.clock()
+        seen: dict[str, NewRecipient] = {}
+        for rcpt, params in env.recipients:
+            key = rcpt.key
+            if key not in seen:
+                direction = "inbound" if rcpt.domain in st.relay.local_domains else "outbound"
+                seen[key] = NewRecipient(key, direction, params)
+        tls, auth = self.core.tls_active, self.core.auth_user is not None
+        protocol = ("ESMTP" if self.core.esmtp else "SMTP") + ("S" if tls else "") + \
+            ("A" if auth else "")
+        header = received_header(
+            helo=self.core.helo or "unknown", peer=self.peer, hostname=st.config.hostname,
+            protocol=protocol, queue_id=qid,
+            recipient=next(iter(seen)) if len(seen) == 1 else None, timestamp=now)
+        data = ev.data
+        if self.listener != "mx" or auth:
+            data = missing_headers(data, st.config.hostname, now) + data
+        client = {"peer": self.peer, "helo": self.core.helo, "listener": self.listener,
+                  "tls": tls, "auth": self.core.auth_user, "session": self.id}
+        message = NewMessage(qid, str(env.sender), env.mail_params, client, header + data,
+                             tuple(seen.values()))
+        await st.spool.enqueue(message)
+        log.info("session=%s queued queue_id=%s from=<%s> size=%d nrcpt=%d", self.id, qid,
+                 env.sender, len(message.data), len(seen))
+        return replies.queued(qid)
+
+    async def _authenticate(self, ev: AuthCredentials) -> Reply:
+        st = self.state
+        if st.throttle.blocked(self.peer):
+            log.warning("session=%s AUTH refused: too many failures from [%s]", self.id,
+                        self.peer)
+            return replies.AUTH_THROTTLED
+        loop = asyncio.get_running_loop()
+        user = await loop.run_in_executor(st.executor, st.verify_password, ev.username,
+                                          ev.password)
+        if user is None:
+            st.throttle.failed(self.peer)
+            # the username is logged, the password never is
+            log.warning("session=%s AUTH %s failed for %r", self.id, ev.mechanism,
+                        ev.username[:100])
+            return replies.AUTH_FAILED
+        log.info("session=%s AUTH %s succeeded as %s", self.id, ev.mechanism, user)
+        ev.username = user
+        return replies.AUTH_SUCCEEDED
+
+    async def _start_tls(self) -> None:
+        ctx = self.state.tls
+        assert ctx is not None and self.transport is not None
+        self.core.respond(replies.READY_FOR_TLS)
+        self._flush()
+        loop = asyncio.get_running_loop()
+        # No await between writing 220 and start_tls: start_tls pauses reading at once,
+        # so the client's handshake never reaches the plaintext protocol.
+        try:
+            new = await loop.start_tls(self.transport, self, ctx, server_side=True,
+                                       ssl_handshake_timeout=30)
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            log.info("session=%s TLS handshake failed: %s", self.id, exc.__class__.__name__)
+            self._lost = True
+            self.core.phase = Phase.CLOSED
+            return
+        assert isinstance(new, asyncio.Transport)
+        self.transport = new
+        self.core.tls_started()
+        ssl_obj = new.get_extra_info("ssl_object")
+        log.info("session=%s TLS established %s %s", self.id,
+                 ssl_obj.version() if ssl_obj else "?", ssl_obj.cipher()[0] if ssl_obj else "")

@@ -1,0 +1,145 @@
+"""The mailbox users: addresses with argon2 password hashes, in ``<data_dir>/users.sqlite3``.
+
+The server reads this database on every lookup, so ``postroom users ...`` takes
+effect at once, with no restart. The file is created with mode 0600.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+from .address import AddressError, parse_path
+
+__all__ = ["User", "UserError", "UserStore", "mailbox_key"]
+
+_SAFE_LOCAL = re.compile(r"[a-z0-9!#$&'*+\-=?^_`{|}~]+(?:\.[a-z0-9!#$&'*+\-=?^_`{|}~]+)*\Z")
+
+
+class UserError(ValueError):
+    """A user operation that cannot be done; ``str()`` says why in plain words."""
+
+
+@dataclass(frozen=True)
+class User:
+    address: str
+    created: float
+    admin: bool
+
+
+def mailbox_key(address: str) -> str:
+    """Validate an address for a mailbox and return its lookup key (lower case).
+
+    Mailbox local parts become directory names, so they must be plain dot-atoms
+    without ``/``, ``%`` or ``!`` (and never quoted).
+    """
+    try:
+        addr = parse_path(f"<{address}>", allow_null=False, utf8=False)
+    except AddressError as exc:
+        raise UserError(f"{address!r} is not a valid address: {exc}") from None
+    local = addr.local.lower()
+    if not _SAFE_LOCAL.match(local):
+        raise UserError(f"{address!r}: a mailbox name may use letters, digits, dots and "
+                        "-_+=' but not '/', '%', '!' or quotes")
+    if addr.domain.startswith("[") or addr.domain.endswith("."):
+        raise UserError(f"{address!r}: the domain must be a plain domain name")
+    return f"{local}@{addr.domain}"
+
+
+class UserStore:
+    SCHEMA = """
+    CREATE TABLE IF NOT EXISTS users (
+        address TEXT PRIMARY KEY,       -- lower case local@domain
+        hash    TEXT NOT NULL,          -- argon2id
+        created REAL NOT NULL,
+        admin   INTEGER NOT NULL DEFAULT 0
+    );
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = not path.exists()
+        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                                     timeout=10)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA busy_timeout=10000")
+        self._conn.executescript(self.SCHEMA)
+        if fresh:
+            os.chmod(path, 0o600)
+        self._lock = threading.Lock()
+        self._hasher = PasswordHasher()
+        self._dummy = self._hasher.hash("postroom-timing-equaliser")
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def exists(self, key: str) -> bool:
+        with self._lock:
+            row = self._conn.execute("SELECT 1 FROM users WHERE address = ?", (key,)).fetchone()
+        return row is not None
+
+    def add(self, address: str, password: str, *, admin: bool = False) -> str:
+        key = mailbox_key(address)
+        if not password:
+            raise UserError("the password is empty")
+        digest = self._hasher.hash(password)
+        with self._lock:
+            try:
+                self._conn.execute("INSERT INTO users (address, hash, created, admin) "
+                                   "VALUES (?, ?, ?, ?)", (key, digest, time.time(), int(admin)))
+            except sqlite3.IntegrityError:
+                raise UserError(f"{key} already exists") from None
+        return key
+
+    def remove(self, address: str) -> str:
+        key = mailbox_key(address)
+        with self._lock:
+            cur = self._conn.execute("DELETE FROM users WHERE address = ?", (key,))
+        if cur.rowcount == 0:
+            raise UserError(f"{key} does not exist")
+        return key
+
+    def set_password(self, address: str, password: str) -> str:
+        key = mailbox_key(address)
+        if not password:
+            raise UserError("the password is empty")
+        digest = self._hasher.hash(password)
+        with self._lock:
+            cur = self._conn.execute("UPDATE users SET hash = ? WHERE address = ?", (digest, key))
+        if cur.rowcount == 0:
+            raise UserError(f"{key} does not exist")
+        return key
+
+    def list(self) -> list[User]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT address, created, admin FROM users ORDER BY address").fetchall()
+        return [User(a, c, bool(adm)) for a, c, adm in rows]
+
+    def verify(self, username: str, password: str) -> str | None:
+        """The user's key when the password matches, else None. Slow (argon2): call off-loop.
+
+        An unknown user costs the same hash verification as a known one.
+        """
+        try:
+            key = mailbox_key(username)
+        except UserError:
+            key = ""
+        with self._lock:
+            row = self._conn.execute("SELECT hash FROM users WHERE address = ?",
+                                     (key,)).fetchone()
+        digest = row[0] if row else self._dummy
+        try:
+            self._hasher.verify(digest, password)
+        except (VerificationError, InvalidHashError):
+            return None
+        return key if row else None

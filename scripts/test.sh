@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Install everything the tests need (Python extras, Debian packages of the real peers),
+# then run the whole suite inside a loopback-only network namespace.
+# Usage: scripts/test.sh [pytest arguments]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v swaks >/dev/null || need_apt+=(swaks)
+command -v smtp-source >/dev/null 2>&1 || [ -x /usr/sbin/smtp-source ] || need_apt+=(postfix)
+command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || need_apt+=(dnsmasq-base)
+command -v ip >/dev/null || need_apt+=(iproute2)
+command -v unshare >/dev/null || need_apt+=(util-linux)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "== installing Debian packages: ${need_apt[*]}"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  echo 'postfix postfix/main_mailer_type select Local only' | $SUDO debconf-set-selections
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  # Debian starts a system Postfix on port 25: the tests run their own instances.
+  if command -v postfix >/dev/null; then $SUDO postfix stop >/dev/null 2>&1 || true; fi
+fi
+
+echo "== installing postroom with its test extras"
+python3 -m pip install -q --disable-pip-version-check -e '.[test]'
+
+echo "== lint"
+python3 -m ruff check src tests
+
+echo "== tests (loopback-only network namespace)"
+if [ "$(id -u)" -eq 0 ] && unshare -n true 2>/dev/null; then
+  exec unshare -n sh -c 'ip link set lo up && exec python3 -m pytest "$@"' pytest "$@"
+else
+  echo "WARNING: cannot create a network namespace (need root); running on the host network" >&2
+  exec python3 -m pytest "$@"
+fi

@@ -1,0 +1,260 @@
+"""Shared fixtures: a real Postroom server in a subprocess, on free loopback ports.
+
+Integration tests talk to it over real sockets with smtplib, swaks and raw sockets.
+The whole suite runs inside a loopback-only network namespace (scripts/test.sh), so a
+stray lookup or connection off the machine fails at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import smtplib
+import socket
+import ssl
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+UNTRUSTED = "127.0.0.66"      # a peer outside trusted_networks (127.0.0.1/32)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 15.0, host: str = "127.0.0.1") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {host}:{port}")
+
+
+class ServerProcess:
+    """``postroom serve`` in a subprocess with its own config and data dir."""
+
+    def __init__(self, workdir: Path, extra: str = "", domains: tuple[str, ...] = (
+            "example.test", "localhost")) -> None:
+        self.workdir = workdir
+        self.mx_port = free_port()
+        self.sub_port = free_port()
+        self.subs_port = free_port()
+        self.config = workdir / "postroom.toml"
+        self.data = workdir / "data"
+        dom = ", ".join(f'"{d}"' for d in domains)
+        base = textwrap.dedent(f"""\
+            hostname = "mx.example.test"
+            data_dir = "data"
+            [smtp]
+            listen = ["127.0.0.1:{self.mx_port}"]
+            submission = ["127.0.0.1:{self.sub_port}"]
+            submissions = ["127.0.0.1:{self.subs_port}"]
+            [domains]
+            local = [{dom}]
+            [relay]
+            trusted_networks = ["127.0.0.1/32", "::1/128"]
+            """)
+        self.config.write_text(merge_toml(base, extra))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = workdir / "server.out"
+
+    def cli(self, *args: str, input: str | None = None, check: bool = True
+            ) -> subprocess.CompletedProcess[str]:
+        cp = subprocess.run([sys.executable, "-m", "postroom.cli", *args, "-c", str(self.config)],
+                            input=input, capture_output=True, text=True, timeout=60,
+                            cwd=self.workdir)
+        if check and cp.returncode != 0:
+            raise AssertionError(f"postroom {' '.join(args)} failed: {cp.stderr}")
+        return cp
+
+    def start(self) -> ServerProcess:
+        out = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "postroom.cli", "serve", "-c", str(self.config)],
+            stdout=out, stderr=subprocess.STDOUT, cwd=self.workdir)
+        try:
+            wait_port(self.mx_port)
+        except TimeoutError:
+            self.stop()
+            raise AssertionError("server did not start:\n" + self.log.read_text())
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        code = self.proc.returncode
+        self.proc = None
+        return code
+
+    def kill9(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def add_user(self, address: str, password: str = "s3cret") -> None:
+        self.cli("users", "add", address, "--password-stdin", input=password + "\n")
+
+    def smtp(self, source: str = "127.0.0.1", port: int | None = None) -> smtplib.SMTP:
+        s = smtplib.SMTP("127.0.0.1", port or self.mx_port, local_hostname="client.test",
+                         source_address=(source, 0), timeout=15)
+        return s
+
+    def maildir(self, address: str) -> Path:
+        local, _, domain = address.rpartition("@")
+        return self.data / "mail" / domain / local / "new"
+
+    def messages(self, address: str) -> list[bytes]:
+        d = self.maildir(address)
+        if not d.is_dir():
+            return []
+        return [p.read_bytes() for p in sorted(d.iterdir())]
+
+    def wait_messages(self, address: str, count: int, timeout: float = 10.0) -> list[bytes]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.messages(address)
+            if len(found) >= count:
+                return found
+            time.sleep(0.05)
+        return self.messages(address)
+
+    def queue(self) -> dict[str, dict[str, object]]:
+        out = self.cli("queue", "--json").stdout
+        return {q["name"]: q for q in json.loads(out)["queues"]}
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def merge_toml(base: str, extra: str) -> str:
+    """Append ``extra`` keys into the matching [sections] of ``base`` (tests only)."""
+    if not extra.strip():
+        return base
+    sections: dict[str, list[str]] = {}
+    current = ""
+    for line in textwrap.dedent(extra).splitlines():
+        if line.strip().startswith("[") and not line.strip().startswith("[["):
+            current = line.strip()
+            continue
+        sections.setdefault(current, []).append(line)
+    out: list[str] = []
+    current = ""
+    lines = base.splitlines()
+    for line in lines:
+        if line.startswith("[") and current in sections:
+            out.extend(sections.pop(current))
+        if line.startswith("["):
+            current = line.strip()
+        out.append(line)
+    if current in sections:
+        out.extend(sections.pop(current))
+    for header, body in sections.items():
+        out.append(header)
+        out.extend(body)
+    return "\n".join(out) + "\n"
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[object]:
+    started: list[ServerProcess] = []
+
+    def make(extra: str = "", users: tuple[str, ...] = ("alice@example.test",),
+             start: bool = True, **kw: object) -> ServerProcess:
+        sp = ServerProcess(tmp_path / f"srv{len(started)}", extra, **kw)  # type: ignore[arg-type]
+        sp.workdir.mkdir()
+        for u in users:
+            sp.add_user(u)
+        started.append(sp)
+        return sp.start() if start else sp
+
+    yield make
+    for sp in started:
+        sp.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server shared by a module's tests: alice and bob at example.test."""
+    work = tmp_path_factory.mktemp("server")
+    sp = ServerProcess(work, """
+        [aliases]
+        "postmaster@example.test" = ["alice@example.test"]
+        "team@example.test" = ["alice@example.test", "bob@example.test"]
+        "outside@example.test" = ["carol@remote.example"]
+        """)
+    sp.add_user("alice@example.test")
+    sp.add_user("bob@example.test", "hunter2")
+    sp.start()
+    yield sp
+    sp.stop()
+
+
+def client_tls_context() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class RawClient:
+    """A line-level SMTP client over a plain socket, for what smtplib will not send."""
+
+    def __init__(self, port: int, source: str = "127.0.0.1", timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                             source_address=(source, 0))
+        self.buf = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def reply(self) -> tuple[int, str]:
+        """Read one (possibly multi-line) reply: (code, text of the last line)."""
+        lines = []
+        while True:
+            while b"\r\n" not in self.buf:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError("closed: " + repr(self.buf))
+                self.buf += chunk
+            line, self.buf = self.buf.split(b"\r\n", 1)
+            lines.append(line.decode())
+            if len(line) < 4 or line[3:4] != b"-":
+                break
+        return int(lines[-1][:3]), "\n".join(lines)
+
+    def cmd(self, line: str | bytes) -> tuple[int, str]:
+        self.send((line.encode() if isinstance(line, str) else line) + b"\r\n")
+        return self.reply()
+
+    def closed(self, timeout: float = 5.0) -> bool:
+        self.sock.settimeout(timeout)
+        try:
+            return self.sock.recv(1) == b""
+        except (ConnectionResetError, OSError):
+            return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ.setdefault("PYTHONPATH", str(ROOT / "src"))

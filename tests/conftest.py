@@ -50,6 +50,7 @@ class ServerProcess:
     def __init__(self, workdir: Path, extra: str = "", domains: tuple[str, ...] = (
             "example.test", "localhost")) -> None:
         self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
         self.mx_port = free_port()
         self.sub_port = free_port()
         self.subs_port = free_port()
@@ -180,7 +181,6 @@ def server_factory(tmp_path: Path) -> Iterator[object]:
     def make(extra: str = "", users: tuple[str, ...] = ("alice@example.test",),
              start: bool = True, **kw: object) -> ServerProcess:
         sp = ServerProcess(tmp_path / f"srv{len(started)}", extra, **kw)  # type: ignore[arg-type]
-        sp.workdir.mkdir()
         for u in users:
             sp.add_user(u)
         started.append(sp)

@@ -10,7 +10,6 @@ Maildir reader expects.
 
 from __future__ import annotations
 
-import errno
 import itertools
 import os
 import time
@@ -29,8 +28,12 @@ class StoreError(Exception):
         self.transient = transient
 
 
-_TRANSIENT = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO,
-              errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM}
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class MaildirStore:
@@ -38,6 +41,7 @@ class MaildirStore:
         self.root = root
         # Maildir names must not contain '/' or ':'; RFC-free convention from qmail.
         self.hostname = hostname.replace("/", "\\057").replace(":", "\\072")
+        self._known: set[Path] = set()
 
     def maildir(self, local: str, domain: str) -> Path:
         if not local or "/" in local or local.startswith(".") or "\x00" in local:
@@ -47,15 +51,24 @@ class MaildirStore:
         return self.root / domain / local
 
     def create(self, local: str, domain: str) -> Path:
+        """Make the Maildir if needed; new folders are fsync'd into their parents."""
         base = self.maildir(local, domain)
+        if base in self._known and (base / "new").is_dir():
+            return base
         for sub in ("tmp", "new", "cur"):
-            (base / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+            path = base / sub
+            if not path.is_dir():
+                path.mkdir(parents=True, exist_ok=True, mode=0o700)
+                for parent in (base, base.parent, base.parent.parent):
+                    _fsync_dir(parent)
+        self._known.add(base)
         return base
 
     def deliver(self, local: str, domain: str, data: bytes) -> Path:
         """Store one message (already with its Return-Path and Delivered-To)."""
+        base = self.maildir(local, domain)
         try:
-            base = self.create(local, domain)
+            self.create(local, domain)
             sec, usec = divmod(time.time_ns() // 1000, 1_000_000)
             unique = f"{sec}.M{usec}P{os.getpid()}Q{next(_counter)}"
             name = f"{unique}.{self.hostname},S={len(data)}"
@@ -74,13 +87,10 @@ class MaildirStore:
                 os.link(tmp, final)
             finally:
                 os.unlink(tmp)
-            dfd = os.open(base / "new", os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            _fsync_dir(base / "new")
             return final
         except OSError as exc:
-            transient = exc.errno in _TRANSIENT
-            raise StoreError(f"{os.strerror(exc.errno or 0)} ({exc.__class__.__name__})",
-                             transient) from exc
+            # Every storage error (full disk, permissions, a file where a folder should
+            # be) is something an administrator can fix: retry, never drop.
+            reason = os.strerror(exc.errno) if exc.errno else exc.__class__.__name__
+            raise StoreError(f"{reason} ({exc.filename or base})", transient=True) from exc

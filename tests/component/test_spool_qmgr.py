@@ -1,0 +1,175 @@
+"""Spool and queue manager together, with a fake clock and fake or real mailboxes."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from postroom.qmgr import QueueManager, retry_delay
+from postroom.spool import NewMessage, NewRecipient, SqliteSpool, StorageFull, new_queue_id
+from postroom.store import MaildirStore, StoreError
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FlakyStore(MaildirStore):
+    """A Maildir store that fails the first ``failures`` deliveries."""
+
+    def __init__(self, root: Path, failures: int, transient: bool = True) -> None:
+        super().__init__(root, "test")
+        self.failures = failures
+        self.transient = transient
+        self.calls = 0
+
+    def deliver(self, local: str, domain: str, data: bytes) -> Path:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise StoreError("No space left on device", self.transient)
+        return super().deliver(local, domain, data)
+
+
+def message(*rcpts: tuple[str, str], data: bytes = b"Subject: t\r\n\r\nx\r\n") -> NewMessage:
+    return NewMessage(new_queue_id(), "s@far.example", {}, {"peer": "127.0.0.1"}, data,
+                      tuple(NewRecipient(a, d, {}) for a, d in rcpts))
+
+
+def states(spool: SqliteSpool) -> list[tuple[str, str, str]]:
+    return spool.read(lambda c: c.execute(
+        "SELECT address, direction, state FROM recipients ORDER BY id").fetchall())
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def spool(tmp_path: Path, clock: Clock):  # type: ignore[no-untyped-def]
+    sp = SqliteSpool(tmp_path / "spool.sqlite3", clock=clock)
+    yield sp
+    sp.close()
+
+
+def make_qmgr(spool: SqliteSpool, store: MaildirStore, clock: Clock,
+              aliases: dict[str, tuple[str, ...]] | None = None) -> QueueManager:
+    return QueueManager(spool, store, local_domains=frozenset({"example.test"}),
+                        aliases=aliases or {}, mailbox_exists=lambda a: True,
+                        retry=(60.0, 300.0), clock=clock)
+
+
+def test_concurrent_enqueues_share_commits(spool: SqliteSpool) -> None:
+    async def main() -> None:
+        await asyncio.gather(*(spool.enqueue(message(("a@example.test", "inbound")))
+                               for _ in range(300)))
+    asyncio.run(main())
+    assert spool.summary()[0].messages == 300
+    assert spool.batches < 300          # group commit: fewer fsyncs than messages
+
+
+def test_a_failing_job_does_not_undo_the_others_in_its_batch(spool: SqliteSpool) -> None:
+    def bad(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO messages VALUES ('x', 0, '', 0, '{}', '{}', x'')")
+        raise ValueError("boom")
+
+    async def main() -> list[object]:
+        return await asyncio.gather(
+            spool.enqueue(message(("a@example.test", "inbound"))), spool.run(bad),
+            spool.enqueue(message(("b@example.test", "inbound"))), return_exceptions=True)
+    results = asyncio.run(main())
+    assert isinstance(results[1], ValueError)
+    assert spool.read(lambda c: c.execute("SELECT COUNT(*) FROM messages").fetchone()[0]) == 2
+
+
+def test_a_full_disk_becomes_storage_full_for_the_caller(spool: SqliteSpool) -> None:
+    def full(conn: sqlite3.Connection) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    with pytest.raises(StorageFull):
+        spool.run_sync(full)
+
+
+def test_conversion_expands_aliases_and_sends_remote_targets_outbound(
+        spool: SqliteSpool, tmp_path: Path, clock: Clock) -> None:
+    q = make_qmgr(spool, MaildirStore(tmp_path / "mail", "t"), clock,
+                  {"team@example.test": ("a@example.test", "b@example.test", "x@remote.example")})
+
+    async def main() -> None:
+        await spool.enqueue(message(("team@example.test", "inbound"),
+                                    ("y@remote.example", "outbound")))
+        assert await q.convert_batch() == 2
+        assert await q.deliver_batch() == 2
+    asyncio.run(main())
+    assert states(spool) == [
+        ("team@example.test", "inbound", "expanded"),
+        ("y@remote.example", "outbound", "delivery"),
+        ("a@example.test", "inbound", "delivered"),
+        ("b@example.test", "inbound", "delivered"),
+        ("x@remote.example", "outbound", "delivery"),
+    ]
+    summary = {s.name: s for s in spool.summary()}
+    assert summary["outbound-delivery"].recipients == 2
+    assert summary["inbound-delivery"].recipients == 0
+    assert len(list((tmp_path / "mail" / "example.test" / "a" / "new").iterdir())) == 1
+
+
+def test_transient_failure_waits_for_the_schedule_then_delivers(
+        spool: SqliteSpool, tmp_path: Path, clock: Clock) -> None:
+    store = FlakyStore(tmp_path / "mail", failures=2)
+    q = make_qmgr(spool, store, clock)
+
+    async def main() -> None:
+        await spool.enqueue(message(("a@example.test", "inbound")))
+        await q.convert_batch()
+        assert await q.deliver_batch() == 1          # fails: next in 60 s
+        assert await q.deliver_batch() == 0          # not due yet
+        clock.now += 59
+        assert await q.deliver_batch() == 0
+        clock.now += 1
+        assert await q.deliver_batch() == 1          # fails again: next in 300 s
+        clock.now += 299
+        assert await q.deliver_batch() == 0
+        clock.now += 1
+        assert await q.deliver_batch() == 1          # delivered
+    asyncio.run(main())
+    assert store.calls == 3
+    # all recipients final and delivered: the message is gone from the spool
+    assert spool.read(lambda c: c.execute("SELECT COUNT(*) FROM messages").fetchone()[0]) == 0
+
+
+def test_mail_loop_fails_the_recipient_and_keeps_the_message_for_its_ndr(
+        spool: SqliteSpool, tmp_path: Path) -> None:
+    q = make_qmgr(spool, MaildirStore(tmp_path / "mail", "t"), Clock())
+    looped = b"Received: from a by b; x\r\n" * 100 + b"Subject: loop\r\n\r\nx\r\n"
+
+    async def main() -> None:
+        await spool.enqueue(message(("a@example.test", "inbound"), data=looped))
+        await q.convert_batch()
+    asyncio.run(main())
+    row = spool.read(lambda c: c.execute("SELECT state, last_reply FROM recipients").fetchone())
+    assert row[0] == "failed" and row[1].startswith("554 5.4.6")
+    assert spool.read(lambda c: c.execute("SELECT COUNT(*) FROM messages").fetchone()[0]) == 1
+
+
+def test_alias_loop_is_a_failure_not_a_hang(spool: SqliteSpool, tmp_path: Path) -> None:
+    q = make_qmgr(spool, MaildirStore(tmp_path / "mail", "t"), Clock(),
+                  {"a@example.test": ("b@example.test",), "b@example.test": ("a@example.test",)})
+
+    async def main() -> None:
+        await spool.enqueue(message(("a@example.test", "inbound")))
+        await q.convert_batch()
+    asyncio.run(main())
+    assert states(spool) == [("a@example.test", "inbound", "failed")]
+
+
+@pytest.mark.parametrize("attempts, expected", [(1, 60.0), (2, 300.0), (3, 300.0), (50, 300.0)])
+def test_retry_schedule_repeats_its_last_interval(attempts: int, expected: float) -> None:
+    assert retry_delay((60.0, 300.0), attempts) == expected

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from .conversion import MAX_HOPS, count_hops, expand, local_delivery_bytes
-from .spool import SqliteSpool, finish_messages
+from .spool import SqliteSpool, StorageFull, finish_messages
 from .store import MaildirStore, StoreError
 
 __all__ = ["QueueManager", "retry_delay"]
@@ -102,6 +102,11 @@ class QueueManager:
             try:
                 worked = await self.convert_batch()
                 worked += await self.deliver_batch()
+            except StorageFull:
+                log.warning("the spool's disk is full: results cannot be recorded; "
+                            "retrying in 1s (deliveries made meanwhile may repeat)")
+                worked = 0
+                await asyncio.sleep(1)
             except Exception:
                 log.exception("queue manager round failed; retrying in 1s")
                 worked = 0

@@ -117,7 +117,6 @@ Event = MailFrom | RcptTo | MessageReceived | AuthCredentials | StartTls | Close
 _PARAM = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([^= \x00-\x1f\x7f]+))?\Z")
 _XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*\Z")
 _NOTIFY = {"SUCCESS", "FAILURE", "DELAY"}
-_BAD_DATA_LINE = re.compile(rb"[^\r\n]{%d}" % (TEXT_LINE_LIMIT - 1))
 
 
 class ServerProtocol:
@@ -569,7 +568,8 @@ class ServerProtocol:
             return replies.BARE_LINE_ENDING_IN_DATA
         if b"\x00" in body:
             return replies.NUL_IN_DATA
-        if len(body) >= TEXT_LINE_LIMIT - 1 and _BAD_DATA_LINE.search(body):
+        if len(body) > TEXT_LINE_LIMIT - 2 and \
+                max(map(len, body.split(b"\r\n"))) > TEXT_LINE_LIMIT - 2:
             return replies.DATA_LINE_TOO_LONG
         return None
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import smtplib
+import subprocess
 
 import pytest
 
@@ -132,3 +134,65 @@ def test_wrong_password_is_535(server: ServerProcess) -> None:
             s.login("bob@example.test", "wrong")
     assert err.value.smtp_code == 535
     assert "wrong" not in server.log_text()
+
+
+def _swaks(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["swaks", "--timeout", "15", *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_swaks_from_an_untrusted_address_gets_the_seed_case_refusal(server: ServerProcess) -> None:
+    cp = _swaks("--server", f"127.0.0.1:{server.mx_port}", "--local-interface", UNTRUSTED,
+                "--from", "x@far.example", "--to", "bob@remote.example")
+    assert cp.returncode != 0
+    assert "<** 550 5.7.1 Relaying mail to <bob@remote.example> is not allowed" in cp.stdout
+
+
+def test_swaks_delivers_to_a_local_mailbox(server: ServerProcess) -> None:
+    before = len(server.messages("bob@example.test"))
+    cp = _swaks("--server", f"127.0.0.1:{server.mx_port}", "--to", "bob@example.test",
+                "--header", "X-Test-Id: swaks-local")
+    assert cp.returncode == 0, cp.stdout
+    assert re.search(r"<-  250 2\.0\.0 Ok: queued as [0-9A-F]+", cp.stdout)
+    msgs = server.wait_messages("bob@example.test", before + 1)
+    assert b"X-Test-Id: swaks-local" in msgs[-1]
+
+
+def test_swaks_starttls_and_auth_on_submission_relays(server: ServerProcess) -> None:
+    cp = _swaks("--server", f"127.0.0.1:{server.sub_port}", "--local-interface", UNTRUSTED,
+                "--tls", "--auth", "LOGIN", "--auth-user", "bob@example.test",
+                "--auth-password", "hunter2", "--from", "bob@example.test",
+                "--to", "erin@remote.example")
+    assert cp.returncode == 0, cp.stdout
+    assert "<~  235 2.7.0 Authentication successful" in cp.stdout     # <~ : inside TLS
+    assert "hunter2" not in server.log_text()
+
+
+def test_implicit_tls_submissions_port_authenticates(server: ServerProcess) -> None:
+    with smtplib.SMTP_SSL("127.0.0.1", server.subs_port, context=client_tls_context(),
+                          source_address=(UNTRUSTED, 0), timeout=15) as s:
+        s.ehlo("client.test")
+        assert "starttls" not in s.esmtp_features
+        s.login("alice@example.test", "s3cret")
+        s.mail("alice@example.test")
+        assert s.rcpt("zed@remote.example")[0] == 250
+        code, _ = s.data(b"Subject: implicit\r\n\r\nhi\r\n")
+    assert code == 250
+
+
+def test_received_header_records_tls_and_auth(server: ServerProcess) -> None:
+    before = len(server.messages("alice@example.test"))
+    with server.smtp(source=UNTRUSTED, port=server.sub_port) as s:
+        s.starttls(context=client_tls_context())
+        s.login("bob@example.test", "hunter2")
+        s.sendmail("bob@example.test", ["alice@example.test"], b"Subject: a\r\n\r\nb\r\n")
+    body = server.wait_messages("alice@example.test", before + 1)[-1]
+    assert b"with ESMTPSA id " in body
+    assert b"\nMessage-ID: <" in body and b"\nDate: " in body    # added for submissions
+
+
+def test_auth_is_not_offered_on_the_mx_listener(server: ServerProcess) -> None:
+    with server.smtp() as s:
+        s.starttls(context=client_tls_context())
+        s.ehlo()
+        assert "auth" not in s.esmtp_features

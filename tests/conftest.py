@@ -25,6 +25,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 UNTRUSTED = "127.0.0.66"      # a peer outside trusted_networks (127.0.0.1/32)
+# Never the system resolver: servers under test ask a loopback port where no DNS
+# server listens, unless a test starts dnsmasq and says otherwise.
+DEAD_DNS_PORT = 9
 
 
 def free_port() -> int:
@@ -68,6 +71,8 @@ class ServerProcess:
             local = [{dom}]
             [relay]
             trusted_networks = ["127.0.0.1/32", "::1/128"]
+            [dns]
+            nameservers = ["127.0.0.1:{DEAD_DNS_PORT}"]
             """)
         self.config.write_text(merge_toml(base, extra))
         self.proc: subprocess.Popen[bytes] | None = None
@@ -147,30 +152,39 @@ class ServerProcess:
 
 
 def merge_toml(base: str, extra: str) -> str:
-    """Append ``extra`` keys into the matching [sections] of ``base`` (tests only)."""
-    if not extra.strip():
-        return base
-    sections: dict[str, list[str]] = {}
-    current = ""
-    for line in textwrap.dedent(extra).splitlines():
-        if line.strip().startswith("[") and not line.strip().startswith("[["):
-            current = line.strip()
-            continue
-        sections.setdefault(current, []).append(line)
-    out: list[str] = []
-    current = ""
-    lines = base.splitlines()
-    for line in lines:
-        if line.startswith("[") and current in sections:
-            out.extend(sections.pop(current))
-        if line.startswith("["):
-            current = line.strip()
-        out.append(line)
-    if current in sections:
-        out.extend(sections.pop(current))
-    for header, body in sections.items():
-        out.append(header)
-        out.extend(body)
+    """Merge ``extra`` into ``base`` (tests only): a key in both takes extra's value;
+    ``[[route]]`` blocks are appended as they are."""
+    def split(text: str) -> tuple[dict[str, dict[str, str]], list[str]]:
+        sections: dict[str, dict[str, str]] = {"": {}}
+        arrays: list[str] = []
+        current = ""
+        in_array = False
+        for line in textwrap.dedent(text).splitlines():
+            stripped = line.strip()
+            if stripped.startswith("[["):
+                in_array = True
+                arrays.append(stripped)
+                continue
+            if stripped.startswith("["):
+                in_array = False
+                current = stripped
+                sections.setdefault(current, {})
+                continue
+            if in_array:
+                arrays.append(line)
+            elif "=" in stripped and not stripped.startswith("#"):
+                sections[current][stripped.split("=", 1)[0].strip()] = stripped
+        return sections, arrays
+
+    base_sections, base_arrays = split(base)
+    extra_sections, extra_arrays = split(extra)
+    for name, keys in extra_sections.items():
+        base_sections.setdefault(name, {}).update(keys)
+    out: list[str] = list(base_sections.pop("").values())
+    for name, keys in base_sections.items():
+        out.append(name)
+        out.extend(keys.values())
+    out.extend(base_arrays + extra_arrays)
     return "\n".join(out) + "\n"
 
 

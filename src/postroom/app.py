@@ -12,6 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from .config import Config
+from .delivery import SmtpDeliveryAgent
+from .dns import Resolver
 from .qmgr import QueueManager
 from .smtp.server import ServerState, Session
 from .spool import SqliteSpool
@@ -61,9 +63,12 @@ class Postroom:
         self.state = ServerState(
             config=c, spool=self.spool, mailbox_exists=self.users.exists,
             verify_password=self.users.verify, tls=tls, executor=self.executor)
+        self.resolver = Resolver(c.nameservers)
+        self.agent = SmtpDeliveryAgent(self.resolver, c.hostname, c.delivery)
         self.qmgr = QueueManager(
             self.spool, self.store, local_domains=frozenset(c.local_domains), aliases=c.aliases,
-            mailbox_exists=self.users.exists, retry=c.delivery.retry)
+            mailbox_exists=self.users.exists, delivery=c.delivery, routes=c.routes,
+            agent=self.agent, hostname=c.hostname)
         loop = asyncio.get_running_loop()
         specs = [("mx", a) for a in c.smtp.listen] + \
                 [("submission", a) for a in c.smtp.submission] + \

@@ -10,14 +10,21 @@ import argparse
 import asyncio
 import getpass
 import json
-import socket
 import sqlite3
+import ssl
 import sys
 import time
 from pathlib import Path
 
 from . import __version__
-from .config import Config, ConfigError, default_config_text, load, parse_config
+from .config import (
+    Config,
+    ConfigError,
+    default_config_text,
+    default_hostname,
+    load,
+    parse_config,
+)
 from .spool import QUEUES, QueueSummary, connect, queue_summary
 from .users import UserError, UserStore
 
@@ -27,15 +34,6 @@ DEFAULT_CONFIG = "postroom.toml"
 def _fail(message: str) -> int:
     print(f"postroom: {message}", file=sys.stderr)
     return 1
-
-
-def _default_hostname() -> str:
-    name = socket.gethostname().lower()           # no DNS lookup (never getfqdn)
-    try:
-        parse_config({"hostname": name}, Path("."), "hostname")
-    except ConfigError:
-        return "localhost"
-    return name
 
 
 def _load_or_defaults(path: Path) -> Config:
@@ -53,7 +51,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     path = Path(args.config)
     if not path.exists():
         domains = ["localhost"] + ([d.lower() for d in args.domain] if args.domain else [])
-        text = default_config_text(_default_hostname(), list(dict.fromkeys(domains)))
+        text = default_config_text(default_hostname(), list(dict.fromkeys(domains)))
         path.write_text(text, encoding="utf-8")
         print(f"postroom: wrote a new configuration to {path} "
               f"(local domains: {', '.join(dict.fromkeys(domains))})")
@@ -81,6 +79,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = Postroom(config)
     try:
         asyncio.run(server.run_until_signalled(started))
+    except ssl.SSLError as exc:
+        return _fail(f"cannot load the TLS certificate or key ([tls] cert_file, key_file): "
+                     f"{exc.reason or exc}")
     except OSError as exc:
         return _fail(f"cannot start: {exc.strerror or exc} (is another server on that port?)")
     return 0

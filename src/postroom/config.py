@@ -78,6 +78,46 @@ class TlsConfig:
 @dataclass(frozen=True)
 class DeliveryConfig:
     retry: tuple[float, ...] = (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0)
+    mx_port: int = 25
+    max_queue_lifetime: float = 5 * 86400.0
+    delay_warning: float = 4 * 3600.0
+    max_connections: int = 100
+    max_connections_per_destination: int = 10
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0
+    max_return_size: int = 1_000_000
+
+
+@dataclass(frozen=True)
+class Route:
+    """One address space: a domain pattern and how mail for it leaves.
+
+    ``match`` is ``*``, an exact domain, or ``*.domain`` (its subdomains only).
+    """
+
+    match: str
+    via: str = "mx"                       # "mx" | "smarthost"
+    host: str = ""                        # smarthost: a name or an IP address
+    port: int = 25
+    tls: str = "opportunistic"            # "none" | "opportunistic" | "required"
+    tls_verify: bool = True               # with tls = "required": verify the certificate
+    username: str = ""
+    password: str = field(default="", repr=False)
+    cost: int = 1
+    index: int = 0                        # position in the config, for messages
+
+    def describe(self) -> str:
+        if self.via == "smarthost":
+            return f"smart host {self.next_hop} (route {self.match})"
+        return f"MX lookup (route {self.match})"
+
+    @property
+    def next_hop(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+DEFAULT_ROUTES = (Route("*", "mx"),)
 
 
 @dataclass(frozen=True)
@@ -93,6 +133,8 @@ class Config:
     )
     aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    routes: tuple[Route, ...] = DEFAULT_ROUTES
+    nameservers: tuple[str, ...] = ()
     source: str = "<defaults>"
 
     @property
@@ -124,6 +166,21 @@ class Config:
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def default_hostname() -> str:
+    """The machine's name, without any DNS lookup; ``localhost`` if it is not a domain."""
+    try:
+        return _domain(socket.gethostname().lower())
+    except ValueError:
+        return "localhost"
+
+
+def _positive_duration(value: object) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("must be longer than zero")
+    return seconds
 
 
 def parse_duration(value: object) -> float:
@@ -209,7 +266,108 @@ def _endpoints(value: object) -> tuple[tuple[str, int], ...]:
 def _schedule(value: object) -> tuple[float, ...]:
     if not isinstance(value, list) or not value:
         raise ValueError("must be a non-empty list of durations")
-    return tuple(parse_duration(v) for v in value)
+    return tuple(_positive_duration(v) for v in value)
+
+
+def _port(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+        raise ValueError(f"must be a port number (1-65535), not {value!r}")
+    return value
+
+
+def _nameservers(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ValueError("must be a list such as [\"127.0.0.1:5353\"]")
+    out = []
+    for v in value:
+        if isinstance(v, str) and ":" not in v.replace("::", "") and not v.startswith("["):
+            v = f"{v}:53"
+        host, port = parse_endpoint(v)
+        out.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    return tuple(out)
+
+
+def _host_port(value: str, default_port: int) -> tuple[str, int]:
+    """``host``, ``host:port``, ``[v6]:port`` or a bare IPv6 address."""
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d+))?|([^:\[\]]+)(?::(\d+))?", value)
+    if m is None:
+        try:
+            return str(ipaddress.IPv6Address(value)), default_port
+        except ValueError:
+            raise ValueError(f"{value!r} is not host[:port]") from None
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4) or default_port)
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} out of range")
+    if m.group(3):
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            _domain(host)
+    return host.lower(), port
+
+
+def _routes(r: _Reader, raw: object, base_dir: Path) -> tuple[Route, ...]:
+    if not isinstance(raw, list):
+        r.problems.append(Problem("route", "write routes as [[route]] tables"))
+        return DEFAULT_ROUTES
+    routes = []
+    for i, t in enumerate(raw):
+        key = f"route[{i}]."
+        if not isinstance(t, dict):
+            r.problems.append(Problem(f"route[{i}]", "must be a table"))
+            continue
+        for k in t:
+            if k not in ROUTE_KEYS:
+                r.problems.append(Problem(key + k, "unknown key (misspelt?)"))
+        match = r.get(t, key, "match", str, "")
+        if not match:
+            r.problems.append(Problem(key + "match", "required: \"*\", \"example.org\" or "
+                                      "\"*.example.org\""))
+        elif not _PATTERN.match(match.lower()):
+            r.problems.append(Problem(key + "match", f"{match!r} is not \"*\", a domain or "
+                                      "\"*.domain\""))
+        via = r.get(t, key, "via", str, "mx")
+        if via not in ("mx", "smarthost"):
+            r.problems.append(Problem(key + "via", f"{via!r}: use \"mx\" or \"smarthost\""))
+        host, port = "", 25
+        host_raw = r.get(t, key, "host", str, "")
+        if via == "smarthost":
+            if not host_raw:
+                r.problems.append(Problem(key + "host", "a smarthost route needs host = "
+                                          "\"name-or-ip[:port]\""))
+            else:
+                try:
+                    host, port = _host_port(host_raw, 25)
+                except ValueError as exc:
+                    r.problems.append(Problem(key + "host", str(exc)))
+        elif host_raw:
+            r.problems.append(Problem(key + "host", "only smarthost routes take a host"))
+        tls = r.get(t, key, "tls", str, "opportunistic")
+        if tls not in ("none", "opportunistic", "required"):
+            r.problems.append(Problem(key + "tls", f"{tls!r}: use \"none\", "
+                                      "\"opportunistic\" or \"required\""))
+        username = r.get(t, key, "username", str, "")
+        password = ""
+        pw_file = r.get(t, key, "password_file", str, "")
+        if username and not pw_file:
+            r.problems.append(Problem(key + "password_file", "username is set: give the file "
+                                      "that holds the password"))
+        if pw_file:
+            path = Path(pw_file) if Path(pw_file).is_absolute() else base_dir / pw_file
+            try:
+                password = path.read_text(encoding="utf-8").rstrip("\r\n")
+            except OSError as exc:
+                r.problems.append(Problem(key + "password_file",
+                                          f"cannot read {path}: {exc.strerror or exc}"))
+        if username and via != "smarthost":
+            r.problems.append(Problem(key + "username", "AUTH is only for smarthost routes"))
+        cost = r.get(t, key, "cost", int, 1)
+        if cost < 0:
+            r.problems.append(Problem(key + "cost", "must be zero or more"))
+        routes.append(Route(match.lower(), via, host, port, tls,
+                            r.get(t, key, "tls_verify", bool, True), username, password, cost, i))
+    return tuple(routes)
 
 
 def _positive(value: int, key: str, reader: _Reader) -> int:
@@ -230,7 +388,13 @@ def _domain(value: object) -> str:
     return addr.domain
 
 
-TOP_KEYS = {"hostname", "data_dir", "smtp", "tls", "domains", "relay", "aliases", "delivery"}
+TOP_KEYS = {"hostname", "data_dir", "smtp", "tls", "domains", "relay", "aliases", "delivery",
+            "route", "dns"}
+DELIVERY_KEYS = {"retry", "mx_port", "max_queue_lifetime", "delay_warning", "max_connections",
+                 "max_connections_per_destination", "connect_timeout", "command_timeout",
+                 "max_return_size"}
+ROUTE_KEYS = {"match", "via", "host", "tls", "tls_verify", "username", "password_file", "cost"}
+_PATTERN = re.compile(r"\*|(\*\.)?[a-z0-9]([a-z0-9.-]*[a-z0-9])?\Z")
 SMTP_KEYS = {
     "listen", "submission", "submissions", "max_message_size", "max_recipients",
     "command_timeout", "data_timeout", "max_connections", "max_connections_per_peer",
@@ -244,11 +408,14 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: str) -> Config:
     for key in raw:
         if key not in TOP_KEYS:
             r.problems.append(Problem(key, "unknown key (misspelt?)"))
-    hostname = r.get(raw, "", "hostname", str, "") or socket.gethostname()
-    try:
-        hostname = _domain(hostname)
-    except ValueError as exc:
-        r.problems.append(Problem("hostname", str(exc)))
+    hostname = r.get(raw, "", "hostname", str, "")
+    if hostname:
+        try:
+            hostname = _domain(hostname)
+        except ValueError as exc:
+            r.problems.append(Problem("hostname", str(exc)))
+    else:
+        hostname = default_hostname()
     data_dir = Path(r.get(raw, "", "data_dir", str, "postroom-data"))
     if not data_dir.is_absolute():
         data_dir = base_dir / data_dir
@@ -264,8 +431,8 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: str) -> Config:
             "smtp.max_message_size", r),
         max_recipients=_positive(
             r.get(s, "smtp.", "max_recipients", int, d.max_recipients), "smtp.max_recipients", r),
-        command_timeout=r.convert(s, "smtp.", "command_timeout", parse_duration, d.command_timeout),
-        data_timeout=r.convert(s, "smtp.", "data_timeout", parse_duration, d.data_timeout),
+        command_timeout=r.convert(s, "smtp.", "command_timeout", _positive_duration, d.command_timeout),
+        data_timeout=r.convert(s, "smtp.", "data_timeout", _positive_duration, d.data_timeout),
         max_connections=_positive(
             r.get(s, "smtp.", "max_connections", int, d.max_connections),
             "smtp.max_connections", r),
@@ -279,7 +446,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: str) -> Config:
             r.get(s, "smtp.", "auth_failure_limit", int, d.auth_failure_limit),
             "smtp.auth_failure_limit", r),
         auth_failure_window=r.convert(
-            s, "smtp.", "auth_failure_window", parse_duration, d.auth_failure_window),
+            s, "smtp.", "auth_failure_window", _positive_duration, d.auth_failure_window),
     )
     if not (smtp.listen or smtp.submission or smtp.submissions):
         r.problems.append(Problem("smtp.listen", "no listener at all: give at least one address"))
@@ -340,15 +507,39 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: str) -> Config:
                 r.problems.append(Problem(key, f"{t_!r} is not an address: {exc}"))
         aliases[src.key] = tuple(out)
 
-    dl = r.section("delivery", {"retry"})
-    retry = r.convert(dl, "delivery.", "retry", _schedule, DeliveryConfig().retry)
+    dl = r.section("delivery", DELIVERY_KEYS)
+    dd = DeliveryConfig()
+    delivery = DeliveryConfig(
+        retry=r.convert(dl, "delivery.", "retry", _schedule, dd.retry),
+        mx_port=r.convert(dl, "delivery.", "mx_port", _port, dd.mx_port),
+        max_queue_lifetime=r.convert(dl, "delivery.", "max_queue_lifetime", _positive_duration,
+                                     dd.max_queue_lifetime),
+        delay_warning=r.convert(dl, "delivery.", "delay_warning", parse_duration,
+                                dd.delay_warning),
+        max_connections=_positive(r.get(dl, "delivery.", "max_connections", int,
+                                        dd.max_connections), "delivery.max_connections", r),
+        max_connections_per_destination=_positive(
+            r.get(dl, "delivery.", "max_connections_per_destination", int,
+                  dd.max_connections_per_destination),
+            "delivery.max_connections_per_destination", r),
+        connect_timeout=r.convert(dl, "delivery.", "connect_timeout", _positive_duration,
+                                  dd.connect_timeout),
+        command_timeout=r.convert(dl, "delivery.", "command_timeout", _positive_duration,
+                                  dd.command_timeout),
+        max_return_size=_positive(r.get(dl, "delivery.", "max_return_size", int,
+                                        dd.max_return_size), "delivery.max_return_size", r),
+    )
+    routes = _routes(r, raw.get("route"), base_dir) if "route" in raw else DEFAULT_ROUTES
+    dns_t = r.section("dns", {"nameservers"})
+    nameservers = tuple(r.convert(dns_t, "dns.", "nameservers", _nameservers, ()))
 
     if r.problems:
         raise ConfigError(source, r.problems)
     return Config(
         hostname=hostname, data_dir=data_dir, smtp=smtp, tls=tls,
         local_domains=tuple(dict.fromkeys(local_domains)), trusted_networks=tuple(nets),
-        aliases=aliases, delivery=DeliveryConfig(retry=retry), source=source,
+        aliases=aliases, delivery=delivery, routes=routes, nameservers=nameservers,
+        source=source,
     )
 
 
@@ -424,7 +615,43 @@ trusted_networks = ["127.0.0.1/32", "::1/128"]
 # "address" = ["target", ...]. Targets may be local mailboxes or remote addresses.
 # "postmaster@{first}" = ["alice@{first}"]
 
+# Address spaces: where mail for other domains goes. The most specific match wins
+# (exact domain, then the longest "*.domain", then "*"); on a tie the lowest cost, and
+# equal costs share the load. Without any [[route]], "*" goes by MX lookup.
+[[route]]
+match = "*"
+via = "mx"
+
+# A smart host for one partner (uncomment and adapt):
+# [[route]]
+# match = "partner.example"         # or "*.partner.example" for its subdomains
+# via = "smarthost"
+# host = "smtp.partner.example:587" # name or IP, optional :port (default 25)
+# tls = "required"                  # none | opportunistic | required
+# tls_verify = true                 # with required: check the certificate
+# username = "relayuser"            # AUTH to the smart host (only over TLS)
+# password_file = "secrets/partner" # the password, alone in a file (mode 0600)
+# cost = 1
+
+[dns]
+# DNS servers for MX lookups, as "address:port". Empty: the system resolver.
+nameservers = []
+
 [delivery]
 # Retry intervals after a failed delivery attempt; the last one repeats.
 retry = ["1m", "5m", "15m", "30m", "1h", "2h", "4h"]
+# After this long in the queue, a message that still fails is returned (NDR).
+max_queue_lifetime = "5d"
+# Tell the sender once when a message has waited this long ("Action: delayed").
+delay_warning = "4h"
+# The port of remote MX hosts (25 on the Internet; tests point it elsewhere).
+mx_port = 25
+# Outbound connections in total, and to one destination (domain or smart host).
+max_connections = 100
+max_connections_per_destination = 10
+# Timeouts for outbound connections and for each command's reply.
+connect_timeout = "30s"
+command_timeout = "5m"
+# NDRs return the whole original message up to this size (else its headers).
+max_return_size = 1000000
 '''

@@ -50,7 +50,7 @@ def received_header(
         f"Received: from {helo_text} ({_literal(peer)})\r\n"
         f"\tby {hostname} (Postroom) with {protocol} id {queue_id}{for_part};\r\n"
         f"\t{date}\r\n"
-    ).encode("utf-8")
+    ).encode()
 
 
 def header_block(data: bytes) -> bytes:
@@ -84,9 +84,10 @@ class Expansion:
 def expand(address: str, aliases: Mapping[str, tuple[str, ...]]) -> Expansion:
     """Expand an alias (lower-case key) into its final targets, depth first.
 
-    A target that is itself an alias expands in turn; a cycle contributes each address
-    once; an alias that expands only into itself is an error. Addresses that are not
-    aliases are returned unchanged (the single element of ``targets``).
+    A target that is itself an alias expands in turn. An address met again during the
+    expansion is a mailbox, not expanded a second time: ``a = [a, b]`` keeps a copy in
+    a's own mailbox (as in Postfix), and a cycle ends at the address that closes it.
+    Addresses that are not aliases are returned unchanged.
     """
     if address not in aliases:
         return Expansion((address,))
@@ -96,12 +97,10 @@ def expand(address: str, aliases: Mapping[str, tuple[str, ...]]) -> Expansion:
     def walk(addr: str, depth: int) -> str:
         if depth > MAX_ALIAS_DEPTH:
             return f"aliases nested deeper than {MAX_ALIAS_DEPTH} levels at {addr}"
-        if addr in seen:
-            return ""
-        seen.add(addr)
-        if addr not in aliases:
+        if addr in seen or addr not in aliases:
             out.append(addr)
             return ""
+        seen.add(addr)
         for target in aliases[addr]:
             err = walk(target, depth + 1)
             if err:
@@ -111,8 +110,6 @@ def expand(address: str, aliases: Mapping[str, tuple[str, ...]]) -> Expansion:
     error = walk(address, 0)
     if error:
         return Expansion((), error)
-    if not out:
-        return Expansion((), f"alias {address} expands only into aliases that loop back")
     return Expansion(tuple(dict.fromkeys(out)))
 
 

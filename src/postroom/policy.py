@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 from . import replies
 from .address import routing_hazard
+from .config import DEFAULT_ROUTES, Route
 from .model import Address, Reply
+from .routing import choose_route
 
 __all__ = ["RelaySettings", "SessionSnapshot", "Verdict", "check_mail", "check_rcpt", "peer_address"]
 
@@ -48,6 +50,7 @@ class RelaySettings:
     local_domains: frozenset[str]
     trusted_networks: tuple[Network, ...]
     aliases: frozenset[str] = frozenset()
+    routes: tuple[Route, ...] = DEFAULT_ROUTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,13 +107,19 @@ def check_rcpt(
     why_not = []
     net = trusted_network(session.peer, settings)
     if net is not None:
-        return Verdict(True, replies.RECIPIENT_OK,
-                       f"relay for trusted network {net}: {session.peer} is in it", RELAY)
+        return _routed(rcpt, settings, f"relay for trusted network {net}: {session.peer} is in it")
     why_not.append(f"{session.peer} is not in trusted_networks "
                    f"({', '.join(map(str, settings.trusted_networks)) or 'none'})")
     if session.auth_user is not None:
-        return Verdict(True, replies.RECIPIENT_OK,
-                       f"relay for authenticated user {session.auth_user}", RELAY)
+        return _routed(rcpt, settings, f"relay for authenticated user {session.auth_user}")
     why_not.append("the session is not authenticated")
     why_not.append(f"{rcpt.domain} is not a local domain")
     return Verdict(False, replies.relay_denied(rcpt), "; ".join(why_not))
+
+
+def _routed(rcpt: Address, settings: RelaySettings, why: str) -> Verdict:
+    """A relay the sender may make: accepted only if an address space covers it."""
+    decision = choose_route(rcpt.domain, settings.routes, settings.local_domains)
+    if not decision.chosen:
+        return Verdict(False, replies.no_route(rcpt.domain), f"{why}, but {decision.reason}")
+    return Verdict(True, replies.RECIPIENT_OK, f"{why}; {decision.reason}", RELAY)

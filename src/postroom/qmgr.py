@@ -1,16 +1,22 @@
-"""The queue manager: moves recipients through conversion and local delivery.
+"""The queue manager: moves recipients through conversion, delivery and notices.
 
-One loop, woken when the spool commits new mail and at least every second for
-retries. Each round converts a batch (alias expansion, loop detection) and then
-delivers a batch of due inbound recipients into their Maildirs, several at a time in
-worker threads, and records every result in one spool transaction.
+One loop, woken when the spool commits and at least every second. Each round:
 
-Outbound recipients wait in ``outbound-delivery``: sending mail to other hosts is
-the delivery agent's job and is not wired in yet.
+1. **converts** a batch: aliases expand, mail loops fail, recipients for domains that no
+   address space covers fail at once (5.4.4);
+2. **delivers locally** the due inbound recipients, into their Maildirs, several at a
+   time in worker threads;
+3. **dispatches outbound** the due outbound recipients: grouped by destination (route
+   and, for MX routes, domain), one connection per batch of messages, capped in total
+   and per destination; a destination whose every host failed backs off as a whole;
+4. **sends notices**: NDRs for failures, delay notices, success notices (RFC 3464),
+   each a new message from the null sender.
 
-Crash behaviour: a delivery is recorded only after the Maildir write is durable, so
-a crash between the two delivers that recipient again on restart (a duplicate, never
-a loss). Nothing else is in flight between rounds.
+Every result is recorded in the spool: transient failures wait for the next retry
+time (kept across restarts), and become permanent after ``max_queue_lifetime``.
+
+Crash behaviour: a delivery is recorded only after it happened, so a crash in between
+repeats it on restart (a duplicate, never a loss).
 """
 
 from __future__ import annotations
@@ -18,17 +24,38 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import sqlite3
 import time
+from collections import defaultdict
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
+from .bounce import RecipientReport, build_report
+from .config import DEFAULT_ROUTES, DeliveryConfig, Route
 from .conversion import MAX_HOPS, count_hops, expand, local_delivery_bytes
-from .spool import SqliteSpool, StorageFull, finish_messages
+from .delivery import (
+    Destination,
+    OutboundMessage,
+    OutboundRecipient,
+    RecipientResult,
+    SmtpDeliveryAgent,
+)
+from .routing import choose_route
+from .spool import (
+    NewMessage,
+    NewRecipient,
+    SqliteSpool,
+    StorageFull,
+    finish_messages,
+    new_queue_id,
+    record,
+)
 from .store import MaildirStore, StoreError
 
-__all__ = ["QueueManager", "retry_delay"]
+__all__ = ["QueueManager", "retry_delay", "wants_notice"]
 
 log = logging.getLogger("postroom.qmgr")
 
@@ -38,6 +65,19 @@ def retry_delay(schedule: tuple[float, ...], attempts: int) -> float:
     return schedule[min(max(attempts, 1), len(schedule)) - 1]
 
 
+def wants_notice(kind: str, sender: str, params: Mapping[str, str]) -> bool:
+    """Whether the sender gets a ``failure``, ``delay`` or ``success`` notice (RFC 3461).
+
+    Never for the null sender (no bounce loops). Without NOTIFY: failures and delays.
+    """
+    if not sender:
+        return False
+    notify = params.get("NOTIFY")
+    if notify is None:
+        return kind in ("failure", "delay")
+    return kind.upper() in notify.upper().split(",")
+
+
 @dataclass(frozen=True, slots=True)
 class _Due:
     id: int
@@ -45,18 +85,26 @@ class _Due:
     address: str
     sender: str
     attempts: int
+    received: float
+    params: dict[str, str]
 
 
 @dataclass(frozen=True, slots=True)
-class _Result:
+class _Outcome:
+    """What happened to one recipient in one attempt, however it was delivered."""
+
     due: _Due
     ok: bool
     transient: bool
     reply: str
+    status: str = ""
+    detail: dict[str, Any] | None = None
+    success_notice: bool = False
 
 
 class QueueManager:
     BATCH = 256
+    MESSAGES_PER_CONNECTION = 50
 
     def __init__(
         self,
@@ -66,22 +114,38 @@ class QueueManager:
         local_domains: frozenset[str],
         aliases: Mapping[str, tuple[str, ...]],
         mailbox_exists: Callable[[str], bool],
-        retry: tuple[float, ...],
+        delivery: DeliveryConfig,
+        routes: tuple[Route, ...] = DEFAULT_ROUTES,
+        agent: SmtpDeliveryAgent | None = None,
+        hostname: str = "localhost",
         clock: Callable[[], float] = time.time,
         workers: int = 8,
+        rng: random.Random | None = None,
     ) -> None:
         self.spool = spool
         self.store = store
         self.local_domains = local_domains
         self.aliases = aliases
         self.mailbox_exists = mailbox_exists
-        self.retry = retry
+        self.delivery = delivery
+        self.routes = routes
+        self.agent = agent
+        self.hostname = hostname
         self.clock = clock
+        self.rng = rng or random.Random()
         self._wake = asyncio.Event()
         self._stopping = False
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="local-delivery")
         self._task: asyncio.Task[None] | None = None
+        self._in_flight: set[int] = set()
+        self._connections: dict[str, int] = defaultdict(int)
+        self._backoff: dict[str, tuple[float, int]] = {}
+        self._outbound_tasks: set[asyncio.Task[None]] = set()
         spool.on_commit(self._wake.set)
+
+    @property
+    def retry(self) -> tuple[float, ...]:
+        return self.delivery.retry
 
     def wake(self) -> None:
         self._wake.set()
@@ -94,6 +158,10 @@ class QueueManager:
         self._wake.set()
         if self._task is not None:
             await self._task
+        for task in list(self._outbound_tasks):
+            task.cancel()
+        if self._outbound_tasks:
+            await asyncio.gather(*self._outbound_tasks, return_exceptions=True)
         self._pool.shutdown(wait=True)
 
     async def _run(self) -> None:
@@ -102,6 +170,8 @@ class QueueManager:
             try:
                 worked = await self.convert_batch()
                 worked += await self.deliver_batch()
+                worked += await self.dispatch_outbound()
+                worked += await self.send_notices()
             except StorageFull:
                 log.warning("the spool's disk is full: results cannot be recorded; "
                             "retrying in 1s (deliveries made meanwhile may repeat)")
@@ -118,6 +188,18 @@ class QueueManager:
             except TimeoutError:
                 pass
 
+    async def run_until_idle(self, timeout: float = 30.0) -> None:
+        """Run rounds until nothing is left to do now (tests and tools)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            worked = await self.convert_batch() + await self.deliver_batch() + \
+                await self.dispatch_outbound() + await self.send_notices()
+            if self._outbound_tasks:
+                await asyncio.wait(self._outbound_tasks)
+                continue
+            if not worked:
+                return
+
     # --- conversion ----------------------------------------------------------------
     async def convert_batch(self) -> int:
         return await self.spool.run(self._convert)
@@ -127,113 +209,335 @@ class QueueManager:
 
     def _convert(self, conn: sqlite3.Connection) -> int:
         rows = conn.execute(
-            "SELECT r.id, r.message, r.address, r.params, r.direction FROM recipients r "
+            "SELECT r.id, r.message, r.address, r.params, r.direction, m.sender "
+            "FROM recipients r JOIN messages m ON m.id = r.message "
             "WHERE r.state = 'conversion' ORDER BY r.id LIMIT ?", (self.BATCH,)).fetchall()
         if not rows:
             return 0
         now = self.clock()
         hops: dict[str, int] = {}
         touched = set()
-        for rid, mid, address, params_json, direction in rows:
+        for rid, mid, address, params_json, direction, sender in rows:
             touched.add(mid)
+            params = json.loads(params_json)
             if mid not in hops:
                 (data,) = conn.execute("SELECT data FROM messages WHERE id = ?", (mid,)).fetchone()
                 hops[mid] = count_hops(data)
             if hops[mid] >= MAX_HOPS:
-                self._fail(conn, rid, now, "554 5.4.6 Mail loop: the message has "
-                           f"{hops[mid]} Received headers (limit {MAX_HOPS})")
-                log.warning("queue_id=%s rcpt=%s failed: mail loop (%d hops)", mid, address,
-                            hops[mid])
+                self._fail(conn, rid, now, sender, params, "554 5.4.6 Mail loop: the message "
+                           f"has {hops[mid]} Received headers (limit {MAX_HOPS})", "5.4.6",
+                           "routing")
                 continue
             if direction == "outbound":
-                conn.execute("UPDATE recipients SET state = 'delivery', updated = ? WHERE id = ?",
-                             (now, rid))
+                self._route_or_fail(conn, rid, address, sender, params, now)
                 continue
             result = expand(address, self.aliases)
             if result.error:
-                self._fail(conn, rid, now, f"550 5.4.6 Alias expansion failed: {result.error}")
-                log.warning("queue_id=%s rcpt=%s failed: %s", mid, address, result.error)
+                self._fail(conn, rid, now, sender, params,
+                           f"550 5.4.6 Alias expansion failed: {result.error}", "5.4.6", "local")
                 continue
             if result.targets == (address,):
                 conn.execute("UPDATE recipients SET state = 'delivery', updated = ? WHERE id = ?",
                              (now, rid))
                 continue
-            params = json.loads(params_json)
             params.setdefault("ORCPT", f"rfc822;{address}")
             conn.execute("UPDATE recipients SET state = 'expanded', updated = ?, last_reply = ? "
                          "WHERE id = ?", (now, "alias: " + ", ".join(result.targets), rid))
-            conn.executemany(
-                "INSERT INTO recipients (message, address, params, direction, state, parent, "
-                "next_attempt, updated) VALUES (?, ?, ?, ?, 'delivery', ?, ?, ?)",
-                [(mid, t, json.dumps(params), "inbound" if self._is_local(t) else "outbound",
-                  rid, now, now) for t in result.targets])
+            # a target that is already a recipient of this message gets one copy only
+            present = {a for (a,) in conn.execute(
+                "SELECT address FROM recipients WHERE message = ? AND state != 'expanded'",
+                (mid,))}
+            for target in result.targets:
+                if target in present:
+                    continue
+                local = self._is_local(target)
+                cur = conn.execute(
+                    "INSERT INTO recipients (message, address, params, direction, state, parent, "
+                    "next_attempt, updated) VALUES (?, ?, ?, ?, 'delivery', ?, ?, ?)",
+                    (mid, target, json.dumps(params), "inbound" if local else "outbound", rid,
+                     now, now))
+                if not local:
+                    assert cur.lastrowid is not None
+                    self._route_or_fail(conn, cur.lastrowid, target, sender, params, now)
             log.info("queue_id=%s alias %s -> %s", mid, address, ", ".join(result.targets))
         finish_messages(conn, touched)
         return len(rows)
 
-    @staticmethod
-    def _fail(conn: sqlite3.Connection, rid: int, now: float, reply: str) -> None:
-        conn.execute("UPDATE recipients SET state = 'failed', updated = ?, last_reply = ? "
-                     "WHERE id = ?", (now, reply, rid))
+    def _route_or_fail(self, conn: sqlite3.Connection, rid: int, address: str, sender: str,
+                       params: dict[str, str], now: float) -> None:
+        decision = choose_route(address.rpartition("@")[2], self.routes, self.local_domains)
+        if decision.chosen:
+            conn.execute("UPDATE recipients SET state = 'delivery', updated = ? WHERE id = ?",
+                         (now, rid))
+            return
+        self._fail(conn, rid, now, sender, params,
+                   f"550 5.4.4 Unable to route: {decision.reason}", "5.4.4", "routing")
+
+    def _fail(self, conn: sqlite3.Connection, rid: int, now: float, sender: str,
+              params: Mapping[str, str], reply: str, status: str, step: str) -> None:
+        notice = "failure" if wants_notice("failure", sender, params) else ""
+        record(conn, rid, state="failed", reply=reply, now=now, notice=notice,
+               detail={"status": status, "step": step, "last_attempt": now})
+        log.warning("rcpt id=%d failed: %s", rid, reply)
 
     # --- local delivery ------------------------------------------------------------
-    def _due(self, conn: sqlite3.Connection) -> list[_Due]:
+    def _due(self, conn: sqlite3.Connection, direction: str, limit: int) -> list[_Due]:
         rows = conn.execute(
-            "SELECT r.id, r.message, r.address, m.sender, r.attempts FROM recipients r "
-            "JOIN messages m ON m.id = r.message WHERE r.state = 'delivery' AND "
-            "r.direction = 'inbound' AND r.held = 0 AND r.next_attempt <= ? "
-            "ORDER BY r.next_attempt LIMIT ?", (self.clock(), self.BATCH)).fetchall()
-        return [_Due(*row) for row in rows]
+            "SELECT r.id, r.message, r.address, m.sender, r.attempts, m.received, r.params "
+            "FROM recipients r JOIN messages m ON m.id = r.message WHERE r.state = 'delivery' "
+            "AND r.direction = ? AND r.held = 0 AND r.next_attempt <= ? "
+            "ORDER BY r.next_attempt LIMIT ?", (direction, self.clock(), limit)).fetchall()
+        return [_Due(*row[:6], json.loads(row[6])) for row in rows]
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self.spool.read, fn)
+
+    async def _message_data(self, ids: list[str]) -> dict[str, tuple[bytes, str]]:
+        def q(c: sqlite3.Connection) -> dict[str, tuple[bytes, str]]:
+            rows = c.execute(f"SELECT id, data, params FROM messages WHERE id IN "
+                             f"({','.join('?' * len(ids))})", ids).fetchall()
+            return {mid: (data, params) for mid, data, params in rows}
+        return await self._read(q) if ids else {}  # type: ignore[no-any-return]
 
     async def deliver_batch(self) -> int:
-        loop = asyncio.get_running_loop()
-        due = await loop.run_in_executor(self._pool, self.spool.read, self._due)
+        due = await self._read(lambda c: self._due(c, "inbound", self.BATCH))
         if not due:
             return 0
-        ids = sorted({d.message for d in due})
-        data = await loop.run_in_executor(self._pool, self.spool.read, lambda c: dict(c.execute(
-            f"SELECT id, data FROM messages WHERE id IN ({','.join('?' * len(ids))})",
-            ids).fetchall()))
-        results = await asyncio.gather(*(
-            loop.run_in_executor(self._pool, self._deliver_one, d, data[d.message]) for d in due))
-        await self.spool.run(lambda conn: self._record(conn, results))
+        loop = asyncio.get_running_loop()
+        data = await self._message_data(sorted({d.message for d in due}))
+        outcomes = await asyncio.gather(*(
+            loop.run_in_executor(self._pool, self._deliver_one, d, data[d.message][0])
+            for d in due))
+        await self.spool.run(lambda conn: self._record(conn, outcomes))
         return len(due)
 
-    def _deliver_one(self, due: _Due, data: bytes) -> _Result:
+    def _deliver_one(self, due: _Due, data: bytes) -> _Outcome:
         local, _, domain = due.address.rpartition("@")
+        detail = {"step": "local", "hop": "local mailbox", "last_attempt": self.clock()}
         if local != "postmaster" and not self.mailbox_exists(due.address) \
                 and due.address not in self.aliases:
-            return _Result(due, False, False,
-                           f"550 5.1.1 Mailbox {due.address} no longer exists")
+            return _Outcome(due, False, False, f"550 5.1.1 Mailbox {due.address} no longer "
+                            "exists", "5.1.1", detail)
         try:
             path = self.store.deliver(local, domain,
                                       local_delivery_bytes(data, due.sender, due.address))
         except StoreError as exc:
             code = "451 4.3.0" if exc.transient else "550 5.2.0"
-            return _Result(due, False, exc.transient,
-                           f"{code} Maildir delivery failed: {exc}")
-        return _Result(due, True, False, f"250 2.0.0 delivered to maildir as {path.name}")
+            log.warning("queue_id=%s to=<%s> Maildir delivery failed: %s", due.message,
+                        due.address, exc)
+            return _Outcome(due, False, exc.transient, f"{code} Maildir delivery failed: "
+                            f"{exc.reason}", code[4:], detail)
+        return _Outcome(due, True, False, f"250 2.0.0 delivered to maildir as {path.name}",
+                        "2.0.0", detail, success_notice=True)
 
-    def _record(self, conn: sqlite3.Connection, results: list[_Result]) -> None:
+    # --- recording -----------------------------------------------------------------
+    def _record(self, conn: sqlite3.Connection, outcomes: list[_Outcome]) -> None:
         now = self.clock()
-        for r in results:
-            d = r.due
-            if r.ok:
-                conn.execute("UPDATE recipients SET state = 'delivered', attempts = attempts + 1, "
-                             "last_reply = ?, updated = ? WHERE id = ?", (r.reply, now, d.id))
+        for o in outcomes:
+            d = o.due
+            detail = dict(o.detail or {})
+            detail.setdefault("status", o.status)
+            detail.setdefault("last_attempt", now)
+            if o.ok:
+                notice = "success" if o.success_notice and \
+                    wants_notice("success", d.sender, d.params) else ""
+                record(conn, d.id, state="delivered", reply=o.reply, now=now, notice=notice,
+                       detail=detail)
                 log.info("queue_id=%s to=<%s> status=delivered (%s)", d.message, d.address,
-                         r.reply)
-            elif r.transient:
+                         o.reply)
+                continue
+            age = now - d.received
+            if o.transient and age < self.delivery.max_queue_lifetime:
                 attempts = d.attempts + 1
                 when = now + retry_delay(self.retry, attempts)
-                conn.execute("UPDATE recipients SET attempts = ?, next_attempt = ?, "
-                             "last_reply = ?, updated = ? WHERE id = ?",
-                             (attempts, when, r.reply, now, d.id))
+                warn = age >= self.delivery.delay_warning and \
+                    wants_notice("delay", d.sender, d.params)
+                detail["will_retry_until"] = d.received + self.delivery.max_queue_lifetime
+                record(conn, d.id, state="delivery", reply=o.reply, now=now, attempts=attempts,
+                       next_attempt=when, warn=warn, detail=detail)
                 log.warning("queue_id=%s to=<%s> status=deferred (%s); next attempt in %ds",
-                            d.message, d.address, r.reply, when - now)
-            else:
-                conn.execute("UPDATE recipients SET state = 'failed', attempts = attempts + 1, "
-                             "last_reply = ?, updated = ? WHERE id = ?", (r.reply, now, d.id))
-                log.warning("queue_id=%s to=<%s> status=failed (%s)", d.message, d.address,
-                            r.reply)
-        finish_messages(conn, {r.due.message for r in results})
+                            d.message, d.address, o.reply, when - now)
+                continue
+            reply = o.reply
+            if o.transient:
+                days = age / 86400
+                detail["status"] = "5.4.7"
+                detail["expired_after"] = age
+                reply = f"{o.reply} (gave up after {days:.1f} days of retries)"
+            notice = "failure" if wants_notice("failure", d.sender, d.params) else ""
+            record(conn, d.id, state="failed", reply=reply, now=now, notice=notice, detail=detail)
+            log.warning("queue_id=%s to=<%s> status=failed (%s)", d.message, d.address, reply)
+        finish_messages(conn, {o.due.message for o in outcomes})
+
+    # --- outbound ------------------------------------------------------------------
+    def _destination(self, address: str) -> Destination | None:
+        domain = address.rpartition("@")[2]
+        decision = choose_route(domain, self.routes, self.local_domains)
+        if not decision.chosen:
+            return None
+        route = decision.chosen[0] if len(decision.chosen) == 1 else \
+            self.rng.choice(decision.chosen)
+        return Destination(route, "" if route.via == "smarthost" else domain)
+
+    async def dispatch_outbound(self) -> int:
+        if self.agent is None:
+            return 0
+        cap = self.delivery.max_connections
+        if len(self._outbound_tasks) >= cap:
+            return 0
+        due = await self._read(lambda c: self._due(c, "outbound", 4 * self.BATCH))
+        now = self.clock()
+        groups: dict[str, tuple[Destination, list[_Due]]] = {}
+        unroutable: list[_Due] = []
+        for d in due:
+            if d.id in self._in_flight:
+                continue
+            dest = self._destination(d.address)
+            if dest is None:
+                unroutable.append(d)
+                continue
+            until = self._backoff.get(dest.key, (0.0, 0))[0]
+            if until > now:
+                continue
+            groups.setdefault(dest.key, (dest, []))[1].append(d)
+        if unroutable:
+            await self.spool.run(lambda conn: self._record(conn, [
+                _Outcome(d, False, False, "550 5.4.4 Unable to route: no address space covers "
+                         f"{d.address.rpartition('@')[2]}", "5.4.4",
+                         {"step": "routing", "hop": "routing table"}) for d in unroutable]))
+        started = 0
+        for key, (dest, items) in groups.items():
+            by_message: dict[str, list[_Due]] = defaultdict(list)
+            for d in items:
+                by_message[d.message].append(d)
+            batches = [list(by_message.items())[i:i + self.MESSAGES_PER_CONNECTION]
+                       for i in range(0, len(by_message), self.MESSAGES_PER_CONNECTION)]
+            for batch in batches:
+                if len(self._outbound_tasks) >= cap or \
+                        self._connections[key] >= self.delivery.max_connections_per_destination:
+                    break
+                for _, ds in batch:
+                    self._in_flight.update(d.id for d in ds)
+                self._connections[key] += 1
+                task = asyncio.get_running_loop().create_task(self._deliver_outbound(dest, batch))
+                self._outbound_tasks.add(task)
+                task.add_done_callback(self._outbound_tasks.discard)
+                started += sum(len(ds) for _, ds in batch)
+        return started + len(unroutable)
+
+    async def _deliver_outbound(self, dest: Destination, batch: list[tuple[str, list[_Due]]]
+                                ) -> None:
+        ids = [d.id for _, ds in batch for d in ds]
+        try:
+            assert self.agent is not None
+            data = await self._message_data([mid for mid, _ in batch])
+            messages, dues = [], {}
+            for mid, ds in batch:
+                if mid not in data:
+                    continue
+                body, mparams = data[mid]
+                messages.append(OutboundMessage(
+                    mid, ds[0].sender, json.loads(mparams), body,
+                    [OutboundRecipient(d.id, d.address, d.params) for d in ds]))
+                dues.update({d.id: d for d in ds})
+            results = await self.agent.deliver(dest, messages)
+            outcomes = [self._outcome(dues[r.recipient.id], r) for r in results]
+            await self.spool.run(lambda conn: self._record(conn, outcomes))
+            self._update_backoff(dest, results)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("outbound delivery to %s failed; will retry", dest.describe())
+        finally:
+            self._connections[dest.key] -= 1
+            if self._connections[dest.key] <= 0:
+                del self._connections[dest.key]
+            self._in_flight.difference_update(ids)
+            self._wake.set()
+
+    def _outcome(self, due: _Due, r: RecipientResult) -> _Outcome:
+        detail = {"status": r.status, "step": r.step, "remote_host": r.remote_host,
+                  "remote_ip": r.remote_ip, "hop": r.hop, "transcript": r.transcript[-8000:]}
+        # A next hop that speaks DSN takes over success notices (RFC 3461 §4.1);
+        # one that does not gets them from us, as "relayed".
+        return _Outcome(due, r.ok, r.transient, r.reply, r.status, detail,
+                        success_notice=r.ok and not r.dsn_capable)
+
+    def _update_backoff(self, dest: Destination, results: list[RecipientResult]) -> None:
+        if results and all(r.hop_failure for r in results):
+            failures = self._backoff.get(dest.key, (0.0, 0))[1] + 1
+            wait = retry_delay(self.retry, failures)
+            self._backoff[dest.key] = (self.clock() + wait, failures)
+            log.warning("destination %s failed as a whole; backing off for %ds",
+                        dest.describe(), wait)
+        else:
+            self._backoff.pop(dest.key, None)
+
+    # --- notices -------------------------------------------------------------------
+    async def send_notices(self) -> int:
+        return await self.spool.run(self._notices)
+
+    def _notices(self, conn: sqlite3.Connection) -> int:
+        rows = conn.execute(
+            "SELECT r.id, r.message, r.address, r.params, r.state, r.last_reply, r.detail, "
+            "r.notice, r.warned, m.sender, m.received, m.params FROM recipients r "
+            "JOIN messages m ON m.id = r.message WHERE r.notice != '' OR r.warned = 1 "
+            "ORDER BY r.message LIMIT ?", (self.BATCH,)).fetchall()
+        if not rows:
+            return 0
+        now = self.clock()
+        groups: dict[tuple[str, str], list[tuple[Any, ...]]] = defaultdict(list)
+        for row in rows:
+            kind = row[7] if row[7] else "delay"
+            groups[(row[1], kind)].append(row)
+        for (mid, kind), items in groups.items():
+            sender, received, mparams = items[0][9], items[0][10], json.loads(items[0][11])
+            reports = []
+            for _rid, _, address, params_json, _state, reply, detail_json, *_ in items:
+                params = json.loads(params_json)
+                detail = json.loads(detail_json)
+                orcpt = params.get("ORCPT", "")
+                reports.append(RecipientReport(
+                    final_recipient=address,
+                    original_recipient=orcpt.partition(";")[2] or None,
+                    action={"failure": "failed", "delay": "delayed"}.get(
+                        kind, "relayed" if detail.get("remote_host") else "delivered"),
+                    status=detail.get("status") or ("2.0.0" if kind == "success" else "5.0.0"),
+                    diagnostic=reply, remote_host=detail.get("remote_host"),
+                    remote_ip=detail.get("remote_ip"), step=detail.get("step", ""),
+                    hop=detail.get("hop", ""), last_attempt=detail.get("last_attempt"),
+                    will_retry_until=detail.get("will_retry_until")))
+            if sender:
+                (data,) = conn.execute("SELECT data FROM messages WHERE id = ?", (mid,)).fetchone()
+                report = build_report(
+                    kind=kind, reporting_mta=self.hostname, original_sender=sender,
+                    original=data, arrival=received, recipients=reports,
+                    ret=mparams.get("RET", "HDRS").upper(), envid=mparams.get("ENVID"),
+                    max_return_size=self.delivery.max_return_size, now=now,
+                    message_id=f"<{new_queue_id()}.{kind}@{self.hostname}>",
+                    boundary=f"{new_queue_id()}/{self.hostname}")
+                qid = new_queue_id()
+                direction = "inbound" if self._is_local(sender.lower()) else "outbound"
+                _insert_notice(conn, NewMessage(
+                    qid, "", {}, {"peer": "127.0.0.1", "helo": self.hostname,
+                                  "listener": "internal", "notice": kind, "about": mid},
+                    report, (NewRecipient(_lower_domain(sender), direction, {}),)), now)
+                log.info("queue_id=%s %s notice for %s sent to <%s> as queue_id=%s", mid, kind,
+                         ", ".join(r.final_recipient for r in reports), sender, qid)
+            for item in items:
+                if kind == "delay":
+                    conn.execute("UPDATE recipients SET warned = 2 WHERE id = ?", (item[0],))
+                else:
+                    conn.execute("UPDATE recipients SET notice = '' WHERE id = ?", (item[0],))
+        finish_messages(conn, {mid for mid, _ in groups})
+        return len(rows)
+
+
+def _lower_domain(address: str) -> str:
+    local, _, domain = address.rpartition("@")
+    return f"{local}@{domain.lower()}" if domain else address
+
+
+def _insert_notice(conn: sqlite3.Connection, message: NewMessage, now: float) -> None:
+    from .spool import _insert
+    _insert(conn, message, now)

@@ -34,6 +34,21 @@ TOO_MANY_CONNECTIONS_FROM_PEER = Reply(
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors in this session, closing connection")
 
 # --- generic command replies -------------------------------------------------------
+def helo(hostname: str) -> Reply:
+    return Reply(250, "", hostname)
+
+
+def ehlo(hostname: str, max_size: int, *, starttls: bool, auth: bool) -> Reply:
+    """The EHLO reply: the extensions on offer in this session's state."""
+    lines = [hostname, "PIPELINING", f"SIZE {max_size}", "8BITMIME", "ENHANCEDSTATUSCODES"]
+    if starttls:
+        lines.append("STARTTLS")
+    if auth:
+        lines.append("AUTH PLAIN LOGIN")
+    lines += ["SMTPUTF8", "DSN"]
+    return Reply(250, "", "\n".join(lines))
+
+
 OK = Reply(250, "2.0.0", "Ok")
 RESET_OK = Reply(250, "2.0.0", "Ok: reset")
 SENDER_OK = Reply(250, "2.1.0", "Ok: sender accepted")
@@ -51,7 +66,8 @@ START_MAIL_INPUT = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS")
 
 # --- syntax and sequence -----------------------------------------------------------
-LINE_TOO_LONG = Reply(500, "5.5.2", "Error: command line too long (limit 512 octets)")
+LINE_TOO_LONG = Reply(
+    500, "5.5.2", "Error: line too long (commands 512 octets, MAIL/RCPT 1012, AUTH 12288)")
 BARE_LINE_ENDING_IN_COMMAND = Reply(
     500, "5.5.2", "Error: command lines must end with CRLF, not a bare LF or CR"
 )
@@ -62,6 +78,7 @@ NOT_IMPLEMENTED = Reply(502, "5.5.1", "Error: command not implemented")
 SYNTAX_HELO = Reply(501, "5.5.4", "Syntax: HELO hostname / EHLO hostname")
 SYNTAX_MAIL = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address> [parameters]")
 SYNTAX_RCPT = Reply(501, "5.5.4", "Syntax: RCPT TO:<address> [parameters]")
+SYNTAX_VRFY = Reply(501, "5.5.4", "Syntax: VRFY address")
 SYNTAX_NO_ARGUMENTS = Reply(501, "5.5.4", "Syntax error: this command takes no arguments")
 SYNTAX_AUTH = Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
 BAD_BASE64 = Reply(501, "5.5.2", "Error: invalid base64 data")
@@ -91,9 +108,12 @@ def unknown_user(address: Address) -> Reply:
     return Reply(550, "5.1.1", f"<{address}>: Recipient address rejected: no such mailbox here")
 
 
+def no_route(domain: str) -> Reply:
+    return Reply(550, "5.4.4", f"Unable to route: no address space covers {domain}")
+
+
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required: log in with AUTH before MAIL")
-ENCRYPTION_REQUIRED = Reply(538, "5.7.11", "Encryption required: issue STARTTLS first")
 BAD_DSN_NOTIFY = Reply(501, "5.5.4", "Error: invalid NOTIFY value")
 
 # --- size and content --------------------------------------------------------------
@@ -110,10 +130,6 @@ NUL_IN_DATA = Reply(550, "5.6.0", "Error: message contains a NUL byte")
 DATA_LINE_TOO_LONG = Reply(
     550, "5.6.0", "Error: message has a line longer than 998 characters (RFC 5322 2.1.1)"
 )
-EIGHT_BIT_WITHOUT_BODY = Reply(
-    550, "5.6.0", "Error: 8-bit message content without BODY=8BITMIME or SMTPUTF8"
-)
-HOP_COUNT_EXCEEDED = Reply(554, "5.4.6", "Error: too many Received headers, mail loop suspected")
 
 
 def queued(queue_id: str) -> Reply:

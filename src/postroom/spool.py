@@ -65,11 +65,22 @@ CREATE TABLE IF NOT EXISTS recipients (
     attempts     INTEGER NOT NULL DEFAULT 0,
     held         INTEGER NOT NULL DEFAULT 0,
     last_reply   TEXT NOT NULL DEFAULT '',
-    updated      REAL NOT NULL
+    updated      REAL NOT NULL,
+    notice       TEXT NOT NULL DEFAULT '',  -- a DSN owed to the sender: '' | failure | success
+    warned       INTEGER NOT NULL DEFAULT 0, -- delay notice: 0 not yet, 1 owed, 2 sent
+    detail       TEXT NOT NULL DEFAULT '{}'  -- JSON: the last attempt (step, host, ip, hop, ...)
 );
 CREATE INDEX IF NOT EXISTS recipients_due ON recipients (state, direction, next_attempt);
 CREATE INDEX IF NOT EXISTS recipients_message ON recipients (message);
+CREATE INDEX IF NOT EXISTS recipients_notice ON recipients (notice) WHERE notice != '';
 """
+
+# Columns added after the first release, for spools created before them.
+MIGRATIONS = {
+    "notice": "ALTER TABLE recipients ADD COLUMN notice TEXT NOT NULL DEFAULT ''",
+    "warned": "ALTER TABLE recipients ADD COLUMN warned INTEGER NOT NULL DEFAULT 0",
+    "detail": "ALTER TABLE recipients ADD COLUMN detail TEXT NOT NULL DEFAULT '{}'",
+}
 
 
 class StorageFull(Exception):
@@ -167,6 +178,11 @@ class SqliteSpool:
         self.clock = clock
         path.parent.mkdir(parents=True, exist_ok=True)
         self._conn = connect(path)
+        have = {row[1] for row in self._conn.execute("PRAGMA table_info(recipients)")}
+        if have:
+            for column, statement in MIGRATIONS.items():
+                if column not in have:
+                    self._conn.execute(statement)
         self._conn.executescript(SCHEMA)
         os.chmod(path, 0o600)
         self._reader = connect(path)
@@ -325,16 +341,27 @@ def queue_summary(conn: sqlite3.Connection) -> list[QueueSummary]:
     return [found.get(name, QueueSummary(name, 0, 0, None, 0)) for name in QUEUES]
 
 
-def finish_messages(conn: sqlite3.Connection, message_ids: Iterable[str]) -> None:
-    """Delete messages whose every recipient was delivered (or expanded into others).
+def record(conn: sqlite3.Connection, rid: int, *, state: str, reply: str, now: float,
+           attempts: int | None = None, next_attempt: float | None = None, notice: str = "",
+           warn: bool = False, detail: dict[str, Any] | None = None) -> None:
+    """Record one attempt's outcome for a recipient."""
+    conn.execute(
+        "UPDATE recipients SET state = ?, last_reply = ?, updated = ?, "
+        "attempts = COALESCE(?, attempts + 1), next_attempt = COALESCE(?, next_attempt), "
+        "notice = ?, warned = CASE WHEN ? AND warned = 0 THEN 1 ELSE warned END, "
+        "detail = COALESCE(?, detail) WHERE id = ?",
+        (state, reply, now, attempts, next_attempt, notice, int(warn),
+         json.dumps(detail) if detail is not None else None, rid))
 
-    A message with a failed recipient stays: the failure still owes its sender a
-    non-delivery report.
+
+def finish_messages(conn: sqlite3.Connection, message_ids: Iterable[str]) -> None:
+    """Delete messages that owe nothing more: every recipient is final and every
+    notice owed to the sender (NDR, success) has gone out.
     """
     for mid in set(message_ids):
         active = conn.execute(
-            "SELECT 1 FROM recipients WHERE message = ? AND state NOT IN ('delivered', 'expanded') "
-            "LIMIT 1", (mid,)).fetchone()
+            "SELECT 1 FROM recipients WHERE message = ? AND (state IN ('conversion', 'delivery') "
+            "OR notice != '' OR warned = 1) LIMIT 1", (mid,)).fetchone()
         if active is None:
             conn.execute("DELETE FROM recipients WHERE message = ?", (mid,))
             conn.execute("DELETE FROM messages WHERE id = ?", (mid,))

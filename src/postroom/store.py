@@ -23,9 +23,10 @@ _counter = itertools.count()
 class StoreError(Exception):
     """A delivery that did not happen; ``transient`` says whether to try again."""
 
-    def __init__(self, message: str, transient: bool) -> None:
+    def __init__(self, message: str, transient: bool, reason: str = "") -> None:
         super().__init__(message)
         self.transient = transient
+        self.reason = reason or message        # without paths: safe to show a sender
 
 
 def _fsync_dir(path: Path) -> None:
@@ -93,4 +94,5 @@ class MaildirStore:
             # Every storage error (full disk, permissions, a file where a folder should
             # be) is something an administrator can fix: retry, never drop.
             reason = os.strerror(exc.errno) if exc.errno else exc.__class__.__name__
-            raise StoreError(f"{reason} ({exc.filename or base})", transient=True) from exc
+            raise StoreError(f"{reason} ({exc.filename or base})", transient=True,
+                             reason=reason) from exc

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from postroom.config import DeliveryConfig
 from postroom.qmgr import QueueManager, retry_delay
 from postroom.spool import NewMessage, NewRecipient, SqliteSpool, StorageFull, new_queue_id
 from postroom.store import MaildirStore, StoreError
@@ -63,7 +64,7 @@ def make_qmgr(spool: SqliteSpool, store: MaildirStore, clock: Clock,
               aliases: dict[str, tuple[str, ...]] | None = None) -> QueueManager:
     return QueueManager(spool, store, local_domains=frozenset({"example.test"}),
                         aliases=aliases or {}, mailbox_exists=lambda a: True,
-                        retry=(60.0, 300.0), clock=clock)
+                        delivery=DeliveryConfig(retry=(60.0, 300.0)), clock=clock)
 
 
 def test_concurrent_enqueues_share_commits(spool: SqliteSpool) -> None:
@@ -159,7 +160,7 @@ def test_mail_loop_fails_the_recipient_and_keeps_the_message_for_its_ndr(
     assert spool.read(lambda c: c.execute("SELECT COUNT(*) FROM messages").fetchone()[0]) == 1
 
 
-def test_alias_loop_is_a_failure_not_a_hang(spool: SqliteSpool, tmp_path: Path) -> None:
+def test_alias_loop_ends_at_the_address_that_closes_it(spool: SqliteSpool, tmp_path: Path) -> None:
     q = make_qmgr(spool, MaildirStore(tmp_path / "mail", "t"), Clock(),
                   {"a@example.test": ("b@example.test",), "b@example.test": ("a@example.test",)})
 
@@ -167,7 +168,20 @@ def test_alias_loop_is_a_failure_not_a_hang(spool: SqliteSpool, tmp_path: Path) 
         await spool.enqueue(message(("a@example.test", "inbound")))
         await q.convert_batch()
     asyncio.run(main())
-    assert states(spool) == [("a@example.test", "inbound", "failed")]
+    # a -> b -> a: the loop closes at a, which is delivered as a mailbox
+    assert states(spool) == [("a@example.test", "inbound", "delivery")]
+
+
+def test_alias_target_already_a_recipient_gets_one_copy(spool: SqliteSpool, tmp_path: Path) -> None:
+    q = make_qmgr(spool, MaildirStore(tmp_path / "mail", "t"), Clock(),
+                  {"team@example.test": ("a@example.test", "b@example.test")})
+
+    async def main() -> None:
+        await spool.enqueue(message(("a@example.test", "inbound"), ("team@example.test", "inbound")))
+        await q.convert_batch()
+    asyncio.run(main())
+    assert sorted(a for a, _, s in states(spool) if s == "delivery") == [
+        "a@example.test", "b@example.test"]
 
 
 @pytest.mark.parametrize("attempts, expected", [(1, 60.0), (2, 300.0), (3, 300.0), (50, 300.0)])

@@ -10,9 +10,13 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "postroom"
 LAYERS: dict[str, float] = {
     "model": 0, "replies": 0.5, "address": 0.5,     # 0.5: values built on model
     "config": 1, "observability": 1,
-    "policy": 2, "routing": 2, "bounce": 2, "conversion": 2,
-    "spool": 3, "store": 3, "delivery": 3, "dns": 3, "users": 3, "tls": 3,
-    "smtp": 4, "qmgr": 4, "diagnostics": 4,
+    "routing": 1.5, "policy": 2, "bounce": 2, "conversion": 2,
+    "spool": 3, "store": 3, "dns": 3, "users": 3, "tls": 3,
+    # the smtp package: the sans-I/O core and the client are protocol libraries; the
+    # server is the receiving component
+    "smtp": 4, "smtp.protocol": 2.5, "smtp.client": 3, "smtp.server": 4,
+    "delivery": 3.5,
+    "qmgr": 4, "diagnostics": 4,
     "admin": 5, "app": 5,
     "cli": 6, "web": 6,
 }
@@ -22,6 +26,8 @@ IO_MODULES = {"asyncio", "socket", "sqlite3", "ssl", "subprocess", "threading", 
 
 def _component(path: Path) -> str:
     rel = path.relative_to(SRC).with_suffix("")
+    if rel.parts[0] == "smtp" and len(rel.parts) > 1 and rel.parts[1] != "__init__":
+        return f"smtp.{rel.parts[1]}"
     return rel.parts[0]
 
 
@@ -41,10 +47,20 @@ def _imports(path: Path) -> list[tuple[str, int]]:
                     for alias in node.names:
                         found.append((alias.name, node.lineno))
                     continue
-                found.append((mod.split(".")[0], node.lineno))
+                parts = mod.split(".")
+                if parts[0] == "smtp" and len(parts) > 1:
+                    found.append((f"smtp.{parts[1]}", node.lineno))
+                elif parts == ["smtp"]:
+                    for alias in node.names:
+                        found.append((f"smtp.{alias.name}", node.lineno))
+                else:
+                    found.append((parts[0], node.lineno))
             elif node.module and node.module.startswith("postroom"):
                 parts = node.module.split(".")
-                found.append((parts[1] if len(parts) > 1 else node.names[0].name, node.lineno))
+                if len(parts) > 2 and parts[1] == "smtp":
+                    found.append((f"smtp.{parts[2]}", node.lineno))
+                else:
+                    found.append((parts[1] if len(parts) > 1 else node.names[0].name, node.lineno))
             elif node.module:
                 found.append(("std:" + node.module.split(".")[0], node.lineno))
         elif isinstance(node, ast.Import):
@@ -94,3 +110,10 @@ def test_smtp_never_imports_delivery_or_the_queue_manager() -> None:
     for path in (SRC / "smtp").rglob("*.py"):
         targets = {t for t, _ in _imports(path)}
         assert not targets & {"qmgr", "delivery", "store"}, path.name
+
+
+def test_the_import_walk_sees_known_edges() -> None:
+    """Guard the walker itself: edges that exist must be found."""
+    server = {t for t, _ in _imports(SRC / "smtp" / "server.py")}
+    assert {"smtp.protocol", "policy", "spool", "replies"} <= server
+    assert "smtp.client" in {t for t, _ in _imports(SRC / "delivery.py")}

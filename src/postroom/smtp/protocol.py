@@ -169,7 +169,8 @@ class ServerProtocol:
         self.phase = Phase.CLOSED
 
     def _send(self, reply: Reply) -> None:
-        if reply.code >= 400:
+        # 452 4.5.3 is flow control (RFC 5321 4.5.3.1.10), not a client error
+        if reply.code >= 400 and reply is not replies.TOO_MANY_RECIPIENTS:
             self.errors += 1
         self._out.append(reply.render())
 
@@ -296,16 +297,12 @@ class ServerProtocol:
         self.envelope = Envelope()
         host = self.caps.hostname
         if not extended:
-            self._send(Reply(250, "", host))
+            self._send(replies.helo(host))
             return None
-        lines = [host, "PIPELINING", f"SIZE {self.caps.max_message_size}", "8BITMIME",
-                 "ENHANCEDSTATUSCODES"]
-        if self.caps.starttls and not self.tls_active:
-            lines.append("STARTTLS")
-        if self.caps.auth and self.tls_active:
-            lines.append("AUTH PLAIN LOGIN")
-        lines += ["SMTPUTF8", "DSN"]
-        self._send(Reply(250, "", "\n".join(lines)))
+        self._send(replies.ehlo(
+            host, self.caps.max_message_size,
+            starttls=self.caps.starttls and not self.tls_active,
+            auth=self.caps.auth and self.tls_active))
         return None
 
     def _cmd_ehlo(self, arg: str) -> Event | None:
@@ -454,7 +451,7 @@ class ServerProtocol:
 
     def _cmd_vrfy(self, arg: str) -> Event | None:
         if not arg.strip():
-            return self._error(Reply(501, "5.5.4", "Syntax: VRFY address"))
+            return self._error(replies.SYNTAX_VRFY)
         self._send(replies.VRFY_CANNOT)
         return None
 

@@ -27,8 +27,16 @@ from ..model import Reply, SmtpError
 from ..policy import RelaySettings, SessionSnapshot, check_mail, check_rcpt, peer_address
 from ..spool import NewMessage, NewRecipient, Spool, StorageFull, new_queue_id
 from .protocol import (
-    NEED_DATA, AuthCredentials, Capabilities, Closed, MailFrom, MessageReceived, Phase,
-    RcptTo, ServerProtocol, StartTls,
+    NEED_DATA,
+    AuthCredentials,
+    Capabilities,
+    Closed,
+    MailFrom,
+    MessageReceived,
+    Phase,
+    RcptTo,
+    ServerProtocol,
+    StartTls,
 )
 
 __all__ = ["AuthThrottle", "ServerState", "Session", "reply_for_exception"]
@@ -92,7 +100,7 @@ class ServerState:
     def __post_init__(self) -> None:
         c = self.config
         self.relay = RelaySettings(frozenset(c.local_domains), c.trusted_networks,
-                                   frozenset(c.aliases))
+                                   frozenset(c.aliases), c.routes)
         self.throttle = AuthThrottle(c.smtp.auth_failure_limit, c.smtp.auth_failure_window)
 
     def capabilities(self, listener: str) -> Capabilities:
@@ -303,8 +311,12 @@ class Session(asyncio.Protocol):
                         self.peer)
             return replies.AUTH_THROTTLED
         loop = asyncio.get_running_loop()
-        user = await loop.run_in_executor(st.executor, st.verify_password, ev.username,
-                                          ev.password)
+        try:
+            user = await loop.run_in_executor(st.executor, st.verify_password, ev.username,
+                                              ev.password)
+        except Exception:  # noqa: BLE001 - the user store failed, not the client
+            log.exception("session=%s AUTH could not be checked", self.id)
+            return replies.AUTH_TEMPORARY_FAILURE
         if user is None:
             st.throttle.failed(self.peer)
             # the username is logged, the password never is

@@ -1,0 +1,335 @@
+"""Outbound delivery: take messages for one destination to the next hop over SMTP.
+
+A destination is a route plus, for MX routes, the recipient domain. The agent
+resolves the next hop (MX records by preference, or the smart host's addresses),
+connects to each address in turn until one greets with 220, then sends every message
+of the batch over that one connection. It returns one :class:`RecipientResult` per
+recipient: delivered, transient or permanent, with the remote reply, the step, the
+server's name and IP, and the transcript of the attempt.
+
+Policy per route:
+- TLS ``opportunistic``: STARTTLS when offered, without verifying the certificate (as
+  Postfix's ``may``); a failed handshake is retried once in plaintext on a new
+  connection. ``required``: STARTTLS must be offered and succeed, and the certificate
+  is verified unless ``tls_verify = false``. ``none``: never.
+- AUTH (smart hosts with ``username``): never sent in clear unless the route says
+  ``tls = "none"``.
+- A message needing SMTPUTF8 to a server without it fails with 5.6.7; a message over
+  the server's SIZE fails with 5.3.4, both without being sent.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .config import DeliveryConfig, Route
+from .dns import MxResult, Resolver
+from .model import Reply
+from .smtp.client import Client, HopError, Transcript, prepare_data
+
+__all__ = ["Destination", "OutboundMessage", "OutboundRecipient", "RecipientResult",
+           "SmtpDeliveryAgent"]
+
+log = logging.getLogger("postroom.delivery")
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """Where a group of recipients goes: a route, and the domain for MX routes."""
+
+    route: Route
+    domain: str            # for smart hosts: "" (every domain shares the connection)
+
+    @property
+    def key(self) -> str:
+        return f"smarthost:{self.route.next_hop}" if self.route.via == "smarthost" \
+            else f"mx:{self.domain}"
+
+    def describe(self) -> str:
+        if self.route.via == "smarthost":
+            return self.route.describe()
+        return f"MX of {self.domain} (route {self.route.match})"
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundRecipient:
+    id: int
+    address: str
+    params: dict[str, str]
+
+
+@dataclass(slots=True)
+class OutboundMessage:
+    queue_id: str
+    sender: str
+    mail_params: dict[str, str]
+    data: bytes
+    recipients: list[OutboundRecipient]
+
+
+@dataclass(slots=True)
+class RecipientResult:
+    recipient: OutboundRecipient
+    queue_id: str
+    ok: bool
+    transient: bool
+    reply: str                       # "250 2.0.0 Ok: queued as X" or what failed, as a line
+    status: str                      # enhanced status, e.g. "5.7.1"
+    step: str                        # connect, greeting, EHLO, STARTTLS, AUTH, MAIL, RCPT, DATA...
+    remote_host: str | None = None
+    remote_ip: str | None = None
+    hop: str = ""
+    transcript: str = ""
+    dsn_capable: bool = False        # the next hop took over DSN duties
+    hop_failure: bool = False        # the whole destination failed, not this recipient
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def _status(reply: Reply | None, default: str) -> str:
+    if reply is not None and reply.enhanced:
+        return reply.enhanced
+    if reply is not None:
+        return f"{str(reply.code)[0]}.0.0"
+    return default
+
+
+def _line(reply: Reply) -> str:
+    return str(reply)
+
+
+def needs_smtputf8(message: OutboundMessage) -> bool:
+    return "SMTPUTF8" in message.mail_params or not message.sender.isascii() or any(
+        not r.address.isascii() for r in message.recipients)
+
+
+class SmtpDeliveryAgent:
+    def __init__(self, resolver: Resolver, hostname: str, config: DeliveryConfig) -> None:
+        self.resolver = resolver
+        self.hostname = hostname
+        self.config = config
+        self._may = ssl.create_default_context()
+        self._may.check_hostname = False
+        self._may.verify_mode = ssl.CERT_NONE
+        self._verify = ssl.create_default_context()
+        self._noverify = self._may
+
+    # --- next hop ------------------------------------------------------------------
+    async def _hosts(self, dest: Destination) -> list[tuple[str, str, int]] | RecipientResult:
+        """(name, ip, port) to try in order, or a result that applies to every recipient."""
+        route = dest.route
+        if route.via == "smarthost":
+            try:
+                ipaddress.ip_address(route.host)
+                return [(route.host, route.host, route.port)]
+            except ValueError:
+                pass
+            found = await self.resolver.addresses(route.host)
+            if not isinstance(found, tuple):
+                return self._dns_failure(dest, found.describe(), found.enhanced, found.permanent)
+            return [(route.host, ip, route.port) for ip in found]
+        mx: MxResult = await self.resolver.mx(dest.domain)
+        if mx.null_mx:
+            return self._dns_failure(dest, f"{dest.domain} publishes a null MX (RFC 7505): "
+                                     "it accepts no mail", "5.1.10", True)
+        if mx.error is not None:
+            return self._dns_failure(dest, mx.error.describe(), mx.error.enhanced,
+                                     mx.error.permanent)
+        hosts = [(h.name, ip, self.config.mx_port) for h in mx.hosts for ip in h.addresses]
+        if not hosts:
+            problems = "; ".join(h.error.describe() for h in mx.hosts if h.error) or \
+                "no addresses"
+            return self._dns_failure(dest, f"no MX host of {dest.domain} has an address: "
+                                     f"{problems}", "4.4.3", False)
+        return hosts
+
+    def _dns_failure(self, dest: Destination, text: str, status: str, permanent: bool
+                     ) -> RecipientResult:
+        code = 550 if permanent else 451
+        return RecipientResult(OutboundRecipient(0, "", {}), "", False, not permanent,
+                               f"{code} {status} {text}", status, "dns", hop=dest.describe(),
+                               hop_failure=not permanent)
+
+    # --- delivery ------------------------------------------------------------------
+    async def deliver(self, dest: Destination, messages: Sequence[OutboundMessage]
+                      ) -> list[RecipientResult]:
+        hosts = await self._hosts(dest)
+        if isinstance(hosts, RecipientResult):
+            return [self._copy(hosts, m, r) for m in messages for r in m.recipients]
+        pending = list(messages)
+        results: list[RecipientResult] = []
+        failures: list[str] = []
+        last_error: HopError | None = None
+        last_host: tuple[str, str] | None = None
+        transcript = Transcript()
+        for name, ip, port in hosts:
+            if not pending:
+                break
+            transcript.note(f"trying {name} [{ip}]:{port}")
+            plaintext_retry = False
+            while True:
+                client = Client(helo_name=self.hostname,
+                                command_timeout=self.config.command_timeout,
+                                transcript=transcript)
+                try:
+                    await self._open(client, dest.route, ip, port, name, plaintext_retry)
+                except HopError as exc:
+                    client.close()
+                    if exc.step == "STARTTLS" and dest.route.tls == "opportunistic" \
+                            and not plaintext_retry and exc.reply is None:
+                        plaintext_retry = True
+                        transcript.note("TLS failed; retrying in plaintext (opportunistic)")
+                        continue
+                    last_error, last_host = exc, (name, ip)
+                    failures.append(f"{name} [{ip}]: {exc.detail}")
+                    if exc.step in ("AUTH", "STARTTLS") and dest.route.via == "smarthost":
+                        # a configuration problem, the same at every address of the host
+                        return [self._hop_result(exc, name, ip, dest, transcript, m, r)
+                                for m in pending for r in m.recipients] + results
+                    break
+                try:
+                    while pending:
+                        message = pending[0]
+                        results.extend(await self._send(client, message, dest, name, ip,
+                                                        transcript))
+                        pending.pop(0)
+                except HopError as exc:
+                    # the message in flight at the failure gets it; the rest try the next host
+                    last_error, last_host = exc, (name, ip)
+                    failures.append(f"{name} [{ip}]: {exc.detail}")
+                    if pending:
+                        m = pending.pop(0)
+                        results.extend(self._hop_result(exc, name, ip, dest, transcript, m, r,
+                                                        hop_failure=False)
+                                       for r in m.recipients)
+                    client.close()
+                    break
+                await client.quit()
+                break
+        if pending:
+            assert last_error is not None and last_host is not None
+            summary = "; ".join(failures[-5:])
+            for m in pending:
+                for r in m.recipients:
+                    res = self._hop_result(last_error, last_host[0], last_host[1], dest,
+                                           transcript, m, r)
+                    if len(failures) > 1:
+                        res.reply = f"{res.reply} (all next hops failed: {summary})"
+                    results.append(res)
+        return results
+
+    async def _open(self, client: Client, route: Route, ip: str, port: int, name: str,
+                    plaintext: bool) -> None:
+        await client.connect(ip, port, self.config.connect_timeout)
+        await client.ehlo()
+        want_tls = route.tls != "none" and not plaintext
+        if want_tls and client.offers("STARTTLS"):
+            if route.tls == "required":
+                ctx = self._verify if route.tls_verify else self._noverify
+            else:
+                ctx = self._may
+            await client.starttls(ctx, name if route.tls == "required" else None)
+        elif route.tls == "required":
+            raise HopError("STARTTLS", f"{client.peer} does not offer STARTTLS, and the "
+                           f"route {route.match} requires TLS", transient=True)
+        if route.username:
+            if not client.tls and route.tls != "none":
+                raise HopError("AUTH", f"{client.peer} offers no TLS; not sending the "
+                               f"password for {route.username} in clear (set tls = \"none\" "
+                               "on the route to allow it)", transient=True)
+            await client.auth(route.username, route.password)
+
+    async def _send(self, client: Client, message: OutboundMessage, dest: Destination,
+                    name: str, ip: str, transcript: Transcript) -> list[RecipientResult]:
+        data = prepare_data(message.data)
+        size = client.size_limit
+        if needs_smtputf8(message) and not client.offers("SMTPUTF8"):
+            return [self._result(message, r, False, False, f"554 5.6.7 {name} [{ip}] does not "
+                                 "support SMTPUTF8, which this message needs", "5.6.7", "MAIL",
+                                 name, ip, dest, transcript) for r in message.recipients]
+        if size is not None and len(message.data) > size:
+            return [self._result(message, r, False, False, f"552 5.3.4 message size "
+                                 f"{len(message.data)} exceeds the size limit {size} of "
+                                 f"{name} [{ip}]", "5.3.4", "MAIL", name, ip, dest, transcript)
+                    for r in message.recipients]
+        params = ""
+        if client.offers("SIZE"):
+            params += f" SIZE={len(message.data)}"
+        if message.mail_params.get("BODY", "").upper() == "8BITMIME" and client.offers("8BITMIME"):
+            params += " BODY=8BITMIME"
+        if needs_smtputf8(message):
+            params += " SMTPUTF8"
+        dsn = client.offers("DSN")
+        if dsn:
+            if "RET" in message.mail_params:
+                params += f" RET={message.mail_params['RET']}"
+            if "ENVID" in message.mail_params:
+                params += f" ENVID={message.mail_params['ENVID']}"
+        rcpts = []
+        for r in message.recipients:
+            rp = ""
+            if dsn:
+                if "NOTIFY" in r.params:
+                    rp += f" NOTIFY={r.params['NOTIFY']}"
+                if "ORCPT" in r.params:
+                    rp += f" ORCPT={r.params['ORCPT']}"
+            rcpts.append((r.address, rp))
+        tx = await client.send(message.sender, params, rcpts, data)
+        out = []
+        for r, rcpt_reply in zip(message.recipients, tx.rcpts, strict=True):
+            if not tx.mail.is_positive:
+                reply, step = tx.mail, "MAIL"
+            elif not rcpt_reply.is_positive:
+                reply, step = rcpt_reply, "RCPT"
+            elif tx.data is None:
+                reply, step = rcpt_reply, "DATA"
+                out.append(self._result(message, r, False, True,
+                                        "451 4.5.0 the server accepted no recipient, so DATA "
+                                        "was not sent", "4.5.0", "DATA", name, ip, dest,
+                                        transcript))
+                continue
+            else:
+                reply, step = tx.data, "DATA"
+            ok = reply.is_positive and step == "DATA"
+            res = self._result(message, r, ok, reply.is_transient,
+                               _line(reply), _status(reply, "2.0.0" if ok else "5.0.0"), step,
+                               name, ip, dest, transcript)
+            res.dsn_capable = dsn
+            out.append(res)
+        for res in out:
+            log.info("queue_id=%s to=<%s> relay=%s[%s] status=%s step=%s (%s)",
+                     res.queue_id, res.recipient.address, name, ip,
+                     "sent" if res.ok else ("deferred" if res.transient else "bounced"),
+                     res.step, res.reply)
+        return out
+
+    def _result(self, message: OutboundMessage, r: OutboundRecipient, ok: bool,
+                transient: bool, reply: str, status: str, step: str, name: str, ip: str,
+                dest: Destination, transcript: Transcript) -> RecipientResult:
+        return RecipientResult(r, message.queue_id, ok, transient and not ok, reply, status,
+                               step, name, ip, dest.describe(), transcript.text())
+
+    def _hop_result(self, exc: HopError, name: str, ip: str, dest: Destination,
+                    transcript: Transcript, message: OutboundMessage, r: OutboundRecipient,
+                    hop_failure: bool = True) -> RecipientResult:
+        if exc.reply is not None:
+            reply = f"{_line(exc.reply)}"
+            status = _status(exc.reply, "4.4.0")
+        else:
+            status = {"connect": "4.4.1", "greeting": "4.4.2"}.get(exc.step, "4.4.2")
+            if exc.step == "STARTTLS":
+                status = "4.7.5"
+            reply = f"451 {status} {exc.detail}"
+        return RecipientResult(r, message.queue_id, False, exc.transient, reply, status,
+                               exc.step, name, ip, dest.describe(), transcript.text(),
+                               hop_failure=hop_failure and exc.transient)
+
+    @staticmethod
+    def _copy(template: RecipientResult, m: OutboundMessage, r: OutboundRecipient
+              ) -> RecipientResult:
+        return RecipientResult(r, m.queue_id, False, template.transient, template.reply,
+                               template.status, template.step, hop=template.hop,
+                               hop_failure=template.hop_failure)

@@ -1,0 +1,86 @@
+"""The routing table: which address space covers a domain, and why. Pure: no I/O.
+
+An address space (``[[route]]``) matches ``*``, one exact domain, or ``*.domain`` (its
+subdomains). The most specific match wins: an exact match beats any wildcard, a longer
+wildcard beats a shorter one, and ``*`` comes last. Among equally specific matches the
+lowest cost wins, and routes of equal cost share the load. Local domains never leave
+the machine.
+
+:func:`choose_route` returns every route it considered with the reason it matched or
+not, so ``postroom explain`` and ``postroom doctor`` show the same decision the queue
+manager makes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .config import Route
+
+__all__ = ["Candidate", "RouteDecision", "choose_route", "specificity"]
+
+
+def specificity(pattern: str, domain: str) -> tuple[int, int] | None:
+    """How specifically ``pattern`` matches ``domain``, or None when it does not match."""
+    if pattern == "*":
+        return (0, 0)
+    if pattern.startswith("*."):
+        suffix = pattern[1:]                      # ".example.org"
+        return (1, len(suffix)) if domain.endswith(suffix) and len(domain) > len(suffix) \
+            else None
+    return (2, len(pattern)) if domain == pattern else None
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    route: Route
+    matches: bool
+    why: str
+
+
+@dataclass(frozen=True, slots=True)
+class RouteDecision:
+    domain: str
+    local: bool
+    candidates: tuple[Candidate, ...]
+    chosen: tuple[Route, ...]             # empty: no route; several: equal cost, shared load
+    reason: str
+
+    @property
+    def routable(self) -> bool:
+        return self.local or bool(self.chosen)
+
+
+def choose_route(domain: str, routes: Sequence[Route], local_domains: frozenset[str] | set[str]
+                 ) -> RouteDecision:
+    domain = domain.lower()
+    if domain in local_domains:
+        return RouteDecision(domain, True, (), (), f"{domain} is a local domain: delivered "
+                             "to local mailboxes, never routed out")
+    scored: list[tuple[tuple[int, int], Route]] = []
+    candidates = []
+    for route in routes:
+        score = specificity(route.match, domain)
+        if score is None:
+            candidates.append(Candidate(route, False, f"{route.match} does not cover {domain}"))
+            continue
+        kind = ("the catch-all", "a wildcard", "an exact match")[score[0]]
+        candidates.append(Candidate(route, True, f"{route.match} covers {domain} ({kind}, "
+                                    f"cost {route.cost})"))
+        scored.append((score, route))
+    if not scored:
+        return RouteDecision(domain, False, tuple(candidates), (),
+                             f"no address space covers {domain}: add a [[route]] for it "
+                             "(or a catch-all match = \"*\")")
+    best = max(score for score, _ in scored)
+    tied = [route for score, route in scored if score == best]
+    cheapest = min(route.cost for route in tied)
+    chosen = tuple(route for route in tied if route.cost == cheapest)
+    why = f"{chosen[0].match} is the most specific match"
+    if len(tied) > 1:
+        why += f"; lowest cost {cheapest}"
+    if len(chosen) > 1:
+        why += f"; {len(chosen)} routes of equal cost share the load"
+    return RouteDecision(domain, False, tuple(candidates), chosen,
+                         f"{why}: {', '.join(r.describe() for r in chosen)}")

@@ -1,0 +1,354 @@
+"""The SMTP client: a sans-I/O reply reader and an asyncio client built on it.
+
+:class:`ReplyReader` turns bytes from a server into :class:`~postroom.model.Reply`
+values (multi-line aware, limits enforced). :class:`Client` speaks to one server over
+one connection: greeting, EHLO (HELO as fallback), STARTTLS, AUTH PLAIN/LOGIN, and
+mail transactions, pipelined when the server offers PIPELINING (RFC 2920). Every
+exchange goes into a :class:`Transcript`, with AUTH secrets redacted.
+
+Invariants: every line sent ends in CRLF; message data is sent with CRLF line ends only
+(a bare CR or LF is never passed on) and dot-stuffed; a transaction's result is one
+reply per recipient.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+import ssl
+from dataclasses import dataclass, field
+
+from ..model import Reply
+
+__all__ = ["Client", "HopError", "ReplyReader", "Transaction", "Transcript", "prepare_data"]
+
+MAX_REPLY_LINE = 4096
+MAX_REPLY_LINES = 200
+_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
+
+
+class ProtocolError(Exception):
+    """The server sent something that is not an SMTP reply."""
+
+
+class ReplyReader:
+    """Bytes in, complete replies out (sans-I/O)."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._lines: list[str] = []
+        self._code = 0
+
+    def feed(self, data: bytes) -> list[Reply]:
+        self._buf += data
+        out = []
+        while True:
+            nl = self._buf.find(b"\n")
+            if nl < 0:
+                if len(self._buf) > MAX_REPLY_LINE:
+                    raise ProtocolError("reply line too long")
+                return out
+            raw = bytes(self._buf[:nl]).rstrip(b"\r")
+            del self._buf[: nl + 1]
+            line = raw.decode("utf-8", "replace")
+            if len(line) < 3 or not line[:3].isdigit() or (len(line) > 3 and line[3] not in " -"):
+                raise ProtocolError(f"not an SMTP reply: {line[:80]!r}")
+            code = int(line[:3])
+            if self._lines and code != self._code:
+                raise ProtocolError("multi-line reply changed its code")
+            self._code = code
+            self._lines.append(line[4:])
+            if len(self._lines) > MAX_REPLY_LINES:
+                raise ProtocolError("reply has too many lines")
+            if len(line) == 3 or line[3] == " ":
+                out.append(_reply(code, self._lines))
+                self._lines = []
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._buf) or bool(self._lines)
+
+
+def _reply(code: int, lines: list[str]) -> Reply:
+    enhanced = ""
+    m = _ENHANCED.match(lines[0]) if lines else None
+    if m and m.group(1) == str(code)[0] and 200 <= code <= 599:
+        enhanced = m.group(0).strip()
+        lines = [_ENHANCED.sub("", ln, count=1) if _ENHANCED.match(ln) else ln for ln in lines]
+    if not 200 <= code <= 599:
+        code = 554 if code >= 500 or code < 200 else code
+    return Reply(code, enhanced, "\n".join(lines))
+
+
+@dataclass
+class Transcript:
+    """What was said on one connection, line by line (``C:``/``S:``), secrets redacted."""
+
+    lines: list[str] = field(default_factory=list)
+    limit: int = 400
+
+    def client(self, text: str) -> None:
+        self._add(f"C: {text}")
+
+    def server(self, reply: Reply) -> None:
+        for line in reply.render().decode("utf-8", "replace").splitlines():
+            self._add(f"S: {line}")
+
+    def note(self, text: str) -> None:
+        self._add(f"-- {text}")
+
+    def _add(self, line: str) -> None:
+        if len(self.lines) < self.limit:
+            self.lines.append(line[:500])
+        elif len(self.lines) == self.limit:
+            self.lines.append("-- (transcript truncated)")
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+class HopError(Exception):
+    """A failure of the connection itself, not of one recipient."""
+
+    def __init__(self, step: str, detail: str, reply: Reply | None = None,
+                 transient: bool = True) -> None:
+        super().__init__(detail)
+        self.step = step
+        self.detail = detail
+        self.reply = reply
+        self.transient = transient if reply is None else reply.code < 500
+
+
+def prepare_data(data: bytes) -> bytes:
+    """Message bytes ready for the wire: CRLF only, dot-stuffed, ending with CRLF.CRLF."""
+    if b"\r" in data.replace(b"\r\n", b"") or b"\n" in data.replace(b"\r\n", b""):
+        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    if data and not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    if data.startswith(b"."):
+        data = b"." + data
+    return data.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+
+
+@dataclass
+class Transaction:
+    """One message's outcome on this connection: the MAIL reply, one reply per RCPT,
+    and the final DATA reply (None when DATA was not reached)."""
+
+    mail: Reply
+    rcpts: list[Reply]
+    data: Reply | None
+    data_step: str = "DATA"
+
+
+class Client:
+    """One SMTP client connection."""
+
+    def __init__(self, *, helo_name: str, command_timeout: float = 300.0,
+                 transcript: Transcript | None = None) -> None:
+        self.helo_name = helo_name
+        self.timeout = command_timeout
+        self.transcript = transcript or Transcript()
+        self.extensions: dict[str, str] = {}
+        self.tls = False
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self._replies = ReplyReader()
+        self._queue: list[Reply] = []
+        self.peer = ""
+
+    # --- plumbing ------------------------------------------------------------------
+    async def connect(self, ip: str, port: int, timeout: float) -> Reply:
+        self.peer = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+        try:
+            self.reader, self.writer = await asyncio.wait_for(
+                asyncio.open_connection(ip, port, limit=1 << 20), timeout)
+        except TimeoutError:
+            raise HopError("connect", f"connection to {self.peer} timed out after "
+                           f"{timeout:g}s") from None
+        except OSError as exc:
+            raise HopError("connect", f"cannot connect to {self.peer}: "
+                           f"{exc.strerror or exc.__class__.__name__}") from None
+        greeting = await self.read_reply("greeting")
+        if greeting.code != 220:
+            raise HopError("greeting", f"{self.peer} greeted with {greeting}", greeting)
+        return greeting
+
+    async def read_reply(self, step: str) -> Reply:
+        assert self.reader is not None
+        while not self._queue:
+            try:
+                chunk = await asyncio.wait_for(self.reader.read(65536), self.timeout)
+            except TimeoutError:
+                raise HopError(step, f"{self.peer} did not answer {step} within "
+                               f"{self.timeout:g}s") from None
+            except OSError as exc:
+                raise HopError(step, f"connection to {self.peer} failed during {step}: "
+                               f"{exc.strerror or exc.__class__.__name__}") from None
+            if not chunk:
+                raise HopError(step, f"{self.peer} closed the connection during {step}")
+            try:
+                self._queue.extend(self._replies.feed(chunk))
+            except ProtocolError as exc:
+                raise HopError(step, f"{self.peer} sent a malformed reply during {step}: "
+                               f"{exc}") from None
+        reply = self._queue.pop(0)
+        self.transcript.server(reply)
+        return reply
+
+    def write_line(self, line: str, shown: str | None = None) -> None:
+        assert self.writer is not None
+        self.writer.write(line.encode("utf-8") + b"\r\n")
+        self.transcript.client(shown if shown is not None else line)
+
+    async def drain(self, step: str) -> None:
+        assert self.writer is not None
+        try:
+            await asyncio.wait_for(self.writer.drain(), self.timeout)
+        except TimeoutError:
+            raise HopError(step, f"{self.peer} stopped reading during {step}") from None
+        except OSError as exc:
+            raise HopError(step, f"connection to {self.peer} failed during {step}: "
+                           f"{exc.strerror or exc.__class__.__name__}") from None
+
+    async def command(self, line: str, step: str, shown: str | None = None) -> Reply:
+        self.write_line(line, shown)
+        await self.drain(step)
+        return await self.read_reply(step)
+
+    # --- the session ---------------------------------------------------------------
+    async def ehlo(self) -> Reply:
+        reply = await self.command(f"EHLO {self.helo_name}", "EHLO")
+        if reply.code == 250:
+            self.extensions = {}
+            for line in reply.lines()[1:]:
+                key, _, value = line.partition(" ")
+                self.extensions[key.upper()] = value
+            return reply
+        if reply.code >= 500 or reply.code == 421:
+            if reply.code == 421:
+                raise HopError("EHLO", f"{self.peer} refused EHLO", reply)
+            reply = await self.command(f"HELO {self.helo_name}", "HELO")
+            self.extensions = {}
+            if reply.code == 250:
+                return reply
+        raise HopError("EHLO", f"{self.peer} refused EHLO/HELO", reply)
+
+    def offers(self, extension: str) -> bool:
+        return extension.upper() in self.extensions
+
+    @property
+    def size_limit(self) -> int | None:
+        value = self.extensions.get("SIZE", "")
+        return int(value) if value.isdigit() and int(value) > 0 else None
+
+    async def starttls(self, context: ssl.SSLContext, server_hostname: str | None) -> None:
+        reply = await self.command("STARTTLS", "STARTTLS")
+        if reply.code != 220:
+            raise HopError("STARTTLS", f"{self.peer} refused STARTTLS", reply)
+        assert self.writer is not None
+        try:
+            await asyncio.wait_for(self.writer.start_tls(
+                context, server_hostname=server_hostname), self.timeout)
+        except (ssl.SSLError, ssl.CertificateError) as exc:
+            raise HopError("STARTTLS", f"TLS handshake with {self.peer} failed: "
+                           f"{getattr(exc, 'verify_message', '') or exc.__class__.__name__}"
+                           f"{' (' + exc.reason + ')' if getattr(exc, 'reason', '') else ''}",
+                           transient=True) from None
+        except (OSError, TimeoutError) as exc:
+            raise HopError("STARTTLS", f"TLS handshake with {self.peer} failed: "
+                           f"{exc.__class__.__name__}") from None
+        self.tls = True
+        self._replies = ReplyReader()
+        self.transcript.note("TLS established")
+        await self.ehlo()
+
+    async def auth(self, username: str, password: str) -> Reply:
+        mechanisms = self.extensions.get("AUTH", "").upper().split()
+        if "PLAIN" in mechanisms:
+            token = base64.b64encode(f"\0{username}\0{password}".encode()).decode()
+            reply = await self.command(f"AUTH PLAIN {token}", "AUTH", "AUTH PLAIN <redacted>")
+        elif "LOGIN" in mechanisms:
+            reply = await self.command("AUTH LOGIN", "AUTH")
+            if reply.code == 334:
+                reply = await self.command(base64.b64encode(username.encode()).decode(), "AUTH",
+                                           "<username redacted>")
+            if reply.code == 334:
+                reply = await self.command(base64.b64encode(password.encode()).decode(), "AUTH",
+                                           "<password redacted>")
+        else:
+            raise HopError("AUTH", f"{self.peer} offers no AUTH mechanism we know "
+                           f"(it offers: {' '.join(mechanisms) or 'none'})", transient=True)
+        if reply.code != 235:
+            raise HopError("AUTH", f"{self.peer} refused our credentials for {username}", reply)
+        return reply
+
+    async def send(self, sender: str, mail_params: str, recipients: list[tuple[str, str]],
+                   data: bytes) -> Transaction:
+        """One mail transaction. ``data`` comes from :func:`prepare_data`.
+
+        With PIPELINING, MAIL, every RCPT and DATA go in one write (RFC 2920 §3.1).
+        """
+        mail_line = f"MAIL FROM:<{sender}>{mail_params}"
+        rcpt_lines = [f"RCPT TO:<{addr}>{params}" for addr, params in recipients]
+        if self.offers("PIPELINING"):
+            self.write_line(mail_line)
+            for line in rcpt_lines:
+                self.write_line(line)
+            self.write_line("DATA")
+            await self.drain("MAIL")
+            mail = await self.read_reply("MAIL")
+            rcpts = [await self.read_reply("RCPT") for _ in rcpt_lines]
+            data_start = await self.read_reply("DATA")
+        else:
+            mail = await self.command(mail_line, "MAIL")
+            if not mail.is_positive:
+                return Transaction(mail, [mail] * len(rcpt_lines), None)
+            rcpts = [await self.command(line, "RCPT") for line in rcpt_lines]
+            if not any(r.is_positive for r in rcpts):
+                await self.reset()
+                return Transaction(mail, rcpts, None)
+            data_start = await self.command("DATA", "DATA")
+        if not mail.is_positive:
+            if data_start.code == 354:           # a confused server: end the empty message
+                await self.command(".", "DATA")
+            await self.reset()
+            return Transaction(mail, [mail] * len(rcpt_lines), None)
+        if data_start.code != 354:
+            if any(r.is_positive for r in rcpts):
+                await self.reset()
+            return Transaction(mail, rcpts, data_start)
+        if not any(r.is_positive for r in rcpts):
+            # RFC 2920 §3.1: the server said 354 with no valid recipient; send no content
+            reply = await self.command(".", "DATA")
+            await self.reset()
+            return Transaction(mail, rcpts, None)
+        assert self.writer is not None
+        self.writer.write(data)
+        self.transcript.client(f"<message, {len(data)} octets>")
+        self.transcript.client(".")
+        await self.drain("DATA")
+        reply = await self.read_reply("DATA")
+        return Transaction(mail, rcpts, reply, "end of DATA")
+
+    async def reset(self) -> None:
+        try:
+            await self.command("RSET", "RSET")
+        except HopError:
+            pass
+
+    async def quit(self) -> None:
+        if self.writer is None:
+            return
+        try:
+            if not self.writer.is_closing():
+                await asyncio.wait_for(self.command("QUIT", "QUIT"), 5)
+        except (HopError, TimeoutError):
+            pass
+        self.close()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "CATALOGUE", "CLASSES", "KINDS", "SUBJECTS", "CatalogueEntry", "Explanation",
-    "RecipientReport", "build_report", "explain", "is_bounce_allowed",
+    "RecipientReport", "build_report", "explain", "find_entry", "is_bounce_allowed",
 ]
 
 KINDS = ("failure", "delay", "success")
@@ -120,8 +120,9 @@ _NO_ROUTE = ("No address space covers {domain}: this server has no [[route]] tha
              "via = \"mx\" to use DNS, or via = \"smarthost\" with a host), then ask the "
              "sender to send the message again.")
 _LIFETIME = ("We kept trying to deliver this message for {duration} and have now given up.",
-             "Find the cause in the queue and the log for this recipient, fix it, and ask "
-             "the sender to send the message again.")
+             "Find the earlier errors for this recipient in the log (search for the "
+             "message's queue id), fix their cause, and ask the sender to send the message "
+             "again.")
 _NO_ANSWER = "Check that {target} is up and reachable from this server: a firewall that " \
              "drops packets is the usual cause. Try telnet to its port from here."
 
@@ -163,15 +164,15 @@ CATALOGUE: tuple[CatalogueEntry, ...] = (
         "auth-failed", ("*.7.8",), "{server} rejected our username or password.",
         "Check username and password on {route}: the password may have changed or "
         "expired."),
-    CatalogueEntry(
-        "auth-refused", ("",), "{server} did not accept our login (AUTH).",
-        "Check username and password on {route}, and that {server} offers PLAIN or LOGIN "
-        "over TLS.", steps=("AUTH",)),
     CatalogueEntry("encryption-required", ("*.7.11",), *_ENCRYPTION_REQUIRED),
     CatalogueEntry("starttls-first", ("*.7.0",), *_ENCRYPTION_REQUIRED,
                    pattern=r"starttls|\btls\b|encrypt"),
     CatalogueEntry("auth-required", ("*.7.57",), *_AUTH_REQUIRED),
     CatalogueEntry("auth-required-text", ("*.7.0",), *_AUTH_REQUIRED, pattern=r"auth"),
+    CatalogueEntry(
+        "auth-refused", ("",), "{server} did not accept our login (AUTH).",
+        "Check username and password on {route}, and that {server} offers PLAIN or LOGIN "
+        "over TLS.", steps=("AUTH",)),
     CatalogueEntry(
         "sender-authentication", ("5.7", "4.7"),
         "{server} refused the message because the sender's domain failed an SPF, DKIM or "
@@ -180,7 +181,7 @@ CATALOGUE: tuple[CatalogueEntry, ...] = (
         "send through the server that domain names), and sign with DKIM if it requires "
         "it.", pattern=r"\b(spf|dkim|dmarc)\b"),
     CatalogueEntry(
-        "blocklisted", ("5", "4"),
+        "blocklisted", ("5.7", "4.7", "5.0", "4.0"),
         "{server} refused the message because this server's address is on a blocklist it "
         "consults, or has a poor reputation there.",
         "Look up this server's public address on the list named in the reply and follow "
@@ -276,8 +277,8 @@ CLASSES = {
           "Nothing yet: a later attempt may succeed. If it keeps failing, the reply above "
           "is the place to start."),
     "5": ("{server} refused the message permanently",
-          "The reply above is {server}'s own explanation. If it does not make the fix "
-          "clear, send it to the administrator of {server}."),
+          "The reply above is {server}'s own explanation; if it does not make the fix "
+          "clear, ask the administrator of {server}."),
 }
 SUBJECTS = {
     "0": ("for a reason it did not classify", ""),
@@ -292,8 +293,7 @@ SUBJECTS = {
     "5": ("because of an SMTP protocol problem (a command it did not understand or accept)",
           ""),
     "6": ("because of the message's content or format", ""),
-    "7": ("for a security or policy reason", "Ask the administrator of {server} what its "
-          "policy requires."),
+    "7": ("for a security or policy reason (its rules on who may send what)", ""),
 }
 
 _STATUS = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
@@ -561,7 +561,7 @@ def _recipient_block(kind: str, r: RecipientReport, reporting_mta: str) -> list[
 
     row("Result:", f"{r.action}, status {r.status}")
     if r.last_attempt is not None:
-        row("Last attempt:", _date(r.last_attempt))
+        row("When:" if kind == "success" else "Last attempt:", _date(r.last_attempt))
     if kind == "delay" and r.will_retry_until is not None:
         row("Trying until:", _date(r.will_retry_until))
     server = _server_words(r, reporting_mta)
@@ -574,7 +574,7 @@ def _recipient_block(kind: str, r: RecipientReport, reporting_mta: str) -> list[
     if r.diagnostic:
         remote = bool(r.remote_host or r.remote_ip)
         lines.append("    It answered:" if remote and _REPLY_CODE.match(r.diagnostic)
-                     else "    Reason:")
+                     else "    Details:")
         lines += _reply_lines(r.diagnostic, " " * 8)
     if kind == "success":
         if r.action in _SUCCESS_NOTES:

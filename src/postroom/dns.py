@@ -149,7 +149,7 @@ def parse_nameserver(text: str) -> tuple[str, int]:
     resolver named by a host name would need a resolver to find it.
     """
     raw = text.strip()
-    host, port_text = raw, ""
+    host, port_text = raw, None
     if raw.startswith("["):
         end = raw.find("]")
         if end < 0:
@@ -165,13 +165,11 @@ def parse_nameserver(text: str) -> tuple[str, int]:
         address = ipaddress.ip_address(host)
     except ValueError:
         raise ValueError(f"nameserver {text!r}: {host!r} is not an IP address") from None
-    if port_text:
-        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-            raise ValueError(f"nameserver {text!r}: port must be 1-65535")
-        port = int(port_text)
-    else:
-        port = DEFAULT_PORT
-    return str(address), port
+    if port_text is None:
+        return str(address), DEFAULT_PORT
+    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"nameserver {text!r}: port must be 1-65535")
+    return str(address), int(port_text)
 
 
 def _normalise(name: str) -> str:
@@ -282,8 +280,10 @@ class Resolver:
                                     for address, port in map(parse_nameserver, nameservers)]
         else:
             resolver = dns.asyncresolver.Resolver(configure=True)
-        resolver.timeout = timeout
+        # ``timeout`` bounds a whole lookup; each server gets its share of it first, so
+        # one dead server cannot use it all up.
         resolver.lifetime = timeout
+        resolver.timeout = timeout / max(1, len(resolver.nameservers))
         resolver.cache = None                 # ours has the injected clock
         resolver.use_search_by_default = False
         self._resolver = resolver

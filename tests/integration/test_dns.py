@@ -225,6 +225,16 @@ def test_a_and_aaaa_are_asked_at_the_same_time(silent_port: int) -> None:
     assert time.monotonic() - started < 1.8          # one timeout, not two in a row
 
 
+def test_a_dead_first_server_leaves_time_for_the_next(port: int, silent_port: int) -> None:
+    # each lookup waits its share (1 s) on the dead server, then asks the live one
+    r = Resolver([f"127.0.0.1:{silent_port}", f"127.0.0.1:{port}"], timeout=2.0)
+    started = time.monotonic()
+    assert asyncio.run(r.addresses("mx1.far.test")) == ("127.0.0.9",)
+    assert time.monotonic() - started < 2.0
+    result = asyncio.run(r.mx("far.test"))          # MX, then A and AAAA: two lookups
+    assert [h.addresses for h in result.hosts] == [("127.0.0.9",), ("127.0.0.10", "::1")]
+
+
 def test_servfail_from_dnsmasq() -> None:
     records = ["--local=/broken/", "--mx-host=broken,x.broken,10",
                "--host-record=x.broken,127.0.0.12"]

@@ -89,12 +89,15 @@ CASES: dict[str, dict[str, object]] = {
         remote_host="mx.far.test", remote_ip="192.0.2.25", step="RCPT",
         hop="MX of far.test (route *)", last_attempt=T0 + 4 * HOUR - 60,
         will_retry_until=T0 + 5 * DAY)], now=T0 + 4 * HOUR),
-    # (g) success notice, NOTIFY=SUCCESS
-    "g-success": dict(kind="success", envid="QF7F3K2Q", recipients=[RecipientReport(
-        "bob@far.test", "bob@far.test", "relayed", "2.0.0",
-        "250 2.0.0 Ok: queued as 4XyZ9",
-        remote_host="mx.far.test", remote_ip="192.0.2.25", step="DATA",
-        hop="MX of far.test (route *)", last_attempt=T0 + 5)], now=T0 + 5),
+    # (g) success notice, NOTIFY=SUCCESS: one local mailbox, one remote server that does
+    # not support DSN (so this is the last word on it)
+    "g-success": dict(kind="success", envid="QF7F3K2Q", recipients=[
+        RecipientReport("bob@example.test", "bob@example.test", "delivered", "2.0.0", "",
+                        step="local", hop="local mailbox", last_attempt=T0 + 1),
+        RecipientReport("bob@far.test", "bob@far.test", "relayed", "2.0.0",
+                        "250 2.0.0 Ok: queued as 4XyZ9",
+                        remote_host="mx.far.test", remote_ip="192.0.2.25", step="DATA",
+                        hop="MX of far.test (route *)", last_attempt=T0 + 5)], now=T0 + 5),
     # (h) two recipients, one failed and one delayed: the failure report lists only the
     # failed one and names the other, which gets its own delay notice later if needed
     "h-one-failed-one-delayed": dict(kind="failure", recipients=[

@@ -60,6 +60,7 @@ def test_parse_nameserver(text: str, expected: tuple[str, int]) -> None:
 @pytest.mark.parametrize("text", [
     "", "localhost", "ns.example.test:53", "127.0.0.1:", "127.0.0.1:0", "127.0.0.1:65536",
     "127.0.0.1:x", "[::1", "[::1]53", "[::1]:", "[127.0.0.1:53]", "999.1.1.1", "[ns]:53",
+    "127.0.0.1:\uff15\uff13",
 ])
 def test_parse_nameserver_refuses(text: str) -> None:
     with pytest.raises(ValueError, match="nameserver"):

@@ -53,6 +53,12 @@ def default_answer(ev: object) -> Reply:
     raise AssertionError(f"unexpected event {ev!r}")
 
 
+def said(reply: Reply) -> str:
+    """A reply as parse_replies shows it: its wire lines joined by \\n, without CRLF."""
+    (text,) = parse_replies(reply.render())
+    return text
+
+
 def parse_replies(wire: bytes) -> list[str]:
     """Split wire output into replies; a multi-line reply is its lines joined by \\n."""
     out: list[str] = []
@@ -137,6 +143,55 @@ def b64(text: str) -> str:
     return base64.b64encode(text.encode("utf-8")).decode("ascii")
 
 
+# --- the replies the core chooses carry the codes the RFCs give them ------------------
+
+REPLY_CODES = [
+    ("line_too_long", replies.LINE_TOO_LONG, 500, "5.5.2"),
+    ("bare_line_ending_in_command", replies.BARE_LINE_ENDING_IN_COMMAND, 500, "5.5.2"),
+    ("nul_in_command", replies.NUL_IN_COMMAND, 500, "5.5.2"),
+    ("invalid_utf8_in_command", replies.EIGHT_BIT_IN_COMMAND, 500, "5.5.2"),
+    ("unknown_command", replies.UNKNOWN_COMMAND, 502, "5.5.1"),
+    ("not_implemented", replies.NOT_IMPLEMENTED, 502, "5.5.1"),
+    ("need_helo", replies.NEED_HELO, 503, "5.5.1"),
+    ("need_mail", replies.NEED_MAIL, 503, "5.5.1"),
+    ("need_rcpt", replies.NEED_RCPT, 503, "5.5.1"),
+    ("nested_mail", replies.NESTED_MAIL, 503, "5.5.1"),
+    ("already_tls", replies.ALREADY_TLS, 503, "5.5.1"),
+    ("tls_not_available", replies.TLS_NOT_AVAILABLE, 454, "4.7.0"),
+    ("unknown_parameter", replies.UNKNOWN_PARAMETER, 555, "5.5.4"),
+    ("bad_parameter_value", replies.BAD_PARAMETER_VALUE, 501, "5.5.4"),
+    ("bad_notify", replies.BAD_DSN_NOTIFY, 501, "5.5.4"),
+    ("needs_smtputf8", replies.NEEDS_SMTPUTF8, 553, "5.6.7"),
+    ("bad_address_syntax", replies.BAD_ADDRESS_SYNTAX, 501, "5.1.3"),
+    ("bad_sender_syntax", replies.BAD_SENDER_SYNTAX, 501, "5.1.7"),
+    ("message_too_big", replies.message_too_big(10), 552, "5.3.4"),
+    ("too_many_recipients", replies.TOO_MANY_RECIPIENTS, 452, "4.5.3"),
+    ("bare_line_ending_in_data", replies.BARE_LINE_ENDING_IN_DATA, 550, "5.6.0"),
+    ("nul_in_data", replies.NUL_IN_DATA, 550, "5.6.0"),
+    ("data_line_too_long", replies.DATA_LINE_TOO_LONG, 550, "5.6.0"),
+    ("too_many_errors", replies.TOO_MANY_ERRORS, 421, "4.7.0"),
+    ("closing", replies.closing(HOST), 221, "2.0.0"),
+    ("start_mail_input", replies.START_MAIL_INPUT, 354, ""),
+    ("ready_for_tls", replies.READY_FOR_TLS, 220, "2.0.0"),
+    ("auth_succeeded", replies.AUTH_SUCCEEDED, 235, "2.7.0"),
+    ("auth_failed", replies.AUTH_FAILED, 535, "5.7.8"),
+    ("auth_cancelled", replies.AUTH_CANCELLED, 501, "5.0.0"),
+    ("bad_base64", replies.BAD_BASE64, 501, "5.5.2"),
+    ("auth_needs_tls", replies.AUTH_NEEDS_TLS, 538, "5.7.11"),
+    ("auth_not_available", replies.AUTH_NOT_AVAILABLE, 503, "5.5.1"),
+    ("auth_mechanism_unknown", replies.AUTH_MECHANISM_UNKNOWN, 504, "5.5.4"),
+    ("already_authenticated", replies.ALREADY_AUTHENTICATED, 503, "5.5.1"),
+    ("auth_in_transaction", replies.AUTH_IN_TRANSACTION, 503, "5.5.1"),
+]
+
+
+@pytest.mark.parametrize(("reply", "code", "enhanced"), [c[1:] for c in REPLY_CODES],
+                         ids=[c[0] for c in REPLY_CODES])
+def test_core_replies_carry_their_rfc_codes(reply: Reply, code: int, enhanced: str) -> None:
+    assert (reply.code, reply.enhanced) == (code, enhanced)
+    assert said(reply).startswith(f"{code} {enhanced}".rstrip())
+
+
 # --- greeting, EHLO and HELO ---------------------------------------------------------
 
 
@@ -197,20 +252,20 @@ def test_helo_or_ehlo_without_a_single_hostname_is_a_syntax_error(command: str) 
 # --- simple commands ----------------------------------------------------------------
 
 SIMPLE_COMMANDS = [
-    ("noop", "NOOP", W(replies.OK)),
-    ("noop_with_argument", "NOOP anything", W(replies.OK)),
-    ("rset", "RSET", W(replies.RESET_OK)),
+    ("noop", "NOOP", said(replies.OK)),
+    ("noop_with_argument", "NOOP anything", said(replies.OK)),
+    ("rset", "RSET", said(replies.RESET_OK)),
     ("rset_with_argument", "RSET now", "501 5.5.4"),
-    ("vrfy", "VRFY alice", replies.VRFY_CANNOT),
+    ("vrfy", "VRFY alice", said(replies.VRFY_CANNOT)),
     ("vrfy_without_argument", "VRFY", "501 5.5.4"),
-    ("help", "HELP", replies.HELP),
-    ("expn", "EXPN staff", replies.NOT_IMPLEMENTED),
-    ("bdat", "BDAT 10 LAST", replies.NOT_IMPLEMENTED),
+    ("help", "HELP", said(replies.HELP)),
+    ("expn", "EXPN staff", said(replies.NOT_IMPLEMENTED)),
+    ("bdat", "BDAT 10 LAST", said(replies.NOT_IMPLEMENTED)),
     ("etrn", "ETRN example.test", "502 5.5.1"),
     ("turn", "TURN", "502 5.5.1"),
-    ("unknown_verb", "FROB", W(replies.UNKNOWN_COMMAND)),
-    ("empty_line", "", W(replies.UNKNOWN_COMMAND)),
-    ("lower_case_verb", "noop", W(replies.OK)),
+    ("unknown_verb", "FROB", said(replies.UNKNOWN_COMMAND)),
+    ("empty_line", "", said(replies.UNKNOWN_COMMAND)),
+    ("lower_case_verb", "noop", said(replies.OK)),
 ]
 
 
@@ -224,44 +279,44 @@ def test_simple_commands_get_their_fixed_reply(line: str, expected: str) -> None
 
 SEQUENCE_CASES = [
     ("mail_before_helo", CAPS, False, ["MAIL FROM:<a@far.example>"],
-     W(replies.NEED_HELO)),
+     said(replies.NEED_HELO)),
     ("rcpt_before_helo", CAPS, False, ["RCPT TO:<a@far.example>"],
-     W(replies.NEED_HELO)),
+     said(replies.NEED_HELO)),
     ("rcpt_before_mail", CAPS, False, ["EHLO c", "RCPT TO:<a@far.example>"],
-     W(replies.NEED_MAIL)),
-    ("data_before_helo", CAPS, False, ["DATA"], W(replies.NEED_HELO)),
-    ("data_before_mail", CAPS, False, ["EHLO c", "DATA"], W(replies.NEED_MAIL)),
+     said(replies.NEED_MAIL)),
+    ("data_before_helo", CAPS, False, ["DATA"], said(replies.NEED_HELO)),
+    ("data_before_mail", CAPS, False, ["EHLO c", "DATA"], said(replies.NEED_MAIL)),
     ("data_before_rcpt", CAPS, False, ["EHLO c", "MAIL FROM:<a@far.example>", "DATA"],
-     W(replies.NEED_RCPT)),
+     said(replies.NEED_RCPT)),
     ("nested_mail", CAPS, False,
      ["EHLO c", "MAIL FROM:<a@far.example>", "MAIL FROM:<b@far.example>"],
-     W(replies.NESTED_MAIL)),
+     said(replies.NESTED_MAIL)),
     ("rcpt_after_rset", CAPS, False,
      ["EHLO c", "MAIL FROM:<a@far.example>", "RSET", "RCPT TO:<b@far.example>"],
-     W(replies.NEED_MAIL)),
+     said(replies.NEED_MAIL)),
     ("rcpt_after_second_ehlo", CAPS, False,
      ["EHLO c", "MAIL FROM:<a@far.example>", "EHLO c", "RCPT TO:<b@far.example>"],
-     W(replies.NEED_MAIL)),
+     said(replies.NEED_MAIL)),
     ("data_with_argument", CAPS, False,
      ["EHLO c", "MAIL FROM:<a@far.example>", "RCPT TO:<b@far.example>", "DATA now"],
      "501 5.5.4"),
     ("starttls_before_helo", Capabilities(HOST, starttls=True), False, ["STARTTLS"],
-     W(replies.NEED_HELO)),
+     said(replies.NEED_HELO)),
     ("starttls_twice", Capabilities(HOST, starttls=True), True, ["EHLO c", "STARTTLS"],
-     W(replies.ALREADY_TLS)),
-    ("starttls_unavailable", CAPS, False, ["EHLO c", "STARTTLS"], W(replies.TLS_NOT_AVAILABLE)),
+     said(replies.ALREADY_TLS)),
+    ("starttls_unavailable", CAPS, False, ["EHLO c", "STARTTLS"], said(replies.TLS_NOT_AVAILABLE)),
     ("starttls_with_argument", Capabilities(HOST, starttls=True), False,
      ["EHLO c", "STARTTLS now"], "501 5.5.4"),
     ("auth_before_helo", Capabilities(HOST, auth=True), True, ["AUTH PLAIN"],
-     W(replies.NEED_HELO)),
+     said(replies.NEED_HELO)),
     ("auth_after_plain_helo", Capabilities(HOST, auth=True), True, ["HELO c", "AUTH PLAIN"],
-     W(replies.NEED_HELO)),
+     said(replies.NEED_HELO)),
     ("auth_in_transaction", Capabilities(HOST, auth=True), True,
      ["EHLO c", "MAIL FROM:<a@far.example>", "AUTH PLAIN"],
-     W(replies.AUTH_IN_TRANSACTION)),
+     said(replies.AUTH_IN_TRANSACTION)),
     ("auth_twice", Capabilities(HOST, auth=True), True,
      ["EHLO c", "AUTH PLAIN " + b64("\0alice\0pw"), "AUTH PLAIN"],
-     W(replies.ALREADY_AUTHENTICATED)),
+     said(replies.ALREADY_AUTHENTICATED)),
 ]
 
 
@@ -278,7 +333,7 @@ def test_refused_mail_from_leaves_no_transaction_open() -> None:
     h = Harness(answer=lambda ev: replies.AUTH_REQUIRED).lines(
         "EHLO c", "MAIL FROM:<a@far.example>", "RCPT TO:<b@far.example>")
     assert h.replies[1].startswith("530 5.7.0")
-    assert h.last.startswith(W(replies.NEED_MAIL))
+    assert h.last.startswith(said(replies.NEED_MAIL))
     assert h.core.in_transaction is False
 
 
@@ -293,7 +348,7 @@ MAIL_CASES = [
     ("size_within_limit", "MAIL FROM:<a@far.example> SIZE=1000", "250"),
     ("size_at_limit", "MAIL FROM:<a@far.example> SIZE=26214400", "250"),
     ("size_over_limit", "MAIL FROM:<a@far.example> SIZE=26214401",
-     W(replies.message_too_big(26214400))),
+     said(replies.message_too_big(26214400))),
     ("size_not_a_number", "MAIL FROM:<a@far.example> SIZE=big", "501 5.5.4"),
     ("size_empty", "MAIL FROM:<a@far.example> SIZE", "501 5.5.4"),
     ("size_absurdly_long", "MAIL FROM:<a@far.example> SIZE=" + "9" * 21, "501 5.5.4"),
@@ -303,7 +358,7 @@ MAIL_CASES = [
     ("body_7bit_lower_case", "MAIL FROM:<a@far.example> body=7bit", "250"),
     ("body_binarymime", "MAIL FROM:<a@far.example> BODY=BINARYMIME", "501 5.5.4"),
     ("unknown_parameter", "MAIL FROM:<a@far.example> FOO=bar",
-     W(replies.UNKNOWN_PARAMETER)),
+     said(replies.UNKNOWN_PARAMETER)),
     ("rcpt_parameter_on_mail", "MAIL FROM:<a@far.example> NOTIFY=NEVER", "555 5.5.4"),
     ("parameter_with_two_equals", "MAIL FROM:<a@far.example> SIZE=1=2", "501 5.5.4"),
     ("ret_full", "MAIL FROM:<a@far.example> RET=FULL", "250"),
@@ -318,10 +373,10 @@ MAIL_CASES = [
     ("smtputf8", "MAIL FROM:<a@far.example> SMTPUTF8", "250"),
     ("smtputf8_with_value", "MAIL FROM:<a@far.example> SMTPUTF8=yes", "501 5.5.4"),
     ("non_ascii_without_smtputf8", "MAIL FROM:<j\u00f6rg@far.example>",
-     W(replies.NEEDS_SMTPUTF8)),
+     said(replies.NEEDS_SMTPUTF8)),
     ("non_ascii_domain_without_smtputf8", "MAIL FROM:<a@b\u00fccher.example>", "553 5.6.7"),
     ("non_ascii_with_smtputf8", "MAIL FROM:<j\u00f6rg@far.example> SMTPUTF8", "250"),
-    ("missing_angle_brackets", "MAIL FROM:a@far.example", W(replies.SYNTAX_MAIL)),
+    ("missing_angle_brackets", "MAIL FROM:a@far.example", said(replies.SYNTAX_MAIL)),
     ("missing_from", "MAIL <a@far.example>", "501 5.5.4"),
     ("parameter_glued_to_path", "MAIL FROM:<a@far.example>SIZE=10", "501 5.5.4"),
     ("unterminated_path", "MAIL FROM:<a@far.example", "501 5.5.4"),
@@ -351,7 +406,7 @@ def test_mail_from_passes_the_parsed_sender_and_upper_cased_parameters() -> None
 def test_size_over_a_small_configured_limit_is_refused_with_the_limit_named() -> None:
     h = ehlo(caps=Capabilities(HOST, max_message_size=100)).lines(
         "MAIL FROM:<a@far.example> SIZE=101")
-    assert h.last == W(replies.message_too_big(100))
+    assert h.last == said(replies.message_too_big(100))
 
 
 def test_esmtp_parameters_after_plain_helo_are_unknown() -> None:
@@ -371,9 +426,9 @@ RCPT_CASES = [
      "250"),
     ("notify_never", "RCPT TO:<b@far.example> NOTIFY=NEVER", "250"),
     ("notify_never_with_others", "RCPT TO:<b@far.example> NOTIFY=NEVER,SUCCESS",
-     W(replies.BAD_DSN_NOTIFY)),
+     said(replies.BAD_DSN_NOTIFY)),
     ("notify_unknown_keyword", "RCPT TO:<b@far.example> NOTIFY=SOMETIMES",
-     W(replies.BAD_DSN_NOTIFY)),
+     said(replies.BAD_DSN_NOTIFY)),
     ("notify_without_value", "RCPT TO:<b@far.example> NOTIFY", "501 5.5.4"),
     ("notify_empty_item", "RCPT TO:<b@far.example> NOTIFY=SUCCESS,", "501 5.5.4"),
     ("orcpt", "RCPT TO:<b@far.example> ORCPT=rfc822;b@far.example", "250"),
@@ -384,10 +439,10 @@ RCPT_CASES = [
     ("orcpt_bad_xtext", "RCPT TO:<b@far.example> ORCPT=rfc822;a+zz", "501 5.5.4"),
     ("unknown_parameter", "RCPT TO:<b@far.example> FOO=1", "555 5.5.4"),
     ("mail_parameter_on_rcpt", "RCPT TO:<b@far.example> SIZE=1", "555 5.5.4"),
-    ("null_recipient", "RCPT TO:<>", W(replies.BAD_ADDRESS_SYNTAX)),
+    ("null_recipient", "RCPT TO:<>", said(replies.BAD_ADDRESS_SYNTAX)),
     ("source_route", "RCPT TO:<@relay.example:b@far.example>", "501 5.1.3"),
     ("double_at", "RCPT TO:<b@far.example@example.test>", "501 5.1.3"),
-    ("missing_brackets", "RCPT TO:b@far.example", W(replies.SYNTAX_RCPT)),
+    ("missing_brackets", "RCPT TO:b@far.example", said(replies.SYNTAX_RCPT)),
     ("non_ascii_without_smtputf8", "RCPT TO:<j\u00f6rg@far.example>", "553 5.6.7"),
 ]
 
@@ -421,9 +476,17 @@ def test_rcpt_to_bare_postmaster_maps_to_the_postmaster_domain(path: str) -> Non
 def test_recipients_beyond_max_recipients_get_452_4_5_3() -> None:
     h = in_transaction(caps=Capabilities(HOST, max_recipients=2)).lines(
         "RCPT TO:<a@far.example>", "RCPT TO:<b@far.example>", "RCPT TO:<c@far.example>")
-    assert h.last == W(replies.TOO_MANY_RECIPIENTS)
+    assert h.last == said(replies.TOO_MANY_RECIPIENTS)
     assert len(h.of(RcptTo)) == 2
     assert len(h.core.envelope.recipients) == 2
+
+
+def test_too_many_recipients_is_flow_control_not_an_error_towards_the_limit() -> None:
+    caps = Capabilities(HOST, max_recipients=1, max_errors=2)
+    h = in_transaction(caps=caps).lines(*(f"RCPT TO:<r{i}@far.example>" for i in range(5)))
+    assert h.replies[2:] == [said(replies.RECIPIENT_OK)] + [said(replies.TOO_MANY_RECIPIENTS)] * 4
+    assert h.core.phase is Phase.COMMAND
+    assert not h.of(Closed)
 
 
 def test_refused_recipients_do_not_count_against_max_recipients() -> None:
@@ -442,17 +505,17 @@ def test_refused_recipients_do_not_count_against_max_recipients() -> None:
 
 FRAMING_CASES = [
     # id, raw bytes of one command line, expected reply prefix
-    ("line_of_exactly_512_octets", b"NOOP " + b"x" * 505 + b"\r\n", W(replies.OK)),
+    ("line_of_exactly_512_octets", b"NOOP " + b"x" * 505 + b"\r\n", said(replies.OK)),
     ("line_of_513_octets", b"NOOP " + b"x" * 506 + b"\r\n",
-     W(replies.LINE_TOO_LONG)),
-    ("line_of_900_octets", b"NOOP " + b"x" * 893 + b"\r\n", W(replies.LINE_TOO_LONG)),
-    ("bare_lf", b"NOOP\n", W(replies.BARE_LINE_ENDING_IN_COMMAND)),
-    ("bare_cr_inside", b"NO\rOP\r\n", W(replies.BARE_LINE_ENDING_IN_COMMAND)),
+     said(replies.LINE_TOO_LONG)),
+    ("line_of_900_octets", b"NOOP " + b"x" * 893 + b"\r\n", said(replies.LINE_TOO_LONG)),
+    ("bare_lf", b"NOOP\n", said(replies.BARE_LINE_ENDING_IN_COMMAND)),
+    ("bare_cr_inside", b"NO\rOP\r\n", said(replies.BARE_LINE_ENDING_IN_COMMAND)),
     ("bare_cr_then_lf_later", b"NOOP\rNOOP\r\n", "500 5.5.2"),
     ("cr_cr_lf", b"NOOP\r\r\n", "500 5.5.2"),
-    ("nul", b"NO\x00OP\r\n", W(replies.NUL_IN_COMMAND)),
-    ("nul_in_argument", b"MAIL FROM:<a@far.example>\x00\r\n", W(replies.NUL_IN_COMMAND)),
-    ("invalid_utf8", b"NOOP \xff\xfe\r\n", W(replies.EIGHT_BIT_IN_COMMAND)),
+    ("nul", b"NO\x00OP\r\n", said(replies.NUL_IN_COMMAND)),
+    ("nul_in_argument", b"MAIL FROM:<a@far.example>\x00\r\n", said(replies.NUL_IN_COMMAND)),
+    ("invalid_utf8", b"NOOP \xff\xfe\r\n", said(replies.EIGHT_BIT_IN_COMMAND)),
     ("truncated_utf8", b"MAIL FROM:<j\xc3@far.example>\r\n", "500 5.5.2"),
     ("overlong_utf8", b"NOOP \xc0\xaf\r\n", "500 5.5.2"),
 ]
@@ -464,7 +527,7 @@ def test_command_lines_are_framed_strictly_and_the_session_goes_on(
         raw: bytes, expected: str) -> None:
     h = ehlo().feed(raw + b"NOOP\r\n")
     assert h.replies[1].startswith(expected), h.replies
-    assert h.replies[2:] == [W(replies.OK)], h.replies
+    assert h.replies[2:] == [said(replies.OK)], h.replies
     assert not h.of(MailFrom)
 
 
@@ -480,8 +543,8 @@ def test_mail_and_rcpt_lines_may_use_the_extra_500_octets_of_rfc_3461() -> None:
 
 def test_mail_line_beyond_1012_octets_is_too_long() -> None:
     h = ehlo().lines("MAIL FROM:<a@far.example> AUTH=" + "a" * 1000, "NOOP")
-    assert h.replies[1:] == [W(replies.LINE_TOO_LONG),
-                             W(replies.OK)]
+    assert h.replies[1:] == [said(replies.LINE_TOO_LONG),
+                             said(replies.OK)]
     assert not h.of(MailFrom)
 
 
@@ -493,8 +556,8 @@ def test_over_long_line_is_answered_once_and_dropped_across_receives(chunk_size:
     h = ehlo()
     for i in range(0, len(stream), chunk_size):
         h.feed(stream[i:i + chunk_size])
-    assert h.replies[1:] == [W(replies.LINE_TOO_LONG),
-                             W(replies.OK)]
+    assert h.replies[1:] == [said(replies.LINE_TOO_LONG),
+                             said(replies.OK)]
     assert not h.of(MailFrom)
 
 
@@ -503,9 +566,9 @@ def test_over_long_line_without_lf_keeps_no_more_than_a_line_buffered() -> None:
     for _ in range(100):
         h.feed(b"z" * 1000)
     assert h.core.buffered < 1100
-    assert h.replies[1:] == [W(replies.LINE_TOO_LONG)]
+    assert h.replies[1:] == [said(replies.LINE_TOO_LONG)]
     h.feed(b"\r\nNOOP\r\n")
-    assert h.replies[-1] == W(replies.OK)
+    assert h.replies[-1] == said(replies.OK)
     assert len(h.replies) == 3
 
 
@@ -513,7 +576,7 @@ def test_partial_command_waits_for_its_line_end() -> None:
     h = ehlo().feed(b"NO", b"OP", b"\r")
     assert len(h.replies) == 1
     h.feed(b"\n")
-    assert h.replies[1:] == [W(replies.OK)]
+    assert h.replies[1:] == [said(replies.OK)]
 
 
 # --- DATA -----------------------------------------------------------------------------
@@ -544,7 +607,7 @@ DATA_CASES = [
                          ids=[c[0] for c in DATA_CASES])
 def test_data_is_dot_unstuffed_and_handed_over_once(wire: bytes, message: bytes) -> None:
     h = with_recipient().lines("DATA").feed(wire)
-    assert h.replies[-2:] == [W(replies.START_MAIL_INPUT), W(QUEUED)]
+    assert h.replies[-2:] == [said(replies.START_MAIL_INPUT), said(QUEUED)]
     (ev,) = h.of(MessageReceived)
     assert isinstance(ev, MessageReceived)
     assert ev.data == message
@@ -566,7 +629,7 @@ def test_end_of_data_is_found_however_the_bytes_arrive(split: str) -> None:
     (ev,) = h.of(MessageReceived)
     assert isinstance(ev, MessageReceived)
     assert ev.data == b"Subject: x\r\n\r\nline\r\n.dot\r\n"
-    assert h.replies[-2:] == [W(QUEUED), W(replies.OK)]
+    assert h.replies[-2:] == [said(QUEUED), said(replies.OK)]
 
 
 def test_message_reply_comes_only_after_the_terminator() -> None:
@@ -582,8 +645,8 @@ def test_transaction_ends_after_a_message_and_a_new_one_can_follow() -> None:
     h = with_recipient().lines("DATA").feed(b"one\r\n.\r\n").lines(
         "RCPT TO:<b@far.example>", "MAIL FROM:<x@far.example>", "RCPT TO:<b@far.example>",
         "DATA").feed(b"two\r\n.\r\n")
-    assert h.replies[-6].startswith("250 2.0.0 Ok: queued as")
-    assert h.replies[-5].startswith(W(replies.NEED_MAIL))
+    assert h.replies[-6].startswith(said(QUEUED))
+    assert h.replies[-5].startswith(said(replies.NEED_MAIL))
     assert [e.data for e in h.of(MessageReceived)] == [b"one\r\n", b"two\r\n"]  # type: ignore[attr-defined]
 
 
@@ -611,10 +674,10 @@ def test_bare_line_end_smuggling_never_starts_a_second_transaction(
         h.feed(stream)
     else:
         h.feed(*(stream[i:i + 1] for i in range(len(stream))))
-    after_354 = h.replies[h.replies.index(W(replies.START_MAIL_INPUT)) + 1:]
+    after_354 = h.replies[h.replies.index(said(replies.START_MAIL_INPUT)) + 1:]
     assert after_354 == [
-        W(replies.BARE_LINE_ENDING_IN_DATA),
-        W(replies.OK),
+        said(replies.BARE_LINE_ENDING_IN_DATA),
+        said(replies.OK),
     ]
     assert not h.of(MessageReceived)
     assert len(h.of(MailFrom)) == 1 and len(h.of(RcptTo)) == 1
@@ -623,18 +686,18 @@ def test_bare_line_end_smuggling_never_starts_a_second_transaction(
 
 def test_data_after_a_refused_message_needs_a_new_mail_from() -> None:
     h = with_recipient().lines("DATA").feed(b"a\nb\r\n.\r\n").lines("RCPT TO:<b@far.example>")
-    assert h.last.startswith(W(replies.NEED_MAIL))
+    assert h.last.startswith(said(replies.NEED_MAIL))
 
 
 CONTENT_CASES = [
-    ("nul", b"a\x00b\r\n", W(replies.NUL_IN_DATA)),
+    ("nul", b"a\x00b\r\n", said(replies.NUL_IN_DATA)),
     ("line_of_999_characters", b"x" * 999 + b"\r\n",
-     W(replies.DATA_LINE_TOO_LONG)),
+     said(replies.DATA_LINE_TOO_LONG)),
     ("long_line_after_short_ones", b"a\r\nb\r\n" + b"y" * 5000 + b"\r\nc\r\n",
-     W(replies.DATA_LINE_TOO_LONG)),
-    ("long_last_line", b"a\r\n" + b"z" * 1200 + b"\r\n", W(replies.DATA_LINE_TOO_LONG)),
-    ("bare_cr_at_end_of_line", b"a\r\r\n", W(replies.BARE_LINE_ENDING_IN_DATA)),
-    ("bare_lf_alone", b"a\nb\r\n", W(replies.BARE_LINE_ENDING_IN_DATA)),
+     said(replies.DATA_LINE_TOO_LONG)),
+    ("long_last_line", b"a\r\n" + b"z" * 1200 + b"\r\n", said(replies.DATA_LINE_TOO_LONG)),
+    ("bare_cr_at_end_of_line", b"a\r\r\n", said(replies.BARE_LINE_ENDING_IN_DATA)),
+    ("bare_lf_alone", b"a\nb\r\n", said(replies.BARE_LINE_ENDING_IN_DATA)),
 ]
 
 
@@ -644,7 +707,7 @@ def test_bad_message_content_is_read_to_the_end_and_refused_whole(
         body: bytes, expected: str) -> None:
     h = with_recipient().lines("DATA").feed(body + b".\r\nNOOP\r\n")
     assert h.replies[-2].startswith(expected), h.replies
-    assert h.replies[-1] == W(replies.OK)
+    assert h.replies[-1] == said(replies.OK)
     assert not h.of(MessageReceived)
 
 
@@ -657,9 +720,9 @@ def test_oversize_message_is_read_to_its_real_end_then_refused_with_552(
     h = with_recipient(caps=caps).lines("DATA")
     for i in range(0, len(stream), chunk_size):
         h.feed(stream[i:i + chunk_size])
-    after_354 = h.replies[h.replies.index(W(replies.START_MAIL_INPUT)) + 1:]
-    assert after_354 == [W(replies.message_too_big(100)),
-                         W(replies.OK)]
+    after_354 = h.replies[h.replies.index(said(replies.START_MAIL_INPUT)) + 1:]
+    assert after_354 == [said(replies.message_too_big(100)),
+                         said(replies.OK)]
     assert not h.of(MessageReceived)
     assert len(h.of(MailFrom)) == 1
 
@@ -685,7 +748,7 @@ def test_message_of_exactly_the_size_limit_is_accepted_however_it_is_split(
         h.feed(stream)
     else:
         h.feed(stream[:split_at], stream[split_at:])
-    assert h.last == W(QUEUED)
+    assert h.last == said(QUEUED)
     assert [e.data for e in h.of(MessageReceived)] == [body]  # type: ignore[attr-defined]
 
 
@@ -710,7 +773,7 @@ def test_pipelined_commands_in_one_receive_are_answered_in_order() -> None:
         b"EHLO c\r\nMAIL FROM:<a@far.example>\r\nRCPT TO:<b@far.example>\r\n"
         b"RCPT TO:<nobody@far.example>\r\nRCPT TO:<c@far.example>\r\nDATA\r\n")
     assert [r[:3] for r in h.replies] == ["250", "250", "250", "550", "250", "354"]
-    assert h.replies[1] == W(replies.SENDER_OK)
+    assert h.replies[1] == said(replies.SENDER_OK)
     assert h.replies[3] == "550 5.1.1 no such user"
 
 
@@ -732,8 +795,8 @@ def test_nothing_is_answered_before_the_caller_responds_to_an_event() -> None:
     assert parse_replies(core.take_output())[-1].startswith("250-")  # only the EHLO so far
     core.respond(replies.SENDER_OK)
     assert core.next_event() is NEED_DATA
-    assert parse_replies(core.take_output()) == [W(replies.SENDER_OK),
-                                                 W(replies.OK)]
+    assert parse_replies(core.take_output()) == [said(replies.SENDER_OK),
+                                                 said(replies.OK)]
 
 
 def test_respond_without_a_pending_event_is_a_programming_error() -> None:
@@ -750,7 +813,7 @@ def test_starttls_discards_plaintext_pipelined_after_it() -> None:
         b"EHLO c\r\nSTARTTLS\r\nMAIL FROM:<evil@far.example>\r\nRCPT TO:<x@far.example>\r\n")
     assert len(h.of(StartTls)) == 1
     assert not h.of(MailFrom)
-    assert h.replies[-1] == W(replies.READY_FOR_TLS)
+    assert h.replies[-1] == said(replies.READY_FOR_TLS)
     assert h.core.buffered == 0
 
 
@@ -766,7 +829,7 @@ def test_tls_started_forgets_helo_envelope_and_buffered_bytes() -> None:
     assert h.core.in_transaction is False
     assert len(h.of(MailFrom)) == 1
     h.lines("MAIL FROM:<a@far.example>")
-    assert h.last == W(replies.NEED_HELO)
+    assert h.last == said(replies.NEED_HELO)
     h.lines("EHLO c")
     assert "STARTTLS" not in h.last and "250-AUTH PLAIN LOGIN" in h.last
 
@@ -783,7 +846,7 @@ def auth_session(**kw: object) -> Harness:
 AUTH_CASES = [
     # id, lines after EHLO, expected replies after EHLO, expected (mechanism, user, password)
     ("plain_initial_response", ["AUTH PLAIN " + b64("\0alice@example.test\0s3cret")],
-     [W(replies.AUTH_SUCCEEDED)], ("PLAIN", "alice@example.test", "s3cret")),
+     [said(replies.AUTH_SUCCEEDED)], ("PLAIN", "alice@example.test", "s3cret")),
     ("plain_lower_case_mechanism", ["auth plain " + b64("\0alice\0pw")],
      ["235 2.7.0"], ("PLAIN", "alice", "pw")),
     ("plain_matching_authzid", ["AUTH PLAIN " + b64("alice\0alice\0pw")],
@@ -796,21 +859,21 @@ AUTH_CASES = [
      ["334 VXNlcm5hbWU6", "334 UGFzc3dvcmQ6", "235 2.7.0"], ("LOGIN", "alice", "pw")),
     ("login_initial_response", ["AUTH LOGIN " + b64("alice"), b64("pw")],
      ["334 UGFzc3dvcmQ6", "235 2.7.0"], ("LOGIN", "alice", "pw")),
-    ("plain_cancelled", ["AUTH PLAIN", "*"], ["334", W(replies.AUTH_CANCELLED)], None),
+    ("plain_cancelled", ["AUTH PLAIN", "*"], ["334", said(replies.AUTH_CANCELLED)], None),
     ("login_cancelled_at_username", ["AUTH LOGIN", "*"], ["334 VXNlcm5hbWU6", "501 5.0.0"], None),
     ("login_cancelled_at_password", ["AUTH LOGIN", b64("alice"), "*"],
-     ["334 VXNlcm5hbWU6", "334 UGFzc3dvcmQ6", W(replies.AUTH_CANCELLED)], None),
+     ["334 VXNlcm5hbWU6", "334 UGFzc3dvcmQ6", said(replies.AUTH_CANCELLED)], None),
     ("plain_bad_base64_initial", ["AUTH PLAIN !!!notbase64"],
-     [W(replies.BAD_BASE64)], None),
+     [said(replies.BAD_BASE64)], None),
     ("plain_bad_base64_continuation", ["AUTH PLAIN", "%%%"], ["334", "501 5.5.2"], None),
     ("login_bad_base64_password", ["AUTH LOGIN", b64("alice"), "YW=Jj"],
      ["334 VXNlcm5hbWU6", "334 UGFzc3dvcmQ6", "501 5.5.2"], None),
     ("plain_without_nul_separators", ["AUTH PLAIN " + b64("alice pw")],
-     [W(replies.AUTH_FAILED)], None),
+     [said(replies.AUTH_FAILED)], None),
     ("plain_empty_username", ["AUTH PLAIN " + b64("\0\0pw")], ["535 5.7.8"], None),
     ("plain_foreign_authzid", ["AUTH PLAIN " + b64("root\0alice\0pw")], ["535 5.7.8"], None),
-    ("unknown_mechanism", ["AUTH CRAM-MD5"], [W(replies.AUTH_MECHANISM_UNKNOWN)], None),
-    ("no_mechanism", ["AUTH"], [W(replies.SYNTAX_AUTH)], None),
+    ("unknown_mechanism", ["AUTH CRAM-MD5"], [said(replies.AUTH_MECHANISM_UNKNOWN)], None),
+    ("no_mechanism", ["AUTH"], [said(replies.SYNTAX_AUTH)], None),
     ("too_many_arguments", ["AUTH PLAIN a b"], ["501 5.5.4"], None),
 ]
 
@@ -845,7 +908,7 @@ def test_auth_plain_continuation_challenge_is_an_empty_334() -> None:
 def test_auth_failure_from_the_caller_leaves_the_session_unauthenticated() -> None:
     h = auth_session(answer=lambda ev: replies.AUTH_FAILED).lines(
         "AUTH PLAIN " + b64("\0alice\0wrong"))
-    assert h.last == W(replies.AUTH_FAILED)
+    assert h.last == said(replies.AUTH_FAILED)
     assert h.core.auth_user is None
     h.answer = default_answer
     h.lines("AUTH PLAIN " + b64("\0alice\0right"))
@@ -868,11 +931,11 @@ def test_the_core_refuses_a_334_answer_to_credentials() -> None:
 
 AUTH_REFUSED_CASES = [
     ("before_tls", Capabilities(HOST, starttls=True, auth=True), False,
-     W(replies.AUTH_NEEDS_TLS)),
+     said(replies.AUTH_NEEDS_TLS)),
     ("auth_disabled_under_tls", Capabilities(HOST, starttls=True, auth=False), True,
-     W(replies.AUTH_NOT_AVAILABLE)),
+     said(replies.AUTH_NOT_AVAILABLE)),
     ("auth_disabled_without_tls", Capabilities(HOST), False,
-     W(replies.AUTH_NOT_AVAILABLE)),
+     said(replies.AUTH_NOT_AVAILABLE)),
 ]
 
 
@@ -895,8 +958,8 @@ def test_auth_line_may_be_longer_than_a_command_line() -> None:
 
 def test_nul_during_auth_exchange_ends_the_exchange() -> None:
     h = auth_session().lines("AUTH PLAIN").feed(b"AA\x00AA\r\nNOOP\r\n")
-    assert h.replies[-2].startswith(W(replies.NUL_IN_COMMAND))
-    assert h.replies[-1] == W(replies.OK)
+    assert h.replies[-2].startswith(said(replies.NUL_IN_COMMAND))
+    assert h.replies[-1] == said(replies.OK)
     assert h.core.phase is Phase.COMMAND
 
 
@@ -906,10 +969,10 @@ def test_nul_during_auth_exchange_ends_the_exchange() -> None:
 def test_too_many_errors_says_421_and_closes() -> None:
     h = Harness(caps=Capabilities(HOST, max_errors=3)).lines("FROB", "FROB", "FROB", "NOOP")
     assert h.replies == [
-        W(replies.UNKNOWN_COMMAND),
-        W(replies.UNKNOWN_COMMAND),
-        W(replies.UNKNOWN_COMMAND),
-        W(replies.TOO_MANY_ERRORS),
+        said(replies.UNKNOWN_COMMAND),
+        said(replies.UNKNOWN_COMMAND),
+        said(replies.UNKNOWN_COMMAND),
+        said(replies.TOO_MANY_ERRORS),
     ]
     assert h.events == [Closed("too many errors")]
     assert h.core.phase is Phase.CLOSED
@@ -923,7 +986,7 @@ def test_errors_answered_by_the_caller_count_towards_the_limit_and_close() -> No
                        if isinstance(ev, RcptTo) else default_answer(ev))
     h.lines("RCPT TO:<a@far.example>", "RCPT TO:<b@far.example>", "NOOP")
     assert h.replies[-3:] == ["550 5.1.1 no", "550 5.1.1 no",
-                              W(replies.TOO_MANY_ERRORS)]
+                              said(replies.TOO_MANY_ERRORS)]
     assert h.core.phase is Phase.CLOSED
     # Documented contract: Closed marks "the core has sent its last reply (QUIT or too
     # many errors)", so the caller's event loop must be told to close here too.
@@ -940,7 +1003,7 @@ def test_caller_421_closes_the_session() -> None:
 
 def test_quit_says_221_and_closes_even_with_commands_pipelined_after() -> None:
     h = ehlo().feed(b"QUIT\r\nNOOP\r\nMAIL FROM:<a@far.example>\r\n")
-    assert h.replies[1:] == [W(replies.closing(HOST))]
+    assert h.replies[1:] == [said(replies.closing(HOST))]
     assert h.events == [Closed("QUIT")]
     assert h.core.phase is Phase.CLOSED
     h.feed(b"NOOP\r\n")
@@ -951,7 +1014,7 @@ def test_close_with_sends_a_final_reply_and_stops_reading() -> None:
     h = ehlo()
     h.core.close_with(replies.timeout(HOST))
     h.feed(b"NOOP\r\n")
-    assert h.replies[1:] == [W(replies.timeout(HOST))]
+    assert h.replies[1:] == [said(replies.timeout(HOST))]
 
 
 # --- properties -----------------------------------------------------------------------

@@ -112,12 +112,14 @@ class HopError(Exception):
     """A failure of the connection itself, not of one recipient."""
 
     def __init__(self, step: str, detail: str, reply: Reply | None = None,
-                 transient: bool = True) -> None:
+                 transient: bool | None = None) -> None:
         super().__init__(detail)
         self.step = step
         self.detail = detail
         self.reply = reply
-        self.transient = transient if reply is None else reply.code < 500
+        if transient is None:
+            transient = reply is None or reply.code < 500
+        self.transient = transient
 
 
 def prepare_data(data: bytes) -> bytes:
@@ -281,7 +283,11 @@ class Client:
             raise HopError("AUTH", f"{self.peer} offers no AUTH mechanism we know "
                            f"(it offers: {' '.join(mechanisms) or 'none'})", transient=True)
         if reply.code != 235:
-            raise HopError("AUTH", f"{self.peer} refused our credentials for {username}", reply)
+            # Deferred, not bounced, whatever the code: wrong credentials are our own
+            # configuration to fix, not the sender's problem (as Postfix's
+            # smtp_sasl_auth_soft_bounce).
+            raise HopError("AUTH", f"{self.peer} refused our credentials for {username}", reply,
+                           transient=True)
         return reply
 
     async def send(self, sender: str, mail_params: str, recipients: list[tuple[str, str]],

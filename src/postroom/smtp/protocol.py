@@ -212,8 +212,12 @@ class ServerProtocol:
         self._error(reply) if reply.code >= 400 else self._send(reply)
 
     def tls_started(self) -> None:
-        """The transport is now TLS: forget everything said in plaintext (RFC 3207 §4.2)."""
-        self._in.clear()
+        """The transport is now TLS: forget everything said in plaintext (RFC 3207 §4.2).
+
+        The plaintext input was dropped when STARTTLS was read, and the adapter reads
+        nothing more until the handshake; what is buffered now came over TLS (a client
+        may send EHLO with its last handshake message) and is kept.
+        """
         self.tls_active = True
         self.helo = None
         self.esmtp = False
@@ -537,7 +541,8 @@ class ServerProtocol:
         self._in.clear()
         end = data.find(b"\r\n.\r\n", start)
         if end < 0:
-            limit = self.caps.max_message_size + 2
+            # room for the "\r\n" we put first and a terminator split across reads
+            limit = self.caps.max_message_size + 6
             if len(data) > limit:
                 # Keep reading to the real end of data, but hold no more than the tail.
                 self._data_oversize = True
@@ -549,12 +554,14 @@ class ServerProtocol:
         self._in[:0] = rest
         self.phase = Phase.COMMAND
         envelope = self.envelope
+        if not self._data_oversize and (body.startswith(b".") or b"\r\n." in body):
+            body = (b"\r\n" + body).replace(b"\r\n..", b"\r\n.")[2:]
+        # checked after unstuffing: the transparency dot is not part of the line
+        # (RFC 5321 4.5.3.1.6) nor of the message size
         problem = self._check_body(body)
         if problem is not None:
             self.envelope = Envelope()
             return self._error(problem)
-        if body.startswith(b".") or b"\r\n." in body:
-            body = (b"\r\n" + body).replace(b"\r\n..", b"\r\n.")[2:]
         return MessageReceived(body, envelope)
 
     def _check_body(self, body: bytes) -> Reply | None:

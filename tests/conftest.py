@@ -96,7 +96,7 @@ class ServerProcess:
             wait_port(self.mx_port)
         except TimeoutError:
             self.stop()
-            raise AssertionError("server did not start:\n" + self.log.read_text())
+            raise AssertionError("server did not start:\n" + self.log.read_text()) from None
         return self
 
     def stop(self, sig: int = signal.SIGTERM) -> int | None:

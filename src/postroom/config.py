@@ -479,6 +479,10 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: str) -> Config:
     nets_raw = r.get(rel, "relay.", "trusted_networks", list, ["127.0.0.1/32", "::1/128"])
     nets: list[Network] = []
     for i, v in enumerate(nets_raw):
+        if not isinstance(v, str):
+            r.problems.append(Problem(f"relay.trusted_networks[{i}]",
+                                      f"{v!r}: write networks as strings, e.g. \"192.0.2.0/24\""))
+            continue
         try:
             nets.append(ipaddress.ip_network(v, strict=True))
         except (ValueError, TypeError) as exc:

@@ -363,7 +363,7 @@ class QueueManager:
                 days = age / 86400
                 detail["status"] = "5.4.7"
                 detail["expired_after"] = age
-                reply = f"{o.reply} (gave up after {days:.1f} days of retries)"
+                reply = f"gave up after {days:.1f} days; last error: {o.reply}"
             notice = "failure" if wants_notice("failure", d.sender, d.params) else ""
             record(conn, d.id, state="failed", reply=reply, now=now, notice=notice, detail=detail)
             log.warning("queue_id=%s to=<%s> status=failed (%s)", d.message, d.address, reply)
@@ -512,7 +512,7 @@ class QueueManager:
                 report = build_report(
                     kind=kind, reporting_mta=self.hostname, original_sender=sender,
                     original=data, arrival=received, recipients=reports,
-                    ret=mparams.get("RET", "HDRS").upper(), envid=mparams.get("ENVID"),
+                    ret=mparams.get("RET"), envid=mparams.get("ENVID"),
                     max_return_size=self.delivery.max_return_size, now=now,
                     message_id=f"<{new_queue_id()}.{kind}@{self.hostname}>",
                     boundary=f"{new_queue_id()}/{self.hostname}")

@@ -8,6 +8,8 @@ from postroom.address import AddressError, parse_path, routing_hazard
 from postroom.model import Address
 
 LONG_LABEL = "l" * 63
+GREEK_LOCAL = "\u03b4\u03bf\u03ba\u03b9\u03bc\u03ae"                       # δοκιμή
+GREEK_DOMAIN = "\u03c0\u03b1\u03c1\u03ac\u03b4\u03b5\u03b9\u03b3\u03bc\u03b1.example"  # παράδειγμα
 DOMAIN_250 = ".".join([LONG_LABEL] * 3) + "." + "d" * 58          # 63*3 + 3 + 58 = 250
 
 VALID = [
@@ -42,9 +44,8 @@ VALID = [
      "x" * 64, "example.test"),
     ("label_of_63_octets", f"<a@{LONG_LABEL}.test>", False, False, "a", f"{LONG_LABEL}.test"),
     ("path_of_256_octets", f"<{'x' * 5}@{DOMAIN_250}>", False, False, "x" * 5, DOMAIN_250),
-    ("utf8_local_and_domain", "<\u03b4\u03bf\u03ba\u03b9\u03bc\u03ae@"
-     "\u03c0\u03b1\u03c1\u03ac\u03b4\u03b5\u03b9\u03b3\u03bc\u03b1.example>", False, True,
-     "\u03b4\u03bf\u03ba\u03b9\u03bc\u03ae", "\u03c0\u03b1\u03c1\u03ac\u03b4\u03b5\u03b9\u03b3\u03bc\u03b1.example"),
+    ("utf8_local_and_domain", f"<{GREEK_LOCAL}@{GREEK_DOMAIN}>", False, True,
+     GREEK_LOCAL, GREEK_DOMAIN),
     ("utf8_flag_still_accepts_ascii", "<alice@example.test>", False, True, "alice", "example.test"),
     ("utf8_domain_is_lower_cased", "<j\u00f6rg@B\u00dcCHER.example>", False, True,
      "j\u00f6rg", "b\u00fccher.example"),

@@ -105,7 +105,8 @@ def test_received_header_is_one_parseable_folded_header() -> None:
 
 def chain(n: int) -> dict[str, tuple[str, ...]]:
     """a0 -> a1 -> ... -> a(n-1) -> final@remote.example: n aliases deep."""
-    aliases = {f"a{i}@example.test": (f"a{i + 1}@example.test",) for i in range(n - 1)}
+    aliases: dict[str, tuple[str, ...]] = {
+        f"a{i}@example.test": (f"a{i + 1}@example.test",) for i in range(n - 1)}
     aliases[f"a{n - 1}@example.test"] = ("final@remote.example",)
     return aliases
 

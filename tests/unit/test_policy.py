@@ -7,6 +7,7 @@ import ipaddress
 import pytest
 
 from postroom.address import parse_path
+from postroom.config import Route
 from postroom.policy import (
     LOCAL,
     REFUSED,
@@ -192,3 +193,40 @@ PEERS = [
 @pytest.mark.parametrize(("text", "expected"), [c[1:] for c in PEERS], ids=[c[0] for c in PEERS])
 def test_peer_address_normalises_what_the_socket_reports(text: str, expected: str) -> None:
     assert peer_address(text) == ipaddress.ip_address(expected)
+
+
+ROUTED = RelaySettings(
+    local_domains=frozenset({"example.test"}),
+    trusted_networks=(ipaddress.ip_network("127.0.0.1/32"),),
+    routes=(Route("partner.example", "smarthost", host="smtp.partner.example"),
+            Route("*.corp.example", "mx")),
+)
+
+ROUTE_CASES = [
+    # id, peer, auth_user, rcpt, accept, code, enhanced, reason substring
+    ("exact_route", "127.0.0.1", None, "bob@partner.example", True, 250, "2.1.5",
+     "partner.example is the most specific match"),
+    ("wildcard_route", "127.0.0.1", None, "bob@eu.corp.example", True, 250, "2.1.5",
+     "*.corp.example"),
+    ("wildcard_does_not_cover_the_bare_domain", "127.0.0.1", None, "bob@corp.example",
+     False, 550, "5.4.4", "no address space covers corp.example"),
+    ("no_route_for_an_authenticated_user", "127.0.0.66", "alice@example.test",
+     "bob@elsewhere.example", False, 550, "5.4.4", "no address space covers"),
+    ("untrusted_is_still_relaying_not_routing", "127.0.0.66", None, "bob@partner.example",
+     False, 550, "5.7.1", "not in trusted_networks"),
+    ("local_needs_no_route", "127.0.0.66", None, "alice@example.test", True, 250, "2.1.5",
+     "mailbox"),
+]
+
+
+@pytest.mark.parametrize(("peer", "auth_user", "rcpt", "accept", "code", "enhanced", "reason"),
+                         [c[1:] for c in ROUTE_CASES], ids=[c[0] for c in ROUTE_CASES])
+def test_a_permitted_relay_also_needs_an_address_space_that_covers_it(
+        peer: str, auth_user: str | None, rcpt: str, accept: bool, code: int, enhanced: str,
+        reason: str) -> None:
+    session = SessionSnapshot(peer_address(peer), "mx", False, auth_user)
+    verdict = check_rcpt(session, parse_path(f"<{rcpt}>", allow_null=False), ROUTED,
+                         MAILBOXES.__contains__)
+    assert verdict.accept is accept
+    assert (verdict.reply.code, verdict.reply.enhanced) == (code, enhanced)
+    assert reason in verdict.reason, verdict.reason

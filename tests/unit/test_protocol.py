@@ -752,6 +752,23 @@ def test_message_of_exactly_the_size_limit_is_accepted_however_it_is_split(
     assert [e.data for e in h.of(MessageReceived)] == [body]  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("split", ["whole", "terminator_apart", "line_by_line"])
+def test_transparency_dots_do_not_count_towards_the_size_limit_however_it_is_split(
+        split: str) -> None:
+    # 30 lines of ".." arrive as 120 octets but are a 90-octet message (RFC 5321 4.5.2).
+    lines = [b"..\r\n"] * 30
+    body = b"".join(lines)
+    h = with_recipient(caps=Capabilities(HOST, max_message_size=100)).lines("DATA")
+    if split == "whole":
+        h.feed(body + b".\r\n")
+    elif split == "terminator_apart":
+        h.feed(body, b".\r\n")
+    else:
+        h.feed(*lines, b".\r\n")
+    assert h.last == said(QUEUED)
+    assert [e.data for e in h.of(MessageReceived)] == [b".\r\n" * 30]  # type: ignore[attr-defined]
+
+
 def test_message_one_octet_over_the_limit_is_refused() -> None:
     body = b"Subject: x\r\n\r\nhello\r\n"
     caps = Capabilities(HOST, max_message_size=len(body) - 1)
@@ -817,21 +834,39 @@ def test_starttls_discards_plaintext_pipelined_after_it() -> None:
     assert h.core.buffered == 0
 
 
-def test_tls_started_forgets_helo_envelope_and_buffered_bytes() -> None:
+def test_tls_started_forgets_helo_and_the_plaintext_transaction() -> None:
     caps = Capabilities(HOST, starttls=True, auth=True)
     h = in_transaction(caps=caps)
     assert h.core.in_transaction
     h.lines("STARTTLS")
-    h.core.receive(b"MAIL FROM:<evil@far.example>\r\n")   # arrived before the handshake
     h.core.tls_started()
     h.pump()
     assert h.core.tls_active and h.core.helo is None and h.core.esmtp is False
     assert h.core.in_transaction is False
-    assert len(h.of(MailFrom)) == 1
     h.lines("MAIL FROM:<a@far.example>")
     assert h.last == said(replies.NEED_HELO)
+    assert len(h.of(MailFrom)) == 1
     h.lines("EHLO c")
     assert "STARTTLS" not in h.last and "250-AUTH PLAIN LOGIN" in h.last
+
+
+def test_bytes_received_after_the_handshake_are_kept() -> None:
+    # The adapter reads nothing between STARTTLS and the handshake, so what is buffered
+    # when tls_started() is called came over TLS (e.g. EHLO sent with the Finished).
+    h = ehlo(caps=Capabilities(HOST, starttls=True, auth=True)).lines("STARTTLS")
+    h.core.receive(b"EHLO c\r\n")
+    h.core.tls_started()
+    h.pump()
+    assert "250-AUTH PLAIN LOGIN" in h.last and "STARTTLS" not in h.last
+    assert h.core.helo == "c"
+
+
+def test_second_starttls_after_tls_started_is_refused() -> None:
+    h = ehlo(caps=Capabilities(HOST, starttls=True)).lines("STARTTLS")
+    h.core.tls_started()
+    h.lines("EHLO c", "STARTTLS")
+    assert h.last == said(replies.ALREADY_TLS)
+    assert len(h.of(StartTls)) == 1
 
 
 # --- AUTH -----------------------------------------------------------------------------

@@ -134,6 +134,7 @@ class ServerProtocol:
         self._in = bytearray()
         self._out: list[bytes] = []
         self._pending: Event | None = None
+        self._closing: Closed | None = None        # a close decided inside respond()
         self._discarding_line = False
         self._data = bytearray()
         self._data_scan = 0
@@ -208,8 +209,12 @@ class ServerProtocol:
         if reply.code == 421:
             self._send(reply)
             self.phase = Phase.CLOSED
+            self._closing = Closed(f"the caller answered {reply.code}")
             return
-        self._error(reply) if reply.code >= 400 else self._send(reply)
+        if reply.code >= 400:
+            self._closing = self._error(reply)
+        else:
+            self._send(reply)
 
     def tls_started(self) -> None:
         """The transport is now TLS: forget everything said in plaintext (RFC 3207 §4.2).
@@ -227,6 +232,9 @@ class ServerProtocol:
     def next_event(self) -> Event:
         if self._pending is not None:
             raise RuntimeError(f"{self._pending!r} has not been answered")
+        if self._closing is not None:
+            closing, self._closing = self._closing, None
+            return closing
         while self.phase is not Phase.CLOSED:
             if self.phase is Phase.DATA:
                 ev = self._data_event()
@@ -367,7 +375,8 @@ class ServerProtocol:
         if isinstance(params, Reply):
             return self._error(params)
         if "SIZE" in params:
-            if not params["SIZE"].isdigit() or len(params["SIZE"]) > 20:
+            size = params["SIZE"]
+            if not (size.isascii() and size.isdigit()) or len(size) > 20:
                 return self._error(replies.BAD_PARAMETER_VALUE)
             if int(params["SIZE"]) > self.caps.max_message_size:
                 return self._error(replies.message_too_big(self.caps.max_message_size))
@@ -542,7 +551,9 @@ class ServerProtocol:
         end = data.find(b"\r\n.\r\n", start)
         if end < 0:
             # room for the "\r\n" we put first and a terminator split across reads
-            limit = self.caps.max_message_size + 6
+            # Dot-stuffing can add a third to the size (a line of "." sent as ".."):
+            # hold up to that much, then decide on the exact size after unstuffing.
+            limit = self.caps.max_message_size + self.caps.max_message_size // 2 + 6
             if len(data) > limit:
                 # Keep reading to the real end of data, but hold no more than the tail.
                 self._data_oversize = True
@@ -555,7 +566,8 @@ class ServerProtocol:
         self.phase = Phase.COMMAND
         envelope = self.envelope
         if not self._data_oversize and (body.startswith(b".") or b"\r\n." in body):
-            body = (b"\r\n" + body).replace(b"\r\n..", b"\r\n.")[2:]
+            # RFC 5321 4.5.2: a line's first dot is deleted when other characters follow
+            body = (b"\r\n" + body).replace(b"\r\n.", b"\r\n")[2:]
         # checked after unstuffing: the transparency dot is not part of the line
         # (RFC 5321 4.5.3.1.6) nor of the message size
         problem = self._check_body(body)

@@ -24,6 +24,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,7 +98,8 @@ class Result:
         return self.messages / self.seconds
 
 
-def run_load(port: int, sink: Sink, n: int, size: int, sessions: int, rss: callable) -> tuple[float, float, float]:  # type: ignore[valid-type]
+def run_load(port: int, sink: Sink, n: int, size: int, sessions: int,
+             rss: Callable[[], float]) -> tuple[float, float, float]:
     cpu0 = cpu_busy_seconds()
     t0 = time.monotonic()
     src = subprocess.Popen([SMTP_SOURCE, "-s", str(sessions), "-m", str(n), "-l", str(size),

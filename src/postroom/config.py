@@ -276,13 +276,23 @@ def _port(value: object) -> int:
 
 
 def _nameservers(value: object) -> tuple[str, ...]:
+    """DNS servers as IP addresses, optionally with a port: "192.0.2.1", "127.0.0.1:5353",
+    "::1", "[::1]:5353". Names are refused: the resolver cannot look up its own servers."""
     if not isinstance(value, list):
         raise ValueError("must be a list such as [\"127.0.0.1:5353\"]")
     out = []
-    for v in value:
-        if isinstance(v, str) and ":" not in v.replace("::", "") and not v.startswith("["):
-            v = f"{v}:53"
-        host, port = parse_endpoint(v)
+    for i, v in enumerate(value):
+        if not isinstance(v, str):
+            raise ValueError(f"entry {i}: {v!r} is not a string")
+        try:
+            host, port = str(ipaddress.ip_address(v)), 53
+        except ValueError:
+            try:
+                host, port = parse_endpoint(v)
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise ValueError(f"entry {i}: {v!r} is not an IP address with an optional "
+                                 "port (\"127.0.0.1:5353\", \"[::1]:53\")") from None
         out.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
     return tuple(out)
 
@@ -394,7 +404,7 @@ DELIVERY_KEYS = {"retry", "mx_port", "max_queue_lifetime", "delay_warning", "max
                  "max_connections_per_destination", "connect_timeout", "command_timeout",
                  "max_return_size"}
 ROUTE_KEYS = {"match", "via", "host", "tls", "tls_verify", "username", "password_file", "cost"}
-_PATTERN = re.compile(r"\*|(\*\.)?[a-z0-9]([a-z0-9.-]*[a-z0-9])?\Z")
+_PATTERN = re.compile(r"(?:\*|(?:\*\.)?[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?)\Z")
 SMTP_KEYS = {
     "listen", "submission", "submissions", "max_message_size", "max_recipients",
     "command_timeout", "data_timeout", "max_connections", "max_connections_per_peer",

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "MAX_HOPS", "Expansion", "count_hops", "expand", "local_delivery_bytes",
-    "missing_headers", "received_header",
+    "missing_headers", "received_header", "xtext_decode", "xtext_encode",
 ]
 
 MAX_HOPS = 100          # RFC 5321 §6.3: a simple "hop count" of Received headers
@@ -117,3 +117,24 @@ def local_delivery_bytes(data: bytes, sender: str, recipient: str) -> bytes:
     """The Maildir file's content: Return-Path and Delivered-To, then the message, LF ends."""
     head = f"Return-Path: <{sender}>\r\nDelivered-To: {recipient}\r\n".encode()
     return (head + data).replace(b"\r\n", b"\n")
+
+
+def xtext_encode(text: str) -> str:
+    """RFC 3461 §4 xtext: '+', '=' and characters outside '!'..'~' as "+HH"."""
+    return "".join(c if "!" <= c <= "~" and c not in "+=" else
+                   "".join(f"+{b:02X}" for b in c.encode()) for c in text)
+
+
+def xtext_decode(text: str) -> str:
+    """The inverse of :func:`xtext_encode`; malformed escapes are kept as they are."""
+    out = bytearray()
+    i = 0
+    raw = text.encode("utf-8", "replace")
+    while i < len(raw):
+        if raw[i:i + 1] == b"+" and re.fullmatch(rb"[0-9A-F]{2}", raw[i + 1:i + 3]):
+            out.append(int(raw[i + 1:i + 3], 16))
+            i += 3
+        else:
+            out.append(raw[i])
+            i += 1
+    return out.decode("utf-8", "replace")

@@ -129,7 +129,10 @@ class SmtpDeliveryAgent:
                 pass
             found = await self.resolver.addresses(route.host)
             if not isinstance(found, tuple):
-                return self._dns_failure(dest, found.describe(), found.enhanced, found.permanent)
+                # the smart host's own name: our configuration, so retried, never bounced
+                return self._dns_failure(dest, f"the smart host name {route.host} of route "
+                                         f"{route.match} does not resolve: {found.describe()}",
+                                         "4.4.3", False)
             return [(route.host, ip, route.port) for ip in found]
         mx: MxResult = await self.resolver.mx(dest.domain)
         if mx.null_mx:
@@ -179,7 +182,7 @@ class SmtpDeliveryAgent:
                 except HopError as exc:
                     client.close()
                     if exc.step == "STARTTLS" and dest.route.tls == "opportunistic" \
-                            and not plaintext_retry and exc.reply is None:
+                            and not plaintext_retry:
                         plaintext_retry = True
                         transcript.note("TLS failed; retrying in plaintext (opportunistic)")
                         continue
@@ -285,7 +288,6 @@ class SmtpDeliveryAgent:
             elif not rcpt_reply.is_positive:
                 reply, step = rcpt_reply, "RCPT"
             elif tx.data is None:
-                reply, step = rcpt_reply, "DATA"
                 out.append(self._result(message, r, False, True,
                                         "451 4.5.0 the server accepted no recipient, so DATA "
                                         "was not sent", "4.5.0", "DATA", name, ip, dest,
@@ -319,10 +321,11 @@ class SmtpDeliveryAgent:
             reply = f"{_line(exc.reply)}"
             status = _status(exc.reply, "4.4.0")
         else:
-            status = {"connect": "4.4.1", "greeting": "4.4.2"}.get(exc.step, "4.4.2")
-            if exc.step == "STARTTLS":
-                status = "4.7.5"
+            status = {"connect": "4.4.1", "greeting": "4.4.2", "STARTTLS": "4.7.5",
+                      "AUTH": "4.7.0"}.get(exc.step, "4.4.2")
             reply = f"451 {status} {exc.detail}"
+        if exc.transient and status.startswith("5."):
+            status = "4" + status[1:]          # a deferral reports a transient status
         return RecipientResult(r, message.queue_id, False, exc.transient, reply, status,
                                exc.step, name, ip, dest.describe(), transcript.text(),
                                hop_failure=hop_failure and exc.transient)

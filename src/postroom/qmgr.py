@@ -35,7 +35,7 @@ from typing import Any
 
 from .bounce import RecipientReport, build_report
 from .config import DEFAULT_ROUTES, DeliveryConfig, Route
-from .conversion import MAX_HOPS, count_hops, expand, local_delivery_bytes
+from .conversion import MAX_HOPS, count_hops, expand, local_delivery_bytes, xtext_decode, xtext_encode
 from .delivery import (
     Destination,
     OutboundMessage,
@@ -240,7 +240,7 @@ class QueueManager:
                 conn.execute("UPDATE recipients SET state = 'delivery', updated = ? WHERE id = ?",
                              (now, rid))
                 continue
-            params.setdefault("ORCPT", f"rfc822;{address}")
+            params.setdefault("ORCPT", f"rfc822;{xtext_encode(address)}")
             conn.execute("UPDATE recipients SET state = 'expanded', updated = ?, last_reply = ? "
                          "WHERE id = ?", (now, "alias: " + ", ".join(result.targets), rid))
             # a target that is already a recipient of this message gets one copy only
@@ -363,6 +363,8 @@ class QueueManager:
                 days = age / 86400
                 detail["status"] = "5.4.7"
                 detail["expired_after"] = age
+                detail["last_step"] = detail.get("step", "")
+                detail["step"] = "lifetime"
                 reply = f"gave up after {days:.1f} days; last error: {o.reply}"
             notice = "failure" if wants_notice("failure", d.sender, d.params) else ""
             record(conn, d.id, state="failed", reply=reply, now=now, notice=notice, detail=detail)
@@ -446,8 +448,13 @@ class QueueManager:
             self._update_backoff(dest, results)
         except asyncio.CancelledError:
             raise
+        except StorageFull:
+            log.warning("the spool's disk is full: results for %s cannot be recorded",
+                        dest.describe())
+            self._back_off(dest)
         except Exception:
             log.exception("outbound delivery to %s failed; will retry", dest.describe())
+            self._back_off(dest)
         finally:
             self._connections[dest.key] -= 1
             if self._connections[dest.key] <= 0:
@@ -465,13 +472,17 @@ class QueueManager:
 
     def _update_backoff(self, dest: Destination, results: list[RecipientResult]) -> None:
         if results and all(r.hop_failure for r in results):
-            failures = self._backoff.get(dest.key, (0.0, 0))[1] + 1
-            wait = retry_delay(self.retry, failures)
-            self._backoff[dest.key] = (self.clock() + wait, failures)
-            log.warning("destination %s failed as a whole; backing off for %ds",
-                        dest.describe(), wait)
+            self._back_off(dest)
         else:
             self._backoff.pop(dest.key, None)
+
+    def _back_off(self, dest: Destination) -> None:
+        """Hold every recipient for this destination until the next retry time."""
+        failures = self._backoff.get(dest.key, (0.0, 0))[1] + 1
+        wait = retry_delay(self.retry, failures)
+        self._backoff[dest.key] = (self.clock() + wait, failures)
+        log.warning("destination %s failed as a whole; backing off for %ds",
+                    dest.describe(), wait)
 
     # --- notices -------------------------------------------------------------------
     async def send_notices(self) -> int:
@@ -496,10 +507,10 @@ class QueueManager:
             for _rid, _, address, params_json, _state, reply, detail_json, *_ in items:
                 params = json.loads(params_json)
                 detail = json.loads(detail_json)
-                orcpt = params.get("ORCPT", "")
+                orcpt = xtext_decode(params.get("ORCPT", "").partition(";")[2])
                 reports.append(RecipientReport(
                     final_recipient=address,
-                    original_recipient=orcpt.partition(";")[2] or None,
+                    original_recipient=orcpt or None,
                     action={"failure": "failed", "delay": "delayed"}.get(
                         kind, "relayed" if detail.get("remote_host") else "delivered"),
                     status=detail.get("status") or ("2.0.0" if kind == "success" else "5.0.0"),
@@ -512,7 +523,8 @@ class QueueManager:
                 report = build_report(
                     kind=kind, reporting_mta=self.hostname, original_sender=sender,
                     original=data, arrival=received, recipients=reports,
-                    ret=mparams.get("RET"), envid=mparams.get("ENVID"),
+                    ret=mparams.get("RET"),
+                    envid=xtext_decode(mparams["ENVID"]) if "ENVID" in mparams else None,
                     max_return_size=self.delivery.max_return_size, now=now,
                     message_id=f"<{new_queue_id()}.{kind}@{self.hostname}>",
                     boundary=f"{new_queue_id()}/{self.hostname}")

@@ -327,7 +327,7 @@ class Client:
             return Transaction(mail, rcpts, data_start)
         if not any(r.is_positive for r in rcpts):
             # RFC 2920 §3.1: the server said 354 with no valid recipient; send no content
-            reply = await self.command(".", "DATA")
+            await self.command(".", "DATA")
             await self.reset()
             return Transaction(mail, rcpts, None)
         assert self.writer is not None
@@ -335,7 +335,12 @@ class Client:
         self.transcript.client(f"<message, {len(data)} octets>")
         self.transcript.client(".")
         await self.drain("DATA")
-        reply = await self.read_reply("DATA")
+        # RFC 5321 4.5.3.2.6: wait at least 10 minutes for the reply to the final dot
+        saved, self.timeout = self.timeout, max(self.timeout, 600.0)
+        try:
+            reply = await self.read_reply("DATA")
+        finally:
+            self.timeout = saved
         return Transaction(mail, rcpts, reply, "end of DATA")
 
     async def reset(self) -> None:

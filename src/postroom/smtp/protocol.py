@@ -278,8 +278,9 @@ class ServerProtocol:
         return raw[:-1]
 
     def _line_event(self) -> Event | None:
-        limit = AUTH_LINE_LIMIT if self.phase is Phase.AUTH else ENVELOPE_LINE_LIMIT
-        line = self._read_line(limit)
+        # framing allows the longest line any command may have (AUTH with an initial
+        # response, RFC 4954 §4); each verb's own limit is checked below
+        line = self._read_line(AUTH_LINE_LIMIT)
         if line is None:
             return NEED_DATA
         if isinstance(line, Reply) or b"\x00" in line:
@@ -287,7 +288,10 @@ class ServerProtocol:
             return self._error(line if isinstance(line, Reply) else replies.NUL_IN_COMMAND)
         if self.phase is Phase.AUTH:
             return self._auth_line(line)
-        if len(line) + 2 > COMMAND_LINE_LIMIT and line[:4].upper() not in (b"MAIL", b"RCPT"):
+        verb_bytes = line[:5].upper()
+        limit = AUTH_LINE_LIMIT if verb_bytes == b"AUTH " else ENVELOPE_LINE_LIMIT \
+            if verb_bytes[:4] in (b"MAIL", b"RCPT") else COMMAND_LINE_LIMIT
+        if len(line) + 2 > limit:
             return self._error(replies.LINE_TOO_LONG)
         try:
             text = line.decode("utf-8")

@@ -7,8 +7,8 @@ lowest cost wins, and routes of equal cost share the load. Local domains never l
 the machine.
 
 :func:`choose_route` returns every route it considered with the reason it matched or
-not, so ``postroom explain`` and ``postroom doctor`` show the same decision the queue
-manager makes.
+not. The SMTP policy and the queue manager both call it, and the diagnostic tools
+(``explain``, ``doctor``) are to call it too, so that all of them show one decision.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ recipients are all final is deleted in the same transaction that made them final
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import queue
@@ -87,9 +88,14 @@ class StorageFull(Exception):
     """The disk (or the database) is full: the client should try again later."""
 
 
+_ID_PREFIX = f"{secrets.randbits(12):03X}"      # per process: several front ends, no clash
+_id_counter = itertools.count(secrets.randbits(16))
+
+
 def new_queue_id() -> str:
-    """A queue id that sorts by arrival: 11 hex digits of milliseconds, 5 random."""
-    return f"{int(time.time() * 1000):011X}{secrets.token_hex(3)[:5].upper()}"
+    """A queue id that sorts by arrival: 11 hex digits of milliseconds, then a
+    per-process prefix and counter (unique within the process, cheap to make)."""
+    return f"{int(time.time() * 1000):011X}{_ID_PREFIX}{next(_id_counter) & 0xFFFF:04X}"
 
 
 @dataclass(frozen=True, slots=True)

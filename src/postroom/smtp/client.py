@@ -158,6 +158,7 @@ class Client:
         self.writer: asyncio.StreamWriter | None = None
         self._replies = ReplyReader()
         self._queue: list[Reply] = []
+        self._out: list[bytes] = []
         self.peer = ""
 
     # --- plumbing ------------------------------------------------------------------
@@ -200,12 +201,15 @@ class Client:
         return reply
 
     def write_line(self, line: str, shown: str | None = None) -> None:
-        assert self.writer is not None
-        self.writer.write(line.encode("utf-8") + b"\r\n")
+        """Queue a command line; :meth:`drain` sends everything queued in one write."""
+        self._out.append(line.encode("utf-8") + b"\r\n")
         self.transcript.client(shown if shown is not None else line)
 
     async def drain(self, step: str) -> None:
         assert self.writer is not None
+        if self._out:
+            self.writer.write(b"".join(self._out))
+            self._out.clear()
         try:
             await asyncio.wait_for(self.writer.drain(), self.timeout)
         except TimeoutError:
@@ -331,7 +335,7 @@ class Client:
             await self.reset()
             return Transaction(mail, rcpts, None)
         assert self.writer is not None
-        self.writer.write(data)
+        self._out.append(data)
         self.transcript.client(f"<message, {len(data)} octets>")
         self.transcript.client(".")
         await self.drain("DATA")

@@ -11,6 +11,7 @@ Receiving ends at "queued": this module never imports delivery or the queue mana
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import secrets
 import ssl
@@ -44,6 +45,7 @@ __all__ = ["AuthThrottle", "ServerState", "Session", "reply_for_exception"]
 log = logging.getLogger("postroom.smtp")
 
 READ_PAUSE = 256 * 1024
+_session_ids = itertools.count(secrets.randbits(32))
 
 
 def reply_for_exception(exc: BaseException, session_id: str) -> Reply:
@@ -121,7 +123,7 @@ class Session(asyncio.Protocol):
         self.state = state
         self.listener = listener
         self.core = ServerProtocol(state.capabilities(listener), tls_active=implicit_tls)
-        self.id = secrets.token_hex(4)
+        self.id = f"{next(_session_ids):08x}"
         self.transport: asyncio.Transport | None = None
         self.peer = ""
         self._readable = asyncio.Event()

@@ -23,6 +23,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# Test this checkout, whatever copy of postroom pip last installed (in-process and in
+# every server subprocess).
+sys.path.insert(0, str(ROOT / "src"))
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 UNTRUSTED = "127.0.0.66"      # a peer outside trusted_networks (127.0.0.1/32)
 # Never the system resolver: servers under test ask a loopback port where no DNS
@@ -148,6 +153,16 @@ class ServerProcess:
         return {q["name"]: q for q in json.loads(out)["queues"]}
 
     def log_text(self) -> str:
+        """The server's output so far. Log lines are written by a background thread, so
+        wait until the file has stopped growing for a moment (at most two seconds)."""
+        deadline = time.monotonic() + 2.0
+        size = -1
+        while time.monotonic() < deadline:
+            now = self.log.stat().st_size if self.log.exists() else 0
+            if now == size:
+                break
+            size = now
+            time.sleep(0.1)
         return self.log.read_text(errors="replace")
 
 
@@ -269,6 +284,3 @@ class RawClient:
     def close(self) -> None:
         self.sock.close()
 
-
-def pytest_configure(config: pytest.Config) -> None:
-    os.environ.setdefault("PYTHONPATH", str(ROOT / "src"))

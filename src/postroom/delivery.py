@@ -45,6 +45,11 @@ class Destination:
     domain: str            # for smart hosts: "" (every domain shares the connection)
 
     @property
+    def ref(self) -> str:
+        """How the spool records it: the route's place in the table, and the domain."""
+        return f"{self.route.index}|{self.domain}"
+
+    @property
     def key(self) -> str:
         return f"smarthost:{self.route.next_hop}" if self.route.via == "smarthost" \
             else f"mx:{self.domain}"

@@ -87,6 +87,7 @@ class _Due:
     attempts: int
     received: float
     params: dict[str, str]
+    destination: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +106,7 @@ class _Outcome:
 class QueueManager:
     BATCH = 256
     MESSAGES_PER_CONNECTION = 50
+    LEASE = 3600.0
 
     def __init__(
         self,
@@ -139,7 +141,7 @@ class QueueManager:
         self._task: asyncio.Task[None] | None = None
         self._in_flight: set[int] = set()
         self._connections: dict[str, int] = defaultdict(int)
-        self._backoff: dict[str, tuple[float, int]] = {}
+        self._failures: dict[str, int] = {}     # destinations failing as a whole, in a row
         self._outbound_tasks: set[asyncio.Task[None]] = set()
         spool.on_commit(self._wake.set)
 
@@ -151,6 +153,7 @@ class QueueManager:
         self._wake.set()
 
     def start(self) -> None:
+        self.clear_leases()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="qmgr")
 
     async def stop(self) -> None:
@@ -265,11 +268,12 @@ class QueueManager:
 
     def _route_or_fail(self, conn: sqlite3.Connection, rid: int, address: str, sender: str,
                        params: dict[str, str], now: float) -> None:
-        decision = choose_route(address.rpartition("@")[2], self.routes, self.local_domains)
-        if decision.chosen:
-            conn.execute("UPDATE recipients SET state = 'delivery', updated = ? WHERE id = ?",
-                         (now, rid))
+        dest = self._destination(address)
+        if dest is not None:
+            conn.execute("UPDATE recipients SET state = 'delivery', destination = ?, updated = ? "
+                         "WHERE id = ?", (dest.ref, now, rid))
             return
+        decision = choose_route(address.rpartition("@")[2], self.routes, self.local_domains)
         self._fail(conn, rid, now, sender, params,
                    f"550 5.4.4 Unable to route: {decision.reason}", "5.4.4", "routing")
 
@@ -282,12 +286,15 @@ class QueueManager:
 
     # --- local delivery ------------------------------------------------------------
     def _due(self, conn: sqlite3.Connection, direction: str, limit: int) -> list[_Due]:
+        """Due recipients: not held, retry time reached, not in flight (outbound)."""
+        now = self.clock()
         rows = conn.execute(
-            "SELECT r.id, r.message, r.address, m.sender, r.attempts, m.received, r.params "
-            "FROM recipients r JOIN messages m ON m.id = r.message WHERE r.state = 'delivery' "
-            "AND r.direction = ? AND r.held = 0 AND r.next_attempt <= ? "
-            "ORDER BY r.next_attempt LIMIT ?", (direction, self.clock(), limit)).fetchall()
-        return [_Due(*row[:6], json.loads(row[6])) for row in rows]
+            "SELECT r.id, r.message, r.address, m.sender, r.attempts, m.received, r.params, "
+            "r.destination FROM recipients r JOIN messages m ON m.id = r.message "
+            "WHERE r.state = 'delivery' AND r.direction = ? AND r.held = 0 "
+            "AND r.next_attempt <= ? AND r.lease_until <= ? ORDER BY r.next_attempt LIMIT ?",
+            (direction, now, now, limit)).fetchall()
+        return [_Due(*row[:6], json.loads(row[6]), row[7]) for row in rows]
 
     async def _read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self.spool.read, fn)
@@ -372,14 +379,28 @@ class QueueManager:
         finish_messages(conn, {o.due.message for o in outcomes})
 
     # --- outbound ------------------------------------------------------------------
-    def _destination(self, address: str) -> Destination | None:
+    def _destination(self, address: str, ref: str = "") -> Destination | None:
+        """The destination stored at conversion (``ref``) while the routing table still
+        has that route for this domain; otherwise a fresh choice."""
         domain = address.rpartition("@")[2]
+        if ref:
+            index, _, _ = ref.partition("|")
+            if index.isdigit() and int(index) < len(self.routes):
+                route = self.routes[int(index)]
+                decision = choose_route(domain, self.routes, self.local_domains)
+                if route in decision.chosen:
+                    return Destination(route, "" if route.via == "smarthost" else domain)
         decision = choose_route(domain, self.routes, self.local_domains)
         if not decision.chosen:
             return None
         route = decision.chosen[0] if len(decision.chosen) == 1 else \
             self.rng.choice(decision.chosen)
         return Destination(route, "" if route.via == "smarthost" else domain)
+
+    def clear_leases(self) -> None:
+        """At start: nothing is in flight any more (a crash left its leases behind)."""
+        self.spool.run_sync(lambda conn: conn.execute(
+            "UPDATE recipients SET lease_until = 0 WHERE lease_until > 0"))
 
     async def dispatch_outbound(self) -> int:
         if self.agent is None:
@@ -388,18 +409,14 @@ class QueueManager:
         if len(self._outbound_tasks) >= cap:
             return 0
         due = await self._read(lambda c: self._due(c, "outbound", 4 * self.BATCH))
-        now = self.clock()
         groups: dict[str, tuple[Destination, list[_Due]]] = {}
         unroutable: list[_Due] = []
         for d in due:
             if d.id in self._in_flight:
                 continue
-            dest = self._destination(d.address)
+            dest = self._destination(d.address, d.destination)
             if dest is None:
                 unroutable.append(d)
-                continue
-            until = self._backoff.get(dest.key, (0.0, 0))[0]
-            if until > now:
                 continue
             groups.setdefault(dest.key, (dest, []))[1].append(d)
         if unroutable:
@@ -407,24 +424,35 @@ class QueueManager:
                 _Outcome(d, False, False, "550 5.4.4 Unable to route: no address space covers "
                          f"{d.address.rpartition('@')[2]}", "5.4.4",
                          {"step": "routing", "hop": "routing table"}) for d in unroutable]))
-        started = 0
+        chosen: list[tuple[Destination, list[tuple[str, list[_Due]]]]] = []
+        running = len(self._outbound_tasks)
         for key, (dest, items) in groups.items():
             by_message: dict[str, list[_Due]] = defaultdict(list)
             for d in items:
                 by_message[d.message].append(d)
-            batches = [list(by_message.items())[i:i + self.MESSAGES_PER_CONNECTION]
-                       for i in range(0, len(by_message), self.MESSAGES_PER_CONNECTION)]
-            for batch in batches:
-                if len(self._outbound_tasks) >= cap or \
-                        self._connections[key] >= self.delivery.max_connections_per_destination:
+            messages = list(by_message.items())
+            connections = self._connections[key]
+            for i in range(0, len(messages), self.MESSAGES_PER_CONNECTION):
+                if running >= cap or connections >= self.delivery.max_connections_per_destination:
                     break
-                for _, ds in batch:
-                    self._in_flight.update(d.id for d in ds)
-                self._connections[key] += 1
-                task = asyncio.get_running_loop().create_task(self._deliver_outbound(dest, batch))
-                self._outbound_tasks.add(task)
-                task.add_done_callback(self._outbound_tasks.discard)
-                started += sum(len(ds) for _, ds in batch)
+                chosen.append((dest, messages[i:i + self.MESSAGES_PER_CONNECTION]))
+                running += 1
+                connections += 1
+        if not chosen:
+            return len(unroutable)
+        # Lease before starting: a delivery that finishes at once must not have its
+        # result overwritten by a late lease. A restart clears leases (clear_leases).
+        leased = [d.id for _, batch in chosen for _, ds in batch for d in ds]
+        until = self.clock() + self.LEASE
+        await self.spool.run(lambda conn: conn.executemany(
+            "UPDATE recipients SET lease_until = ? WHERE id = ?", [(until, rid) for rid in leased]))
+        self._in_flight.update(leased)
+        for dest, batch in chosen:
+            self._connections[dest.key] += 1
+            task = asyncio.get_running_loop().create_task(self._deliver_outbound(dest, batch))
+            self._outbound_tasks.add(task)
+            task.add_done_callback(self._outbound_tasks.discard)
+        started = len(leased)
         return started + len(unroutable)
 
     async def _deliver_outbound(self, dest: Destination, batch: list[tuple[str, list[_Due]]]
@@ -445,16 +473,19 @@ class QueueManager:
             results = await self.agent.deliver(dest, messages)
             outcomes = [self._outcome(dues[r.recipient.id], r) for r in results]
             await self.spool.run(lambda conn: self._record(conn, outcomes))
-            self._update_backoff(dest, results)
+            if results and all(r.hop_failure for r in results):
+                await self._back_off(dest)
+            else:
+                self._failures.pop(dest.key, None)
         except asyncio.CancelledError:
             raise
         except StorageFull:
             log.warning("the spool's disk is full: results for %s cannot be recorded",
                         dest.describe())
-            self._back_off(dest)
+            await self._back_off(dest)
         except Exception:
             log.exception("outbound delivery to %s failed; will retry", dest.describe())
-            self._back_off(dest)
+            await self._back_off(dest)
         finally:
             self._connections[dest.key] -= 1
             if self._connections[dest.key] <= 0:
@@ -470,17 +501,17 @@ class QueueManager:
         return _Outcome(due, r.ok, r.transient, r.reply, r.status, detail,
                         success_notice=r.ok and not r.dsn_capable)
 
-    def _update_backoff(self, dest: Destination, results: list[RecipientResult]) -> None:
-        if results and all(r.hop_failure for r in results):
-            self._back_off(dest)
-        else:
-            self._backoff.pop(dest.key, None)
-
-    def _back_off(self, dest: Destination) -> None:
-        """Hold every recipient for this destination until the next retry time."""
-        failures = self._backoff.get(dest.key, (0.0, 0))[1] + 1
+    async def _back_off(self, dest: Destination) -> None:
+        """Hold every queued recipient for this destination until its next retry time,
+        in the spool, so the wait survives a restart and held rows are never read."""
+        failures = self._failures.get(dest.key, 0) + 1
+        self._failures[dest.key] = failures
         wait = retry_delay(self.retry, failures)
-        self._backoff[dest.key] = (self.clock() + wait, failures)
+        now = self.clock()
+        await self.spool.run(lambda conn: conn.execute(
+            "UPDATE recipients SET next_attempt = ? WHERE destination = ? AND state = 'delivery' "
+            "AND direction = 'outbound' AND lease_until <= ? AND next_attempt < ?",
+            (now + wait, dest.ref, now, now + wait)))
         log.warning("destination %s failed as a whole; backing off for %ds",
                     dest.describe(), wait)
 

@@ -69,11 +69,15 @@ CREATE TABLE IF NOT EXISTS recipients (
     updated      REAL NOT NULL,
     notice       TEXT NOT NULL DEFAULT '',  -- a DSN owed to the sender: '' | failure | success
     warned       INTEGER NOT NULL DEFAULT 0, -- delay notice: 0 not yet, 1 owed, 2 sent
-    detail       TEXT NOT NULL DEFAULT '{}'  -- JSON: the last attempt (step, host, ip, hop, ...)
+    detail       TEXT NOT NULL DEFAULT '{}', -- JSON: the last attempt (step, host, ip, hop, ...)
+    destination  TEXT NOT NULL DEFAULT '',  -- outbound: "<route index>|<domain>" chosen at conversion
+    lease_until  REAL NOT NULL DEFAULT 0    -- outbound: in flight until then (cleared at start)
 );
 CREATE INDEX IF NOT EXISTS recipients_due ON recipients (state, direction, next_attempt);
 CREATE INDEX IF NOT EXISTS recipients_message ON recipients (message);
 CREATE INDEX IF NOT EXISTS recipients_notice ON recipients (notice) WHERE notice != '';
+CREATE INDEX IF NOT EXISTS recipients_destination ON recipients (destination)
+    WHERE state = 'delivery' AND direction = 'outbound';
 """
 
 # Columns added after the first release, for spools created before them.
@@ -81,6 +85,8 @@ MIGRATIONS = {
     "notice": "ALTER TABLE recipients ADD COLUMN notice TEXT NOT NULL DEFAULT ''",
     "warned": "ALTER TABLE recipients ADD COLUMN warned INTEGER NOT NULL DEFAULT 0",
     "detail": "ALTER TABLE recipients ADD COLUMN detail TEXT NOT NULL DEFAULT '{}'",
+    "destination": "ALTER TABLE recipients ADD COLUMN destination TEXT NOT NULL DEFAULT ''",
+    "lease_until": "ALTER TABLE recipients ADD COLUMN lease_until REAL NOT NULL DEFAULT 0",
 }
 
 
@@ -354,7 +360,7 @@ def record(conn: sqlite3.Connection, rid: int, *, state: str, reply: str, now: f
     conn.execute(
         "UPDATE recipients SET state = ?, last_reply = ?, updated = ?, "
         "attempts = COALESCE(?, attempts + 1), next_attempt = COALESCE(?, next_attempt), "
-        "notice = ?, warned = CASE WHEN ? AND warned = 0 THEN 1 ELSE warned END, "
+        "notice = ?, warned = CASE WHEN ? AND warned = 0 THEN 1 ELSE warned END, lease_until = 0, "
         "detail = COALESCE(?, detail) WHERE id = ?",
         (state, reply, now, attempts, next_attempt, notice, int(warn),
          json.dumps(detail) if detail is not None else None, rid))

@@ -187,3 +187,49 @@ def test_alias_target_already_a_recipient_gets_one_copy(spool: SqliteSpool, tmp_
 @pytest.mark.parametrize("attempts, expected", [(1, 60.0), (2, 300.0), (3, 300.0), (50, 300.0)])
 def test_retry_schedule_repeats_its_last_interval(attempts: int, expected: float) -> None:
     assert retry_delay((60.0, 300.0), attempts) == expected
+
+
+class DeadAgent:
+    """A delivery agent whose every next hop is down (connection refused)."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    async def deliver(self, dest, messages):  # type: ignore[no-untyped-def]
+        from postroom.delivery import RecipientResult
+        self.calls.append(sum(len(m.recipients) for m in messages))
+        return [RecipientResult(r, m.queue_id, False, True, "451 4.4.1 connection refused",
+                                "4.4.1", "connect", "mx.far.test", "127.0.0.9",
+                                dest.describe(), hop_failure=True)
+                for m in messages for r in m.recipients]
+
+
+def test_a_dead_destination_backs_off_as_a_whole_and_the_wait_is_stored(
+        spool: SqliteSpool, tmp_path: Path, clock: Clock) -> None:
+    agent = DeadAgent()
+    q = QueueManager(spool, MaildirStore(tmp_path / "mail", "t"),
+                     local_domains=frozenset({"example.test"}), aliases={},
+                     mailbox_exists=lambda a: True,
+                     delivery=DeliveryConfig(retry=(60.0, 300.0)), clock=clock,
+                     agent=agent)  # type: ignore[arg-type]
+    q.MESSAGES_PER_CONNECTION = 2
+    q.delivery = DeliveryConfig(retry=(60.0, 300.0), max_connections_per_destination=1)
+
+    async def main() -> None:
+        for i in range(5):
+            await spool.enqueue(message((f"u{i}@far.test", "outbound")))
+        await q.convert_batch()
+        await q.dispatch_outbound()                  # one connection, two messages
+        await asyncio.gather(*q._outbound_tasks)
+        assert agent.calls == [2]
+        # the other three were not tried, yet wait with the destination
+        assert await q.dispatch_outbound() == 0
+        clock.now += 60
+        await q.dispatch_outbound()
+        await asyncio.gather(*q._outbound_tasks)
+        assert agent.calls == [2, 2]
+    asyncio.run(main())
+    waits = spool.read(lambda c: [r[0] - clock.now for r in c.execute(
+        "SELECT next_attempt FROM recipients ORDER BY id")])
+    assert all(w > 0 for w in waits), waits          # nobody is due right now
+    assert max(waits) == 300.0                       # the second failure in a row waits longer

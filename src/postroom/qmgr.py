@@ -142,6 +142,7 @@ class QueueManager:
         self._in_flight: set[int] = set()
         self._connections: dict[str, int] = defaultdict(int)
         self._failures: dict[str, int] = {}     # destinations failing as a whole, in a row
+        self._suspended: dict[str, float] = {}  # destination ref -> end of its backoff
         self._outbound_tasks: set[asyncio.Task[None]] = set()
         spool.on_commit(self._wake.set)
 
@@ -270,8 +271,11 @@ class QueueManager:
                        params: dict[str, str], now: float) -> None:
         dest = self._destination(address)
         if dest is not None:
-            conn.execute("UPDATE recipients SET state = 'delivery', destination = ?, updated = ? "
-                         "WHERE id = ?", (dest.ref, now, rid))
+            # new mail for a destination that is backing off waits with it ("delivery
+            # temporarily suspended"), instead of being tried at once
+            when = max(now, self._suspended.get(dest.ref, 0.0))
+            conn.execute("UPDATE recipients SET state = 'delivery', destination = ?, updated = ?, "
+                         "next_attempt = ? WHERE id = ?", (dest.ref, now, when, rid))
             return
         decision = choose_route(address.rpartition("@")[2], self.routes, self.local_domains)
         self._fail(conn, rid, now, sender, params,
@@ -477,6 +481,7 @@ class QueueManager:
                 await self._back_off(dest)
             else:
                 self._failures.pop(dest.key, None)
+                self._suspended.pop(dest.ref, None)
         except asyncio.CancelledError:
             raise
         except StorageFull:
@@ -508,6 +513,7 @@ class QueueManager:
         self._failures[dest.key] = failures
         wait = retry_delay(self.retry, failures)
         now = self.clock()
+        self._suspended[dest.ref] = now + wait
         await self.spool.run(lambda conn: conn.execute(
             "UPDATE recipients SET next_attempt = ? WHERE destination = ? AND state = 'delivery' "
             "AND direction = 'outbound' AND lease_until <= ? AND next_attempt < ?",

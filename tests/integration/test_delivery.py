@@ -339,3 +339,74 @@ def test_submission_client_tls_context_is_usable() -> None:
     # guards the helper the smart-host tests rely on
     assert client_tls_context().check_hostname is False
     assert smtplib.SMTP is not None
+
+
+def test_an_authenticated_user_from_anywhere_reaches_a_remote_mx(server_factory, dns_port) -> None:  # type: ignore[no-untyped-def]
+    with sink(MX_IP) as remote:
+        sp = server_factory(_config(dns_port, remote.port))
+        with sp.smtp(source="127.0.0.66", port=sp.sub_port) as s:
+            s.starttls(context=client_tls_context())
+            s.login("alice@example.test", "s3cret")
+            s.sendmail("alice@example.test", ["carol@far.test"],
+                       b"Subject: from a laptop\r\n\r\nhi\r\n")
+        assert [m["Subject"] for m in remote.wait(1)] == ["from a laptop"]
+
+
+def test_the_next_mx_is_tried_when_the_first_refuses_connections(  # type: ignore[no-untyped-def]
+        server_factory) -> None:
+    port = free_port()
+    records = ["--mx-host=two.test,mx1.two.test,10", "--host-record=mx1.two.test,127.0.0.11",
+               "--mx-host=two.test,mx2.two.test,20", f"--host-record=mx2.two.test,{MX_IP}"]
+    with run_dnsmasq(records) as dns, sink(MX_IP, port) as remote:
+        sp = server_factory(_config(dns, port))
+        _send(sp, ["x@two.test"], "second choice")
+        assert [m["Subject"] for m in remote.wait(1)] == ["second choice"]
+
+
+def test_queued_messages_for_one_destination_share_one_connection(  # type: ignore[no-untyped-def]
+        server_factory, dns_port) -> None:
+    smarthost = server_factory(users=("pat@partner.test",), domains=("partner.test",),
+                               start=False)
+    sp = server_factory(_config(dns_port, 9, f"""
+        [[route]]
+        match = "partner.test"
+        via = "smarthost"
+        host = "127.0.0.1:{smarthost.mx_port}"
+        """))
+    for i in range(5):                      # the smart host is down: all five wait
+        _send(sp, ["pat@partner.test"], f"batch {i}")
+    time.sleep(0.5)
+    smarthost.start()
+    got = smarthost.wait_messages("pat@partner.test", 5)
+    assert len(got) == 5
+    log = smarthost.log_text()
+    assert log.count(" queued queue_id=") == 5
+    # new mail waited with the suspended destination, then all of it went together
+    # (counted by the sessions that queued mail: the harness's port probe queues none)
+    sessions = {line.split("session=")[1].split()[0] for line in log.splitlines()
+                if " queued queue_id=" in line}
+    assert len(sessions) == 1, log
+
+
+def test_a_message_needing_smtputf8_to_a_server_without_it_bounces_with_5_6_7(  # type: ignore[no-untyped-def]
+        server_factory, dns_port, tmp_path: Path) -> None:
+    with postfix(tmp_path / "old", "127.0.0.21", """
+            smtputf8_enable = no
+            mynetworks = 127.0.0.0/8
+            relay_domains = far.test
+            relay_transport = discard:
+            """) as old:
+        sp = server_factory(_config(dns_port, 9, f"""
+            [[route]]
+            match = "far.test"
+            via = "smarthost"
+            host = "{old.address}:{old.port}"
+            """))
+        with sp.smtp() as s:
+            s.ehlo()
+            s.mail("alice@example.test", ["SMTPUTF8", "BODY=8BITMIME"])
+            assert s.rcpt("jörg@far.test")[0] == 250
+            assert s.data("Subject: ünïcode\r\n\r\nhallo\r\n".encode())[0] == 250
+        [ndr] = _notices(sp)
+    human, dsn = _report_text(ndr)
+    assert "5.6.7" in dsn and "SMTPUTF8" in human

@@ -131,14 +131,14 @@ def rss_of(pids: list[int]) -> float:
     return total / 1024
 
 
-def postfix_pids(config: Path) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", str(config)], capture_output=True, text=True).stdout
-    master = [int(p) for p in out.split()]
-    kids = []
-    for m in master:
-        kids += [int(p) for p in subprocess.run(["pgrep", "-P", str(m)], capture_output=True,
-                                                text=True).stdout.split()]
-    return master + kids
+def postfix_pids(queue: Path) -> list[int]:
+    """The instance's master (from its pid file) and every process it started."""
+    try:
+        master = int((queue / "pid" / "master.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return []
+    kids = subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True).stdout
+    return [master, *(int(p) for p in kids.split())]
 
 
 def bench_postroom(n: int, size: int, sessions: int) -> Result:
@@ -219,7 +219,7 @@ def bench_postfix(n: int, size: int, sessions: int) -> Result:
     try:
         wait_port(port)
         seconds, cpu, peak = run_load(port, sink, n, size, sessions,
-                                      lambda: rss_of(postfix_pids(etc)))
+                                      lambda: rss_of(postfix_pids(queue)))
     finally:
         subprocess.run([POSTFIX, "-c", str(etc), "stop"], capture_output=True)
         sink.stop()

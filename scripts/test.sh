@@ -24,8 +24,9 @@ fi
 echo "== installing postroom with its test extras"
 python3 -m pip install -q --disable-pip-version-check -e '.[test]'
 
-echo "== lint"
-python3 -m ruff check src tests
+echo "== lint and types"
+python3 -m ruff check src tests bench
+python3 -m mypy src
 
 echo "== tests (loopback-only network namespace)"
 if [ "$(id -u)" -eq 0 ] && unshare -n true 2>/dev/null; then

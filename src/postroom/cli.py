@@ -64,17 +64,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     setup_logging(config.data_dir / "logs", stderr=not args.quiet)
 
     def started(listeners: list) -> None:  # type: ignore[type-arg]
-        print(f"Postroom {__version__} is running as {config.hostname}, "
-              f"data in {config.data_dir}")
-        for b in listeners:
-            print(f"  {b.describe()}")
         domain = config.local_domains[0]
         mx = next((b for b in listeners if b.kind == "mx"), None)
-        print("Next, add a mailbox:")
-        print(f"  postroom users add alice@{domain} --password-stdin <<<'s3cret'")
+        lines = [f"Postroom {__version__} is running as {config.hostname}, "
+                 f"data in {config.data_dir}",
+                 *(f"  {b.describe()}" for b in listeners),
+                 "Next, add a mailbox:",
+                 f"  postroom users add alice@{domain} --password-stdin <<<'s3cret'"]
         if mx is not None:
-            print(f"  swaks --server {mx.host}:{mx.port} --to alice@{domain}")
-        print("Stop with Ctrl-C (or SIGTERM).", flush=True)
+            lines.append(f"  swaks --server {mx.host}:{mx.port} --to alice@{domain}")
+        lines.append("Stop with Ctrl-C (or SIGTERM).")
+        # one write, so that log lines from the other thread cannot land inside it
+        sys.stdout.write("\n".join(lines) + "\n")
+        sys.stdout.flush()
 
     server = Postroom(config)
     try:

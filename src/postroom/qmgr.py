@@ -298,7 +298,8 @@ class QueueManager:
             "WHERE r.state = 'delivery' AND r.direction = ? AND r.held = 0 "
             "AND r.next_attempt <= ? AND r.lease_until <= ? ORDER BY r.next_attempt LIMIT ?",
             (direction, now, now, limit)).fetchall()
-        return [_Due(*row[:6], json.loads(row[6]), row[7]) for row in rows]
+        return [_Due(row[0], row[1], row[2], row[3], row[4], row[5], json.loads(row[6]), row[7])
+                for row in rows]
 
     async def _read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self.spool.read, fn)

@@ -42,7 +42,7 @@ class ReplyReader:
 
     def feed(self, data: bytes) -> list[Reply]:
         self._buf += data
-        out = []
+        out: list[Reply] = []
         while True:
             nl = self._buf.find(b"\n")
             if nl < 0:

@@ -175,7 +175,7 @@ class ServerProtocol:
             self.errors += 1
         self._out.append(reply.render())
 
-    def _error(self, reply: Reply) -> Event | None:
+    def _error(self, reply: Reply) -> Closed | None:
         """Send an error reply; past the error limit, say 421 and close."""
         self._send(reply)
         if self.errors >= self.caps.max_errors:

@@ -102,10 +102,6 @@ def _status(reply: Reply | None, default: str) -> str:
     return default
 
 
-def _line(reply: Reply) -> str:
-    return str(reply)
-
-
 def needs_smtputf8(message: OutboundMessage) -> bool:
     return "SMTPUTF8" in message.mail_params or not message.sender.isascii() or any(
         not r.address.isascii() for r in message.recipients)
@@ -302,7 +298,7 @@ class SmtpDeliveryAgent:
                 reply, step = tx.data, "DATA"
             ok = reply.is_positive and step == "DATA"
             res = self._result(message, r, ok, reply.is_transient,
-                               _line(reply), _status(reply, "2.0.0" if ok else "5.0.0"), step,
+                               str(reply), _status(reply, "2.0.0" if ok else "5.0.0"), step,
                                name, ip, dest, transcript)
             res.dsn_capable = dsn
             out.append(res)
@@ -323,7 +319,7 @@ class SmtpDeliveryAgent:
                     transcript: Transcript, message: OutboundMessage, r: OutboundRecipient,
                     hop_failure: bool = True) -> RecipientResult:
         if exc.reply is not None:
-            reply = f"{_line(exc.reply)}"
+            reply = str(exc.reply)
             status = _status(exc.reply, "4.4.0")
         else:
             status = {"connect": "4.4.1", "greeting": "4.4.2", "STARTTLS": "4.7.5",

@@ -50,6 +50,7 @@ from .spool import (
     SqliteSpool,
     StorageFull,
     finish_messages,
+    insert_message,
     new_queue_id,
     record,
 )
@@ -191,18 +192,6 @@ class QueueManager:
                 await asyncio.wait_for(self._wake.wait(), timeout=1.0)
             except TimeoutError:
                 pass
-
-    async def run_until_idle(self, timeout: float = 30.0) -> None:
-        """Run rounds until nothing is left to do now (tests and tools)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            worked = await self.convert_batch() + await self.deliver_batch() + \
-                await self.dispatch_outbound() + await self.send_notices()
-            if self._outbound_tasks:
-                await asyncio.wait(self._outbound_tasks)
-                continue
-            if not worked:
-                return
 
     # --- conversion ----------------------------------------------------------------
     async def convert_batch(self) -> int:
@@ -568,7 +557,7 @@ class QueueManager:
                     boundary=f"{new_queue_id()}/{self.hostname}")
                 qid = new_queue_id()
                 direction = "inbound" if self._is_local(sender.lower()) else "outbound"
-                _insert_notice(conn, NewMessage(
+                insert_message(conn, NewMessage(
                     qid, "", {}, {"peer": "127.0.0.1", "helo": self.hostname,
                                   "listener": "internal", "notice": kind, "about": mid},
                     report, (NewRecipient(_lower_domain(sender), direction, {}),)), now)
@@ -587,7 +576,3 @@ def _lower_domain(address: str) -> str:
     local, _, domain = address.rpartition("@")
     return f"{local}@{domain.lower()}" if domain else address
 
-
-def _insert_notice(conn: sqlite3.Connection, message: NewMessage, now: float) -> None:
-    from .spool import _insert
-    _insert(conn, message, now)

@@ -35,7 +35,7 @@ from typing import Any, Protocol, TypeVar
 
 __all__ = [
     "QUEUES", "NewMessage", "NewRecipient", "QueueSummary", "Spool", "SpoolRecipient",
-    "SqliteSpool", "StorageFull", "new_queue_id",
+    "SqliteSpool", "StorageFull", "finish_messages", "insert_message", "new_queue_id", "record",
 ]
 
 T = TypeVar("T")
@@ -318,7 +318,7 @@ class SqliteSpool:
     async def enqueue(self, message: NewMessage) -> None:
         """Store a message and its recipients durably; returns once committed."""
         now = self.clock()
-        await self.run(lambda conn: _insert(conn, message, now))
+        await self.run(lambda conn: insert_message(conn, message, now))
         for listener in self._listeners:
             listener()
 
@@ -326,7 +326,8 @@ class SqliteSpool:
         return self.read(queue_summary)
 
 
-def _insert(conn: sqlite3.Connection, m: NewMessage, now: float) -> None:
+def insert_message(conn: sqlite3.Connection, m: NewMessage, now: float) -> None:
+    """Insert a message and its recipients (inside a job, like any write)."""
     conn.execute(
         "INSERT INTO messages (id, received, sender, size, params, client, data) "
         "VALUES (?, ?, ?, ?, ?, ?, ?)",

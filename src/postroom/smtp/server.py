@@ -45,6 +45,7 @@ __all__ = ["AuthThrottle", "ServerState", "Session", "reply_for_exception"]
 log = logging.getLogger("postroom.smtp")
 
 READ_PAUSE = 256 * 1024
+PROGRESS_BYTES = 64 * 1024      # message data that counts as progress against data_timeout
 _session_ids = itertools.count(secrets.randbits(32))
 
 
@@ -131,6 +132,9 @@ class Session(asyncio.Protocol):
         self._paused = False
         self._counted = False
         self._task: asyncio.Task[None] | None = None
+        self._received = 0
+        self._progress_at = time.monotonic()
+        self._progress_bytes = 0
 
     # --- asyncio.Protocol ----------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -166,6 +170,7 @@ class Session(asyncio.Protocol):
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     def data_received(self, data: bytes) -> None:
+        self._received += len(data)
         self.core.receive(data)
         self._readable.set()
         if self.core.buffered > READ_PAUSE and not self._paused and self.transport:
@@ -204,8 +209,14 @@ class Session(asyncio.Protocol):
     # --- the session loop ----------------------------------------------------------
     def _flush(self) -> None:
         out = self.core.take_output()
-        if out and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(out)
+        if out:
+            self._progress()
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.write(out)
+
+    def _progress(self) -> None:
+        self._progress_at = time.monotonic()
+        self._progress_bytes = self._received
 
     def _snapshot(self) -> SessionSnapshot:
         return SessionSnapshot(peer_address(self.peer), self.listener, self.core.tls_active,
@@ -228,9 +239,18 @@ class Session(asyncio.Protocol):
                         self._paused = False
                         self.transport.resume_reading()
                     self._readable.clear()
-                    wait = timeouts.data_timeout if core.phase is Phase.DATA \
+                    # The clock runs from the last progress (a reply sent, or 64 KB of
+                    # message data), not from the last byte: a peer trickling a byte at a
+                    # time (slowloris) still times out.
+                    limit = timeouts.data_timeout if core.phase is Phase.DATA \
                         else timeouts.command_timeout
+                    if core.phase is Phase.DATA and \
+                            self._received - self._progress_bytes >= PROGRESS_BYTES:
+                        self._progress()
+                    wait = limit - (time.monotonic() - self._progress_at)
                     try:
+                        if wait <= 0:
+                            raise TimeoutError
                         await asyncio.wait_for(self._readable.wait(), wait)
                     except TimeoutError:
                         log.info("session=%s timeout in %s phase", self.id, core.phase.value)

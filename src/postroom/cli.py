@@ -45,8 +45,9 @@ def _load_or_defaults(path: Path) -> Config:
 
 # --- serve / check -------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .app import Postroom
+    from .app import Postroom, bind_listeners, fork_front_ends, tls_files
     from .observability import setup_logging
+    from .spool import SqliteSpool
 
     path = Path(args.config)
     if not path.exists():
@@ -61,7 +62,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     for warning in config.warnings():
         print(f"postroom: WARNING {warning}", file=sys.stderr)
-    setup_logging(config.data_dir / "logs", stderr=not args.quiet)
 
     def started(listeners: list) -> None:  # type: ignore[type-arg]
         domain = config.local_domains[0]
@@ -78,14 +78,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sys.stdout.write("\n".join(lines) + "\n")
         sys.stdout.flush()
 
-    server = Postroom(config)
+    try:
+        listeners = bind_listeners(config)
+        tls_files(config)
+        # create the spool and the user store once, before any process starts threads
+        SqliteSpool(config.spool_path).close()
+        UserStore(config.users_path).close()
+    except ssl.SSLError as exc:
+        return _fail(f"cannot load the TLS certificate or key ([tls] cert_file, key_file): "
+                     f"{exc.reason or exc}")
+    except OSError as exc:
+        return _fail(f"cannot start: {exc.strerror or exc} (is another server on that port?)")
+
+    def front_end(notify_fd: int) -> None:
+        setup_logging(config.data_dir / "logs", stderr=not args.quiet, rotate=False)
+        child = Postroom(config, listeners=listeners, main=False, notify_fd=notify_fd)
+        asyncio.run(child.run_until_signalled())
+
+    children, wake_fd = fork_front_ends(config, listeners, config.smtp.processes - 1, front_end)
+    setup_logging(config.data_dir / "logs", stderr=not args.quiet)
+    server = Postroom(config, listeners=listeners, wake_fd=wake_fd, children=children)
     try:
         asyncio.run(server.run_until_signalled(started))
     except ssl.SSLError as exc:
         return _fail(f"cannot load the TLS certificate or key ([tls] cert_file, key_file): "
                      f"{exc.reason or exc}")
     except OSError as exc:
-        return _fail(f"cannot start: {exc.strerror or exc} (is another server on that port?)")
+        return _fail(f"cannot start: {exc.strerror or exc}")
     return 0
 
 

@@ -67,6 +67,7 @@ class SmtpConfig:
     auth_on_mx: bool = False
     auth_failure_limit: int = 5
     auth_failure_window: float = 600.0
+    processes: int = 1
 
 
 @dataclass(frozen=True)
@@ -269,6 +270,12 @@ def _schedule(value: object) -> tuple[float, ...]:
     return tuple(_positive_duration(v) for v in value)
 
 
+def _processes(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
+        raise ValueError(f"must be a number of processes from 1 to 64, not {value!r}")
+    return value
+
+
 def _port(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
         raise ValueError(f"must be a port number (1-65535), not {value!r}")
@@ -408,7 +415,7 @@ _PATTERN = re.compile(r"(?:\*|(?:\*\.)?[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?)\Z")
 SMTP_KEYS = {
     "listen", "submission", "submissions", "max_message_size", "max_recipients",
     "command_timeout", "data_timeout", "max_connections", "max_connections_per_peer",
-    "max_errors", "auth_on_mx", "auth_failure_limit", "auth_failure_window",
+    "max_errors", "auth_on_mx", "auth_failure_limit", "auth_failure_window", "processes",
 }
 
 
@@ -457,6 +464,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: str) -> Config:
             "smtp.auth_failure_limit", r),
         auth_failure_window=r.convert(
             s, "smtp.", "auth_failure_window", _positive_duration, d.auth_failure_window),
+        processes=r.convert(s, "smtp.", "processes", _processes, d.processes),
     )
     if not (smtp.listen or smtp.submission or smtp.submissions):
         r.problems.append(Problem("smtp.listen", "no listener at all: give at least one address"))
@@ -604,6 +612,9 @@ max_connections = 1000
 max_connections_per_peer = 50
 # Errors in one session before the server says "421" and hangs up.
 max_errors = 10
+# SMTP front-end processes sharing the listeners (the main one included). More than
+# one uses more cores; connection caps and AUTH throttling then count per process.
+processes = 1
 # Offer AUTH on the MX listener too (always only after STARTTLS).
 auth_on_mx = false
 # Failed AUTH attempts from one address within the window before AUTH is refused.

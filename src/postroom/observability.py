@@ -35,7 +35,8 @@ class _LogFile(logging.handlers.RotatingFileHandler):
 _listener: logging.handlers.QueueListener | None = None
 
 
-def setup_logging(log_dir: Path | None, *, level: int = logging.INFO, stderr: bool = True) -> None:
+def setup_logging(log_dir: Path | None, *, level: int = logging.INFO, stderr: bool = True,
+                  rotate: bool = True) -> None:
     """Log lines are formatted where they happen and written by a background thread, so
     that neither the event loop nor the spool writer waits for the log file."""
     global _listener
@@ -53,8 +54,11 @@ def setup_logging(log_dir: Path | None, *, level: int = logging.INFO, stderr: bo
         handlers.append(h)
     if log_dir is not None:
         log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fh = _LogFile(
-            log_dir / "postroom.log", maxBytes=50 * 1024 * 1024, backupCount=5, encoding="utf-8")
+        # One process rotates; the others (SMTP front ends) follow the file by name.
+        fh: logging.Handler = _LogFile(
+            log_dir / "postroom.log", maxBytes=50 * 1024 * 1024, backupCount=5,
+            encoding="utf-8") if rotate else logging.handlers.WatchedFileHandler(
+            log_dir / "postroom.log", encoding="utf-8")
         fh.setFormatter(formatter)
         handlers.append(fh)
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()

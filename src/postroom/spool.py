@@ -94,8 +94,19 @@ class StorageFull(Exception):
     """The disk (or the database) is full: the client should try again later."""
 
 
-_ID_PREFIX = f"{secrets.randbits(12):03X}"      # per process: several front ends, no clash
-_id_counter = itertools.count(secrets.randbits(16))
+_ID_PREFIX = ""
+_id_counter = itertools.count()
+
+
+def _seed_ids() -> None:
+    """A fresh prefix and counter per process (again in every forked front end)."""
+    global _ID_PREFIX, _id_counter
+    _ID_PREFIX = f"{secrets.randbits(12):03X}"
+    _id_counter = itertools.count(secrets.randbits(16))
+
+
+_seed_ids()
+os.register_at_fork(after_in_child=_seed_ids)
 
 
 def new_queue_id() -> str:

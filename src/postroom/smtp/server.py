@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import secrets
 import ssl
 import time
@@ -47,6 +48,14 @@ log = logging.getLogger("postroom.smtp")
 READ_PAUSE = 256 * 1024
 PROGRESS_BYTES = 64 * 1024      # message data that counts as progress against data_timeout
 _session_ids = itertools.count(secrets.randbits(32))
+
+
+def _reseed_session_ids() -> None:
+    global _session_ids
+    _session_ids = itertools.count(secrets.randbits(32))
+
+
+os.register_at_fork(after_in_child=_reseed_session_ids)
 
 
 def reply_for_exception(exc: BaseException, session_id: str) -> Reply:

@@ -1,0 +1,105 @@
+"""Several SMTP front-end processes on the same listeners: mail from all of them
+reaches the queue manager, and the front ends never outlive the main process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+from tests.conftest import ServerProcess
+
+
+def _children(pid: int, expected: int) -> list[int]:
+    """The front ends forked by the main process (the sockets listen before the fork,
+    so wait for them)."""
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    deadline = time.monotonic() + 10
+    found: list[int] = []
+    while time.monotonic() < deadline:
+        found = [int(p) for p in path.read_text().split()] if path.exists() else []
+        if len(found) >= expected:
+            break
+        time.sleep(0.05)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _send_many(sp: ServerProcess, threads: int, each: int) -> list[str]:
+    accepted: list[str] = []
+
+    def sender(t: int) -> None:
+        for i in range(each):
+            uid = f"p{t}-{i}"
+            with sp.smtp() as s:              # a new connection per message, as smtp-source
+                s.sendmail("s@example.test", ["alice@example.test"],
+                           f"Subject: {uid}\r\nX-Test-Id: {uid}\r\n\r\n{uid}\r\n".encode())
+            accepted.append(uid)
+
+    workers = [threading.Thread(target=sender, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=60)
+    return accepted
+
+
+def _ids(sp: ServerProcess, count: int) -> set[str]:
+    found: set[str] = set()
+    for body in sp.wait_messages("alice@example.test", count, timeout=30):
+        for line in body.split(b"\n"):
+            if line.startswith(b"X-Test-Id: "):
+                found.add(line[11:].decode())
+    return found
+
+
+def test_two_front_ends_share_the_listener_and_every_message_is_delivered(  # type: ignore[no-untyped-def]
+        server_factory) -> None:
+    sp: ServerProcess = server_factory("[smtp]\nprocesses = 2")
+    assert sp.proc is not None
+    front_ends = _children(sp.proc.pid, 1)
+    assert len(front_ends) == 1 and _alive(front_ends[0])
+    accepted = _send_many(sp, 8, 15)
+    assert len(accepted) == 120
+    assert _ids(sp, 120) == set(accepted)
+    log = sp.log_text()
+    assert "postroom main started" in log and "postroom front end started" in log
+    # queue ids stay unique across processes (each 250 names one)
+    queued = [line.split("queue_id=")[1].split()[0] for line in log.splitlines()
+              if " queued queue_id=" in line]
+    assert len(queued) == len(set(queued)) == 120
+
+
+def test_sigterm_stops_every_process(server_factory) -> None:  # type: ignore[no-untyped-def]
+    sp: ServerProcess = server_factory("[smtp]\nprocesses = 3")
+    assert sp.proc is not None
+    front_ends = _children(sp.proc.pid, 2)
+    assert len(front_ends) == 2
+    assert sp.stop(signal.SIGTERM) == 0
+    assert not any(_alive(pid) for pid in front_ends)
+
+
+def test_kill_9_of_the_main_process_takes_the_front_ends_with_it_and_loses_nothing(  # type: ignore[no-untyped-def]
+        server_factory) -> None:
+    sp: ServerProcess = server_factory("[smtp]\nprocesses = 2")
+    assert sp.proc is not None
+    front_ends = _children(sp.proc.pid, 1)
+    assert len(front_ends) == 1
+    accepted = _send_many(sp, 4, 10)
+    sp.kill9()
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in front_ends) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in front_ends)      # nobody holds the port
+    sp.start()                                              # binds the same ports again
+    assert _ids(sp, 40) == set(accepted)
+    assert os.path.exists(sp.data / "spool.sqlite3")

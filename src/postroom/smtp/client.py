@@ -198,6 +198,10 @@ class Client:
                                f"{exc}") from None
         reply = self._queue.pop(0)
         self.transcript.server(reply)
+        if reply.code == 421:
+            # "service closing": whatever was asked, the connection is over, and the
+            # failure must quote this reply rather than the closed socket after it
+            raise HopError(step, f"{self.peer} closed the connection at {step}: {reply}", reply)
         return reply
 
     def write_line(self, line: str, shown: str | None = None) -> None:

@@ -41,13 +41,16 @@ def _check_domain(domain: str, utf8: bool) -> str:
         return domain.lower()
     if domain.endswith("."):
         # Kept for routing_hazard to name; a trailing dot is never a valid Domain.
-        body = domain[:-1]
+        body, dot = domain[:-1], "."
     else:
-        body = domain
+        body, dot = domain, ""
     if not body:
         raise AddressError("empty domain")
     try:
-        ascii_domain = body.encode("idna").decode("ascii") if utf8 else body
+        # IDNA 2003 (nameprep): one spelling per domain, so "bücher.test",
+        # "xn--bcher-kva.test", full-width letters and ideographic full stops all
+        # compare equal with the configured local domains.
+        ascii_domain = body.encode("idna").decode("ascii") if not body.isascii() else body
     except UnicodeError as exc:
         raise AddressError("domain is not a valid internationalised name") from exc
     labels = ascii_domain.lower().split(".")
@@ -56,7 +59,7 @@ def _check_domain(domain: str, utf8: bool) -> str:
             raise AddressError(f"invalid domain label {label!r}")
     if len(ascii_domain) > MAX_DOMAIN:
         raise AddressError("domain longer than 255 octets")
-    return domain.lower()
+    return ascii_domain.lower() + dot
 
 
 def parse_path(text: str, *, allow_null: bool, utf8: bool = False) -> Address:
@@ -74,8 +77,11 @@ def parse_path(text: str, *, allow_null: bool, utf8: bool = False) -> Address:
         if allow_null:
             return Address("", "")
         raise AddressError("null path not allowed here")
-    if len(inner.encode("utf-8")) > MAX_PATH:
-        raise AddressError("path longer than 256 octets")
+    try:
+        if len(inner.encode("utf-8")) > MAX_PATH:
+            raise AddressError("path longer than 256 octets")
+    except UnicodeEncodeError:
+        raise AddressError("address is not valid Unicode") from None
     if not utf8 and not inner.isascii():
         raise AddressError("non-ASCII address without SMTPUTF8")
     if inner.startswith("@"):
@@ -107,7 +113,10 @@ def parse_path(text: str, *, allow_null: bool, utf8: bool = False) -> Address:
             raise AddressError("invalid local part")
     elif not (_DOT_STRING.match(local) or _QUOTED.match(local)):
         raise AddressError("invalid local part")
-    return Address(local, _check_domain(domain, utf8))
+    address = Address(local, _check_domain(domain, utf8))
+    if len(str(address).encode("utf-8")) > MAX_PATH:     # normalising may lengthen it
+        raise AddressError("path longer than 256 octets")
+    return address
 
 
 def routing_hazard(address: Address) -> str | None:

@@ -500,6 +500,11 @@ def _ascii(text: str) -> str:
     return re.sub(r"[^\x20-\x7e]", "?", text)
 
 
+def _printable(text: str) -> str:
+    """Text with control characters (CR, LF, NUL, C1...) replaced; Unicode letters kept."""
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
 def _address_field(name: str, address: str) -> str:
     """``rfc822; addr``, or RFC 6533's ``utf-8;`` form with ``\\x{HEX}`` for non-ASCII."""
     if address.isascii():
@@ -551,7 +556,8 @@ _SUCCESS_NOTES = {
 def _recipient_block(kind: str, r: RecipientReport, reporting_mta: str) -> list[str]:
     head = f"  {r.final_recipient}"
     if r.original_recipient and r.original_recipient.lower() != r.final_recipient.lower():
-        head += f" (you wrote to {r.original_recipient})"
+        # ORCPT comes from the sender: no control characters reach the text
+        head += f" (you wrote to {_printable(r.original_recipient)})"
     lines = [head]
 
     def row(label: str, value: str) -> None:

@@ -43,7 +43,8 @@ def received_header(
     recipient: str | None, timestamp: float,
 ) -> bytes:
     """A Received header, folded, CRLF-terminated. ``protocol`` as RFC 3848 names it."""
-    helo_text = re.sub(r"[^\x21-\x7e]", "?", helo)[:255]
+    # printable ASCII without parentheses: the HELO name sits before a comment
+    helo_text = re.sub(r"[^\x21-\x7e]|[()]", "?", helo)[:255]
     date = _date(timestamp)
     for_part = f"\r\n\tfor <{recipient}>" if recipient else ""
     return (

@@ -32,6 +32,8 @@ TOO_MANY_CONNECTIONS_FROM_PEER = Reply(
     421, "4.7.0", "Too many connections from your address, try again later"
 )
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors in this session, closing connection")
+TOO_MANY_COMMANDS = Reply(
+    421, "4.7.0", "Too many NOOP/RSET/VRFY/HELP commands without mail, closing connection")
 
 # --- generic command replies -------------------------------------------------------
 def helo(hostname: str) -> Reply:

@@ -44,11 +44,16 @@ VALID = [
      "x" * 64, "example.test"),
     ("label_of_63_octets", f"<a@{LONG_LABEL}.test>", False, False, "a", f"{LONG_LABEL}.test"),
     ("path_of_256_octets", f"<{'x' * 5}@{DOMAIN_250}>", False, False, "x" * 5, DOMAIN_250),
+    # domains are normalised to their IDNA A-label, the one spelling compared everywhere
     ("utf8_local_and_domain", f"<{GREEK_LOCAL}@{GREEK_DOMAIN}>", False, True,
-     GREEK_LOCAL, GREEK_DOMAIN),
+     GREEK_LOCAL, "xn--hxajbheg2az3al.example"),
     ("utf8_flag_still_accepts_ascii", "<alice@example.test>", False, True, "alice", "example.test"),
     ("utf8_domain_is_lower_cased", "<j\u00f6rg@B\u00dcCHER.example>", False, True,
-     "j\u00f6rg", "b\u00fccher.example"),
+     "j\u00f6rg", "xn--bcher-kva.example"),
+    ("a_labels_and_u_labels_are_one_domain", "<a@xn--bcher-kva.example>", False, True,
+     "a", "xn--bcher-kva.example"),
+    ("ideographic_full_stop_and_full_width_letters", "<a@\uff45xample\u3002test>", False,
+     True, "a", "example.test"),
 ]
 
 

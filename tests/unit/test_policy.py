@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 
 import pytest
 
@@ -230,3 +231,15 @@ def test_a_permitted_relay_also_needs_an_address_space_that_covers_it(
     assert verdict.accept is accept
     assert (verdict.reply.code, verdict.reply.enhanced) == (code, enhanced)
     assert reason in verdict.reason, verdict.reason
+
+
+@pytest.mark.parametrize("rcpt", ["postmaster@b\u00fccher.test", "postmaster@xn--bcher-kva.test",
+                                  "postmaster@B\u00dcCHER.test"])
+def test_every_spelling_of_an_internationalised_local_domain_is_local(rcpt: str) -> None:
+    from postroom.config import parse_config
+    cfg = parse_config({"domains": {"local": ["b\u00fccher.test"]}}, Path("."), "t")
+    settings = RelaySettings(frozenset(cfg.local_domains), cfg.trusted_networks)
+    address = parse_path(f"<{rcpt}>", allow_null=False, utf8=True)
+    verdict = check_rcpt(SessionSnapshot(peer_address("192.0.2.7")), address, settings,
+                         lambda key: False)
+    assert verdict.accept and verdict.kind == "local", verdict.reason

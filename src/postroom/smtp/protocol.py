@@ -46,6 +46,7 @@ COMMAND_LINE_LIMIT = 512          # RFC 5321 4.5.3.1.4, CRLF included
 ENVELOPE_LINE_LIMIT = 512 + 500   # RFC 3461 §5: ORCPT/ENVID may add up to 500
 AUTH_LINE_LIMIT = 12288           # RFC 4954 §4
 TEXT_LINE_LIMIT = 1000            # RFC 5321 4.5.3.1.6, CRLF included
+JUNK_COMMAND_LIMIT = 100          # NOOP/RSET/VRFY/HELP between messages
 
 
 class Phase(Enum):
@@ -138,6 +139,7 @@ class ServerProtocol:
         self._out: list[bytes] = []
         self._pending: Event | None = None
         self._closing: Closed | None = None        # a close decided inside respond()
+        self._junk_commands = 0
         self._discarding_line = False
         self._data = bytearray()
         self._data_scan = 0
@@ -204,6 +206,7 @@ class ServerProtocol:
                 self.envelope.recipients.append((ev.recipient, ev.params))
         elif isinstance(ev, MessageReceived):
             self.envelope = Envelope()
+            self._junk_commands = 0
         elif isinstance(ev, AuthCredentials):
             if reply.code == 235:
                 self.auth_user = ev.username
@@ -453,7 +456,19 @@ class ServerProtocol:
         self._data_oversize = False
         return None
 
+    def _junk(self) -> Closed | None:
+        """NOOP, RSET, VRFY, HELP: past a limit without mail, the session is only
+        holding a connection open (Postfix's smtpd_junk_command_limit)."""
+        self._junk_commands += 1
+        if self._junk_commands > JUNK_COMMAND_LIMIT:
+            self._send(replies.TOO_MANY_COMMANDS)
+            self.phase = Phase.CLOSED
+            return Closed("too many commands without mail")
+        return None
+
     def _cmd_rset(self, arg: str) -> Event | None:
+        if (closed := self._junk()) is not None:
+            return closed
         if arg:
             return self._error(replies.SYNTAX_NO_ARGUMENTS)
         self.envelope = Envelope()
@@ -461,6 +476,8 @@ class ServerProtocol:
         return None
 
     def _cmd_noop(self, arg: str) -> Event | None:
+        if (closed := self._junk()) is not None:
+            return closed
         self._send(replies.OK)
         return None
 
@@ -470,12 +487,16 @@ class ServerProtocol:
         return Closed("QUIT")
 
     def _cmd_vrfy(self, arg: str) -> Event | None:
+        if (closed := self._junk()) is not None:
+            return closed
         if not arg.strip():
             return self._error(replies.SYNTAX_VRFY)
         self._send(replies.VRFY_CANNOT)
         return None
 
     def _cmd_help(self, arg: str) -> Event | None:
+        if (closed := self._junk()) is not None:
+            return closed
         self._send(replies.HELP)
         return None
 

@@ -76,8 +76,11 @@ class UserStore:
         if fresh:
             os.chmod(path, 0o600)
         self._lock = threading.Lock()
-        self._hasher = PasswordHasher()
-        self._dummy = self._hasher.hash("postroom-timing-equaliser")
+        # OWASP's argon2id profile (19 MiB, 2 passes): argon2-cffi's default takes 64 MiB
+        # per hash, which every AUTH thread of every process would hold at once.
+        # Existing hashes verify with the parameters stored in them.
+        self._hasher = PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1)
+        self._dummy = ""
 
     def close(self) -> None:
         self._conn.close()
@@ -137,6 +140,8 @@ class UserStore:
         with self._lock:
             row = self._conn.execute("SELECT hash FROM users WHERE address = ?",
                                      (key,)).fetchone()
+        if not row and not self._dummy:
+            self._dummy = self._hasher.hash("postroom-timing-equaliser")
         digest = row[0] if row else self._dummy
         try:
             self._hasher.verify(digest, password)

@@ -266,7 +266,8 @@ class Session(asyncio.Protocol):
                         core.close_with(replies.timeout(self.state.config.hostname))
                     continue
                 if isinstance(ev, Closed):
-                    log.info("session=%s closing: %s", self.id, ev.reason)
+                    (log.debug if ev.reason == "QUIT" else log.info)(
+                        "session=%s closing: %s", self.id, ev.reason)
                     continue
                 try:
                     await self._handle(ev)
@@ -285,8 +286,10 @@ class Session(asyncio.Protocol):
         core = self.core
         if isinstance(ev, MailFrom):
             verdict = check_mail(self._snapshot())
-            log.info("session=%s mail from=<%s> %s: %s", self.id, ev.sender,
-                     "accepted" if verdict.accept else "refused", verdict.reason)
+            # an accepted sender is in the "queued" line; a refusal needs its own
+            (log.debug if verdict.accept else log.info)(
+                "session=%s mail from=<%s> %s: %s", self.id, ev.sender,
+                "accepted" if verdict.accept else "refused", verdict.reason)
             core.respond(verdict.reply)
         elif isinstance(ev, RcptTo):
             verdict = check_rcpt(self._snapshot(), ev.recipient, self.state.relay,

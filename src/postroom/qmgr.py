@@ -31,6 +31,7 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .bounce import RecipientReport, build_report
@@ -54,11 +55,20 @@ from .spool import (
     new_queue_id,
     record,
 )
-from .store import MaildirStore, StoreError
+from .store import MaildirStore, StoreError, sync
 
 __all__ = ["QueueManager", "retry_delay", "wants_notice"]
 
 log = logging.getLogger("postroom.qmgr")
+
+
+def _sync_or_error(folder: Path) -> str | None:
+    try:
+        sync(folder)
+    except StoreError as exc:
+        log.warning("fsync of %s failed: %s", folder, exc)
+        return exc.reason
+    return None
 
 
 def retry_delay(schedule: tuple[float, ...], attempts: int) -> float:
@@ -102,6 +112,7 @@ class _Outcome:
     status: str = ""
     detail: dict[str, Any] | None = None
     success_notice: bool = False
+    path: Path | None = None          # a Maildir file whose folder still needs its fsync
 
 
 class QueueManager:
@@ -306,9 +317,17 @@ class QueueManager:
             return 0
         loop = asyncio.get_running_loop()
         data = await self._message_data(sorted({d.message for d in due}))
-        outcomes = await asyncio.gather(*(
+        outcomes = list(await asyncio.gather(*(
             loop.run_in_executor(self._pool, self._deliver_one, d, data[d.message][0])
-            for d in due))
+            for d in due)))
+        # One fsync per Maildir folder for the whole round, before anything is recorded.
+        folders = {o.path.parent for o in outcomes if o.path is not None}
+        failed = dict(zip(folders, await asyncio.gather(*(
+            loop.run_in_executor(self._pool, _sync_or_error, f) for f in folders)), strict=True))
+        for i, o in enumerate(outcomes):
+            if o.path is not None and failed[o.path.parent] is not None:
+                outcomes[i] = _Outcome(o.due, False, True, "451 4.3.0 Maildir delivery failed: "
+                                       f"{failed[o.path.parent]}", "4.3.0", o.detail)
         await self.spool.run(lambda conn: self._record(conn, outcomes))
         return len(due)
 
@@ -321,7 +340,8 @@ class QueueManager:
                             "exists", "5.1.1", detail)
         try:
             path = self.store.deliver(local, domain,
-                                      local_delivery_bytes(data, due.sender, due.address))
+                                      local_delivery_bytes(data, due.sender, due.address),
+                                      sync_dir=False)
         except StoreError as exc:
             code = "451 4.3.0" if exc.transient else "550 5.2.0"
             log.warning("queue_id=%s to=<%s> Maildir delivery failed: %s", due.message,
@@ -329,7 +349,7 @@ class QueueManager:
             return _Outcome(due, False, exc.transient, f"{code} Maildir delivery failed: "
                             f"{exc.reason}", code[4:], detail)
         return _Outcome(due, True, False, f"250 2.0.0 delivered to maildir as {path.name}",
-                        "2.0.0", detail, success_notice=True)
+                        "2.0.0", detail, success_notice=True, path=path)
 
     # --- recording -----------------------------------------------------------------
     def _record(self, conn: sqlite3.Connection, outcomes: list[_Outcome]) -> None:

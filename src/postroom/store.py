@@ -15,7 +15,7 @@ import os
 import time
 from pathlib import Path
 
-__all__ = ["MaildirStore", "StoreError"]
+__all__ = ["MaildirStore", "StoreError", "sync"]
 
 _counter = itertools.count()
 
@@ -38,6 +38,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 class MaildirStore:
+    """Maildirs under one root; see the module docstring for the layout."""
+
     def __init__(self, root: Path, hostname: str) -> None:
         self.root = root
         # Maildir names must not contain '/' or ':'; RFC-free convention from qmail.
@@ -65,8 +67,12 @@ class MaildirStore:
         self._known.add(base)
         return base
 
-    def deliver(self, local: str, domain: str, data: bytes) -> Path:
-        """Store one message (already with its Return-Path and Delivered-To)."""
+    def deliver(self, local: str, domain: str, data: bytes, *, sync_dir: bool = True) -> Path:
+        """Store one message (already with its Return-Path and Delivered-To).
+
+        With ``sync_dir=False`` the caller must :meth:`sync` the returned file's folder
+        before it reports the delivery: several deliveries then share one fsync.
+        """
         base = self.maildir(local, domain)
         try:
             self.create(local, domain)
@@ -88,7 +94,8 @@ class MaildirStore:
                 os.link(tmp, final)
             finally:
                 os.unlink(tmp)
-            _fsync_dir(base / "new")
+            if sync_dir:
+                _fsync_dir(base / "new")
             return final
         except OSError as exc:
             # Every storage error (full disk, permissions, a file where a folder should
@@ -96,3 +103,12 @@ class MaildirStore:
             reason = os.strerror(exc.errno) if exc.errno else exc.__class__.__name__
             raise StoreError(f"{reason} ({exc.filename or base})", transient=True,
                              reason=reason) from exc
+
+
+def sync(folder: Path) -> None:
+    """Make the names linked into ``folder`` durable (fsync of the directory)."""
+    try:
+        _fsync_dir(folder)
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else exc.__class__.__name__
+        raise StoreError(f"{reason} ({folder})", transient=True, reason=reason) from exc

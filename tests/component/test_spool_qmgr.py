@@ -31,11 +31,11 @@ class FlakyStore(MaildirStore):
         self.transient = transient
         self.calls = 0
 
-    def deliver(self, local: str, domain: str, data: bytes) -> Path:
+    def deliver(self, local: str, domain: str, data: bytes, *, sync_dir: bool = True) -> Path:
         self.calls += 1
         if self.calls <= self.failures:
             raise StoreError("No space left on device", self.transient)
-        return super().deliver(local, domain, data)
+        return super().deliver(local, domain, data, sync_dir=sync_dir)
 
 
 def message(*rcpts: tuple[str, str], data: bytes = b"Subject: t\r\n\r\nx\r\n") -> NewMessage:
@@ -233,3 +233,27 @@ def test_a_dead_destination_backs_off_as_a_whole_and_the_wait_is_stored(
         "SELECT next_attempt FROM recipients ORDER BY id")])
     assert all(w > 0 for w in waits), waits          # nobody is due right now
     assert max(waits) == 300.0                       # the second failure in a row waits longer
+
+
+def test_deliveries_are_recorded_only_after_their_folder_is_synced(
+        spool: SqliteSpool, tmp_path: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    import postroom.qmgr as qmgr_module
+    synced: list[Path] = []
+
+    def failing_sync(folder: Path) -> None:
+        synced.append(folder)
+        raise StoreError("Input/output error", transient=True, reason="Input/output error")
+
+    monkeypatch.setattr(qmgr_module, "sync", failing_sync)
+    q = make_qmgr(spool, MaildirStore(tmp_path / "mail", "t"), clock)
+
+    async def main() -> None:
+        for _ in range(3):
+            await spool.enqueue(message(("a@example.test", "inbound")))
+        await q.convert_batch()
+        assert await q.deliver_batch() == 3
+    asyncio.run(main())
+    assert synced == [tmp_path / "mail" / "example.test" / "a" / "new"]   # once for all three
+    rows = spool.read(lambda c: c.execute("SELECT state, last_reply FROM recipients").fetchall())
+    assert [r[0] for r in rows] == ["delivery"] * 3                     # not recorded as delivered
+    assert all(r[1].startswith("451 4.3.0") for r in rows)

@@ -21,13 +21,13 @@ Run:  fuzz/run 60   or   python3 fuzz/fuzz_address.py -max_total_time=60 fuzz/co
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+import harness  # noqa: E402 - fuzz/ is this script's own folder on sys.path
+
+ROOT = harness.ROOT
 sys.path.insert(0, str(ROOT / "src"))
 
 try:
@@ -142,63 +142,16 @@ def hypothesis_strategy():  # type: ignore[no-untyped-def]
 
 
 def run_fallback(seconds: float, corpus: Path | None, crashes: Path) -> int:
-    from hypothesis import HealthCheck, given, settings
-    from hypothesis.database import DirectoryBasedExampleDatabase
-
-    if corpus is not None and corpus.is_dir():
-        for f in sorted(corpus.iterdir()):
-            if f.is_file():
-                TestOneInput(f.read_bytes())
-    crashes.mkdir(parents=True, exist_ok=True)
-    db = DirectoryBasedExampleDatabase(str(crashes / ".hypothesis-address"))
-
-    @settings(max_examples=5000, deadline=None, database=db,
-              suppress_health_check=list(HealthCheck))
-    @given(hypothesis_strategy())
-    def fuzz(args: tuple[str, bool, bool]) -> None:
-        try:
-            check_one(*args)
-        except Exception:
-            (crashes / "address-hypothesis-crash").write_text(repr(args))
-            raise
-
-    end = time.monotonic() + seconds
-    runs = 0
-    while time.monotonic() < end:
-        fuzz()
-        runs += 5000
-    print(f"fuzz_address (hypothesis): {runs} inputs, no violation")
-    return 0
+    return harness.run_fallback(
+        "address", seconds, corpus, crashes, test_one_input=TestOneInput,
+        strategy=hypothesis_strategy(), check=lambda args: check_one(*args),
+        dump=lambda args: repr(args).encode(), max_examples=5000)
 
 
 def main(argv: list[str]) -> int:
-    if "--prepare" in argv:                     # --prepare CORPUS_DIR DICT_FILE
-        i = argv.index("--prepare")
-        corpus, dict_file = Path(argv[i + 1]), Path(argv[i + 2])
-        if not corpus.is_dir() or not any(corpus.iterdir()):
-            corpus.mkdir(parents=True, exist_ok=True)
-            for data in seed_bytes():
-                (corpus / f"seed-{hashlib.sha1(data).hexdigest()[:16]}").write_bytes(data)
-        lines = ['"' + "".join(f"\\x{c:02x}" for c in t.encode()) + '"' for t in TOKENS]
-        dict_file.write_text("\n".join(lines) + "\n")
-        return 0
-    if "--replay" in argv:
-        for name in argv[argv.index("--replay") + 1:]:
-            TestOneInput(Path(name).read_bytes())
-            print(f"{name}: ok")
-        return 0
-    if "--hypothesis" in argv or atheris is None:
-        if atheris is None and "--hypothesis" not in argv:
-            print("atheris is not installed: using the hypothesis fallback", file=sys.stderr)
-        seconds = 600.0
-        if "--hypothesis" in argv and argv.index("--hypothesis") + 1 < len(argv):
-            seconds = float(argv[argv.index("--hypothesis") + 1])
-        corpus_dir = Path(argv[argv.index("--corpus") + 1]) if "--corpus" in argv else None
-        crashes = Path(os.environ.get("FUZZ_CRASHES", ROOT / "fuzz" / "corpus" / "crashes"))
-        return run_fallback(seconds, corpus_dir, crashes)
-    atheris.Setup(argv, TestOneInput)
-    atheris.Fuzz()
-    return 0
+    return harness.main(argv, name="address", atheris=atheris, test_one_input=TestOneInput,
+                        seeds=seed_bytes, tokens=[t.encode() for t in TOKENS],
+                        fallback=run_fallback)
 
 
 if __name__ == "__main__":

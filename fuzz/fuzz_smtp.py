@@ -29,14 +29,13 @@ Run (see fuzz/README.md):  fuzz/run 60      or directly:
 
 from __future__ import annotations
 
-import hashlib
-import os
 import re
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+import harness  # noqa: E402 - fuzz/ is this script's own folder on sys.path
+
+ROOT = harness.ROOT
 sys.path.insert(0, str(ROOT / "src"))       # fuzz this checkout, not another installed copy
 
 try:
@@ -309,17 +308,8 @@ TOKENS = [
 ]
 
 
-def write_dict(path: Path) -> None:
-    lines = ['"' + "".join(f"\\x{c:02x}" for c in t) + '"' for t in TOKENS]
-    path.write_text("\n".join(lines) + "\n")
-
-
-def write_seeds(corpus: Path) -> None:
-    corpus.mkdir(parents=True, exist_ok=True)
-    for head in SEED_HEADERS:
-        for sess in SEED_SESSIONS:
-            data = head + sess
-            (corpus / f"seed-{hashlib.sha1(data).hexdigest()[:16]}").write_bytes(data)
+def seed_bytes() -> list[bytes]:
+    return [head + sess for head in SEED_HEADERS for sess in SEED_SESSIONS]
 
 
 def hypothesis_strategy():  # type: ignore[no-untyped-def]
@@ -331,61 +321,14 @@ def hypothesis_strategy():  # type: ignore[no-untyped-def]
 
 
 def run_fallback(seconds: float, corpus: Path | None, crashes: Path) -> int:
-    """Without atheris: replay the corpus, then hypothesis-generated sessions until time is up."""
-    from hypothesis import HealthCheck, given, settings
-    from hypothesis.database import DirectoryBasedExampleDatabase
-
-    if corpus is not None and corpus.is_dir():
-        for f in sorted(corpus.iterdir()):
-            if f.is_file():
-                TestOneInput(f.read_bytes())
-    crashes.mkdir(parents=True, exist_ok=True)
-    db = DirectoryBasedExampleDatabase(str(crashes / ".hypothesis-smtp"))
-
-    @settings(max_examples=2000, deadline=None, database=db,
-              suppress_health_check=list(HealthCheck))
-    @given(hypothesis_strategy())
-    def fuzz(data: bytes) -> None:
-        try:
-            TestOneInput(data)
-        except Exception:
-            (crashes / "smtp-hypothesis-crash").write_bytes(data)   # the last is the shrunk one
-            raise
-
-    end = time.monotonic() + seconds
-    runs = 0
-    while time.monotonic() < end:
-        fuzz()
-        runs += 2000
-    print(f"fuzz_smtp (hypothesis): {runs} inputs, no violation")
-    return 0
+    return harness.run_fallback(
+        "smtp", seconds, corpus, crashes, test_one_input=TestOneInput,
+        strategy=hypothesis_strategy(), check=TestOneInput, dump=bytes, max_examples=2000)
 
 
 def main(argv: list[str]) -> int:
-    if "--prepare" in argv:                     # --prepare CORPUS_DIR DICT_FILE
-        i = argv.index("--prepare")
-        corpus, dict_file = Path(argv[i + 1]), Path(argv[i + 2])
-        if not corpus.is_dir() or not any(corpus.iterdir()):
-            write_seeds(corpus)
-        write_dict(dict_file)
-        return 0
-    if "--replay" in argv:
-        for name in argv[argv.index("--replay") + 1:]:
-            TestOneInput(Path(name).read_bytes())
-            print(f"{name}: ok")
-        return 0
-    if "--hypothesis" in argv or atheris is None:
-        if atheris is None and "--hypothesis" not in argv:
-            print("atheris is not installed: using the hypothesis fallback", file=sys.stderr)
-        seconds = 600.0
-        if "--hypothesis" in argv and argv.index("--hypothesis") + 1 < len(argv):
-            seconds = float(argv[argv.index("--hypothesis") + 1])
-        corpus_dir = Path(argv[argv.index("--corpus") + 1]) if "--corpus" in argv else None
-        crashes = Path(os.environ.get("FUZZ_CRASHES", ROOT / "fuzz" / "corpus" / "crashes"))
-        return run_fallback(seconds, corpus_dir, crashes)
-    atheris.Setup(argv, TestOneInput)
-    atheris.Fuzz()
-    return 0
+    return harness.main(argv, name="smtp", atheris=atheris, test_one_input=TestOneInput,
+                        seeds=seed_bytes, tokens=TOKENS, fallback=run_fallback)
 
 
 if __name__ == "__main__":

@@ -70,30 +70,28 @@ def run_load(port: int, sink: Sink, n: int, size: int, sessions: int,
     return m, err
 
 
-def bench_postroom(n: int, size: int, sessions: int) -> Result:
-    sink = Sink()
-    server = PostroomServer(smarthost=f"127.0.0.1:{sink.port}")
+def _bench(name: str, server: PostroomServer | PostfixServer, sink: Sink, n: int, size: int,
+           sessions: int, notes: list[str] | None = None) -> Result:
     try:
         server.start()
         m, _ = run_load(server.port, sink, n, size, sessions, server.pids)
     finally:
         server.stop()
         sink.stop()
-    return Result("Postroom", n, m.seconds, m.cpu, m.peak_rss, m.peak_pss, m.server_cpu,
-                  m.other_cores, m.self_cores, [server.processes_note])
+    return Result(name, n, m.seconds, m.cpu, m.peak_rss, m.peak_pss, m.server_cpu,
+                  m.other_cores, m.self_cores, *([notes] if notes is not None else []))
+
+
+def bench_postroom(n: int, size: int, sessions: int) -> Result:
+    sink = Sink()
+    server = PostroomServer(smarthost=f"127.0.0.1:{sink.port}")
+    return _bench("Postroom", server, sink, n, size, sessions, [server.processes_note])
 
 
 def bench_postfix(n: int, size: int, sessions: int) -> Result:
     sink = Sink()
     server = PostfixServer({"relayhost": f"[127.0.0.1]:{sink.port}"})
-    try:
-        server.start()
-        m, _ = run_load(server.port, sink, n, size, sessions, server.pids)
-    finally:
-        server.stop()
-        sink.stop()
-    return Result("Postfix", n, m.seconds, m.cpu, m.peak_rss, m.peak_pss, m.server_cpu,
-                  m.other_cores, m.self_cores)
+    return _bench("Postfix", server, sink, n, size, sessions)
 
 
 def table(results: list[Result], args: argparse.Namespace) -> str:

@@ -248,6 +248,13 @@ class _Reader:
             return default
         return value
 
+    def positive(self, table: dict[str, Any], prefix: str, key: str, default: int) -> int:
+        """An integer greater than zero."""
+        value: int = self.get(table, prefix, key, int, default)
+        if value <= 0:
+            self.problems.append(Problem(f"{prefix}{key}", "must be greater than zero"))
+        return value
+
     def convert(self, table: dict[str, Any], prefix: str, key: str, fn: Any, default: Any) -> Any:
         if key not in table:
             return default
@@ -387,12 +394,6 @@ def _routes(r: _Reader, raw: object, base_dir: Path) -> tuple[Route, ...]:
     return tuple(routes)
 
 
-def _positive(value: int, key: str, reader: _Reader) -> int:
-    if value <= 0:
-        reader.problems.append(Problem(key, "must be greater than zero"))
-    return value
-
-
 def _domain(value: object) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError("must be a domain name")
@@ -443,25 +444,16 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: str) -> Config:
         listen=r.convert(s, "smtp.", "listen", _endpoints, d.listen),
         submission=r.convert(s, "smtp.", "submission", _endpoints, d.submission),
         submissions=r.convert(s, "smtp.", "submissions", _endpoints, d.submissions),
-        max_message_size=_positive(
-            r.get(s, "smtp.", "max_message_size", int, d.max_message_size),
-            "smtp.max_message_size", r),
-        max_recipients=_positive(
-            r.get(s, "smtp.", "max_recipients", int, d.max_recipients), "smtp.max_recipients", r),
+        max_message_size=r.positive(s, "smtp.", "max_message_size", d.max_message_size),
+        max_recipients=r.positive(s, "smtp.", "max_recipients", d.max_recipients),
         command_timeout=r.convert(s, "smtp.", "command_timeout", _positive_duration, d.command_timeout),
         data_timeout=r.convert(s, "smtp.", "data_timeout", _positive_duration, d.data_timeout),
-        max_connections=_positive(
-            r.get(s, "smtp.", "max_connections", int, d.max_connections),
-            "smtp.max_connections", r),
-        max_connections_per_peer=_positive(
-            r.get(s, "smtp.", "max_connections_per_peer", int, d.max_connections_per_peer),
-            "smtp.max_connections_per_peer", r),
-        max_errors=_positive(r.get(s, "smtp.", "max_errors", int, d.max_errors),
-                             "smtp.max_errors", r),
+        max_connections=r.positive(s, "smtp.", "max_connections", d.max_connections),
+        max_connections_per_peer=r.positive(s, "smtp.", "max_connections_per_peer",
+                                            d.max_connections_per_peer),
+        max_errors=r.positive(s, "smtp.", "max_errors", d.max_errors),
         auth_on_mx=r.get(s, "smtp.", "auth_on_mx", bool, d.auth_on_mx),
-        auth_failure_limit=_positive(
-            r.get(s, "smtp.", "auth_failure_limit", int, d.auth_failure_limit),
-            "smtp.auth_failure_limit", r),
+        auth_failure_limit=r.positive(s, "smtp.", "auth_failure_limit", d.auth_failure_limit),
         auth_failure_window=r.convert(
             s, "smtp.", "auth_failure_window", _positive_duration, d.auth_failure_window),
         processes=r.convert(s, "smtp.", "processes", _processes, d.processes),
@@ -538,18 +530,15 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: str) -> Config:
                                      dd.max_queue_lifetime),
         delay_warning=r.convert(dl, "delivery.", "delay_warning", parse_duration,
                                 dd.delay_warning),
-        max_connections=_positive(r.get(dl, "delivery.", "max_connections", int,
-                                        dd.max_connections), "delivery.max_connections", r),
-        max_connections_per_destination=_positive(
-            r.get(dl, "delivery.", "max_connections_per_destination", int,
-                  dd.max_connections_per_destination),
-            "delivery.max_connections_per_destination", r),
+        max_connections=r.positive(dl, "delivery.", "max_connections", dd.max_connections),
+        max_connections_per_destination=r.positive(dl, "delivery.",
+                                                   "max_connections_per_destination",
+                                                   dd.max_connections_per_destination),
         connect_timeout=r.convert(dl, "delivery.", "connect_timeout", _positive_duration,
                                   dd.connect_timeout),
         command_timeout=r.convert(dl, "delivery.", "command_timeout", _positive_duration,
                                   dd.command_timeout),
-        max_return_size=_positive(r.get(dl, "delivery.", "max_return_size", int,
-                                        dd.max_return_size), "delivery.max_return_size", r),
+        max_return_size=r.positive(dl, "delivery.", "max_return_size", dd.max_return_size),
     )
     routes = _routes(r, raw.get("route"), base_dir) if "route" in raw else DEFAULT_ROUTES
     dns_t = r.section("dns", {"nameservers"})

@@ -397,18 +397,18 @@ class QueueManager:
         """The destination stored at conversion (``ref``) while the routing table still
         has that route for this domain; otherwise a fresh choice."""
         domain = address.rpartition("@")[2]
-        if ref:
-            index, _, _ = ref.partition("|")
-            if index.isdigit() and int(index) < len(self.routes):
-                route = self.routes[int(index)]
-                decision = choose_route(domain, self.routes, self.local_domains)
-                if route in decision.chosen:
-                    return Destination(route, "" if route.via == "smarthost" else domain)
         decision = choose_route(domain, self.routes, self.local_domains)
         if not decision.chosen:
             return None
-        route = decision.chosen[0] if len(decision.chosen) == 1 else \
-            self.rng.choice(decision.chosen)
+        index, _, _ = ref.partition("|")
+        stored = self.routes[int(index)] if index.isdigit() and int(index) < len(self.routes) \
+            else None
+        if stored is not None and stored in decision.chosen:
+            route = stored
+        elif len(decision.chosen) == 1:
+            route = decision.chosen[0]
+        else:
+            route = self.rng.choice(decision.chosen)
         return Destination(route, "" if route.via == "smarthost" else domain)
 
     def clear_leases(self) -> None:

@@ -35,7 +35,8 @@ from .store import MaildirStore
 from .tls import ensure_self_signed, server_context
 from .users import UserStore
 
-__all__ = ["BoundListener", "Postroom", "bind_listeners", "fork_front_ends", "tls_files"]
+__all__ = ["BoundListener", "Postroom", "bind_listeners", "catch_stop_signals", "fork_front_ends",
+           "tls_files"]
 
 log = logging.getLogger("postroom.app")
 
@@ -80,6 +81,23 @@ def bind_listeners(config: Config) -> Listeners:
             sock.close()
         raise
     return bound
+
+
+_stop_requested = False
+
+
+def catch_stop_signals() -> None:
+    """Remember a SIGTERM/SIGINT that arrives before the event loop takes over.
+
+    The listeners accept connections as soon as they are bound, before the loop installs
+    its own handlers; a signal in that window must stop the server cleanly, not kill it.
+    """
+    def remember(signum: int, frame: object) -> None:
+        global _stop_requested
+        _stop_requested = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, remember)
 
 
 def tls_files(config: Config) -> tuple[Path, Path]:
@@ -258,6 +276,8 @@ class Postroom:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        if _stop_requested:
+            stop.set()
         await self.start()
         if callable(on_started):
             on_started(self.listeners)

@@ -45,7 +45,7 @@ def _load_or_defaults(path: Path) -> Config:
 
 # --- serve / check -------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .app import Postroom, bind_listeners, fork_front_ends, tls_files
+    from .app import Postroom, bind_listeners, catch_stop_signals, fork_front_ends, tls_files
     from .observability import setup_logging
     from .spool import SqliteSpool
 
@@ -78,6 +78,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sys.stdout.write("\n".join(lines) + "\n")
         sys.stdout.flush()
 
+    catch_stop_signals()
     try:
         listeners = bind_listeners(config)
         tls_files(config)

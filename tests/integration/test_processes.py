@@ -103,3 +103,11 @@ def test_kill_9_of_the_main_process_takes_the_front_ends_with_it_and_loses_nothi
     sp.start()                                              # binds the same ports again
     assert _ids(sp, 40) == set(accepted)
     assert os.path.exists(sp.data / "spool.sqlite3")
+
+
+def test_sigterm_the_moment_the_port_opens_still_stops_cleanly(server_factory) -> None:  # type: ignore[no-untyped-def]
+    # the port listens before the event loop installs its handlers; a signal in that
+    # window must mean a clean stop (exit 0), not death by the default action
+    for _ in range(3):
+        sp: ServerProcess = server_factory("[smtp]\nprocesses = 2")
+        assert sp.stop(signal.SIGTERM) == 0

@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -149,9 +150,12 @@ class Postroom:
 
     def __init__(self, config: Config, *, listeners: Listeners | None = None,
                  main: bool = True, wake_fd: int = -1, notify_fd: int = -1,
-                 children: list[int] | None = None) -> None:
+                 children: list[int] | None = None, started: float | None = None) -> None:
         self.config = config
         self.main = main
+        # before any listener (or forked front end) could write a body file: files older
+        # than this that no message names are a crash's leftovers
+        self.started = time.time() if started is None else started
         self.listeners: list[BoundListener] = []
         self._sockets = listeners
         self._wake_fd = wake_fd            # main: read end of the front ends' pipe
@@ -179,7 +183,7 @@ class Postroom:
             self.qmgr = QueueManager(
                 self.spool, self.store, local_domains=frozenset(c.local_domains),
                 aliases=c.aliases, mailbox_exists=self.users.exists, delivery=c.delivery,
-                routes=c.routes, agent=self.agent, hostname=c.hostname)
+                routes=c.routes, agent=self.agent, hostname=c.hostname, started=self.started)
             if self._wake_fd >= 0:
                 loop.add_reader(self._wake_fd, self._woken)
         elif self._notify_fd >= 0:

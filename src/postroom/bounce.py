@@ -666,7 +666,7 @@ def build_report(*, kind: str, reporting_mta: str, original_sender: str, origina
                  arrival: float, recipients: Sequence[RecipientReport],
                  ret: str | None = None, envid: str | None = None,
                  max_return_size: int = 1_000_000, now: float, message_id: str,
-                 boundary: str) -> bytes:
+                 boundary: str, original_size: int | None = None) -> bytes:
     """The whole report as CRLF bytes, to enqueue with the null reverse path.
 
     ``kind`` picks the recipients reported: a failure report lists the failed ones, a
@@ -675,6 +675,8 @@ def build_report(*, kind: str, reporting_mta: str, original_sender: str, origina
     (None when the sender gave none): a failure report returns the whole original unless
     RET=HDRS or it is larger than ``max_return_size``; delay and success notices return
     only the headers (RET governs failure reports only, RFC 3461 §4.3).
+    ``original_size`` is the whole original's size when ``original`` is only its start
+    (a big message is read no further than ``max_return_size`` + 1 bytes).
     Raises ValueError for an unknown kind, RET or action, or when nothing is reported.
     """
     if kind not in KINDS:
@@ -691,7 +693,8 @@ def build_report(*, kind: str, reporting_mta: str, original_sender: str, origina
     if not reported:
         raise ValueError(f"no recipient has an action for a {kind} report")
 
-    full = kind == "failure" and ret != "HDRS" and len(original) <= max_return_size
+    size = len(original) if original_size is None else original_size
+    full = kind == "failure" and ret != "HDRS" and size <= max_return_size
     if full:
         body, ctype, described = original, "message/rfc822", "Undelivered message"
         returned = "The original message is attached."
@@ -701,7 +704,7 @@ def build_report(*, kind: str, reporting_mta: str, original_sender: str, origina
             "Headers of the message"
         returned = "The headers of the original message are attached."
         if kind == "failure" and ret != "HDRS":
-            returned = (f"The original message is {len(original)} bytes, more than the "
+            returned = (f"The original message is {size} bytes, more than the "
                         f"{max_return_size} this server returns, so only its headers are "
                         "attached.")
     if body and not body.endswith(b"\r\n"):

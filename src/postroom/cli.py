@@ -79,6 +79,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     catch_stop_signals()
+    start_time = time.time()
     try:
         listeners = bind_listeners(config)
         tls_files(config)
@@ -98,7 +99,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     children, wake_fd = fork_front_ends(config, listeners, config.smtp.processes - 1, front_end)
     setup_logging(config.data_dir / "logs", stderr=not args.quiet)
-    server = Postroom(config, listeners=listeners, wake_fd=wake_fd, children=children)
+    server = Postroom(config, listeners=listeners, wake_fd=wake_fd, children=children,
+                      started=start_time)
     try:
         asyncio.run(server.run_until_signalled(started))
     except ssl.SSLError as exc:

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 __all__ = [
-    "MAX_HOPS", "Expansion", "count_hops", "expand", "local_delivery_bytes",
+    "MAX_HOPS", "Expansion", "count_hops", "delivery_headers", "expand", "local_delivery_bytes",
     "missing_headers", "received_header", "xtext_decode", "xtext_encode",
 ]
 
@@ -114,10 +114,14 @@ def expand(address: str, aliases: Mapping[str, tuple[str, ...]]) -> Expansion:
     return Expansion(tuple(dict.fromkeys(out)))
 
 
+def delivery_headers(sender: str, recipient: str) -> bytes:
+    """The trace lines a local delivery adds (RFC 5321 4.4), CRLF ends."""
+    return f"Return-Path: <{sender}>\r\nDelivered-To: {recipient}\r\n".encode()
+
+
 def local_delivery_bytes(data: bytes, sender: str, recipient: str) -> bytes:
     """The Maildir file's content: Return-Path and Delivered-To, then the message, LF ends."""
-    head = f"Return-Path: <{sender}>\r\nDelivered-To: {recipient}\r\n".encode()
-    return (head + data).replace(b"\r\n", b"\n")
+    return (delivery_headers(sender, recipient) + data).replace(b"\r\n", b"\n")
 
 
 def xtext_encode(text: str) -> str:

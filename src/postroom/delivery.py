@@ -26,10 +26,11 @@ import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from .body import Body
 from .config import DeliveryConfig, Route
 from .dns import MxResult, Resolver
 from .model import Reply
-from .smtp.client import Client, HopError, Transcript, prepare_data
+from .smtp.client import Client, HopError, Transcript, wire_chunks
 
 __all__ = ["Destination", "OutboundMessage", "OutboundRecipient", "RecipientResult",
            "SmtpDeliveryAgent"]
@@ -72,7 +73,7 @@ class OutboundMessage:
     queue_id: str
     sender: str
     mail_params: dict[str, str]
-    data: bytes
+    data: Body
     recipients: list[OutboundRecipient]
 
 
@@ -248,7 +249,6 @@ class SmtpDeliveryAgent:
 
     async def _send(self, client: Client, message: OutboundMessage, dest: Destination,
                     name: str, ip: str, transcript: Transcript) -> list[RecipientResult]:
-        data = prepare_data(message.data)
         size = client.size_limit
         if needs_smtputf8(message) and not client.offers("SMTPUTF8"):
             return [self._result(message, r, False, False, f"554 5.6.7 {name} [{ip}] does not "
@@ -281,7 +281,8 @@ class SmtpDeliveryAgent:
                 if "ORCPT" in r.params:
                     rp += f" ORCPT={r.params['ORCPT']}"
             rcpts.append((r.address, rp))
-        tx = await client.send(message.sender, params, rcpts, data)
+        tx = await client.send(message.sender, params, rcpts,
+                               wire_chunks(message.data.chunks()))
         out = []
         for r, rcpt_reply in zip(message.recipients, tx.rcpts, strict=True):
             if not tx.mail.is_positive:

@@ -22,21 +22,31 @@ repeats it on restart (a duplicate, never a loss).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import random
 import sqlite3
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .body import Body, to_lf
 from .bounce import RecipientReport, build_report
 from .config import DEFAULT_ROUTES, DeliveryConfig, Route
-from .conversion import MAX_HOPS, count_hops, expand, local_delivery_bytes, xtext_decode, xtext_encode
+from .conversion import (
+    MAX_HOPS,
+    count_hops,
+    delivery_headers,
+    expand,
+    local_delivery_bytes,
+    xtext_decode,
+    xtext_encode,
+)
 from .delivery import (
     Destination,
     OutboundMessage,
@@ -52,12 +62,16 @@ from .spool import (
     StorageFull,
     finish_messages,
     insert_message,
+    load_body,
+    make_body,
     new_queue_id,
     record,
 )
 from .store import MaildirStore, StoreError, sync
 
 __all__ = ["QueueManager", "retry_delay", "wants_notice"]
+
+HEAD_BYTES = 256 * 1024     # enough of a message to count its Received headers
 
 log = logging.getLogger("postroom.qmgr")
 
@@ -135,8 +149,11 @@ class QueueManager:
         clock: Callable[[], float] = time.time,
         workers: int = 8,
         rng: random.Random | None = None,
+        started: float = 0.0,
     ) -> None:
         self.spool = spool
+        self.started = started              # body files older than this and unnamed are orphans
+        self._swept_at = 0.0
         self.store = store
         self.local_domains = local_domains
         self.aliases = aliases
@@ -180,7 +197,21 @@ class QueueManager:
             await asyncio.gather(*self._outbound_tasks, return_exceptions=True)
         self._pool.shutdown(wait=True)
 
+    async def _sweep(self, started: float = 0.0) -> None:
+        """Remove the body files of finished messages (at most once a second)."""
+        now = time.monotonic()
+        if now - self._swept_at < 1.0 and not started:
+            return
+        self._swept_at = now
+        removed = await self.spool.sweep_bodies(started)
+        if removed:
+            log.debug("removed %d body files of finished messages", removed)
+
     async def _run(self) -> None:
+        try:
+            await self._sweep(self.started or time.time())
+        except OSError as exc:
+            log.warning("could not remove old body files: %s", exc)
         while not self._stopping:
             self._wake.clear()
             try:
@@ -188,6 +219,7 @@ class QueueManager:
                 worked += await self.deliver_batch()
                 worked += await self.dispatch_outbound()
                 worked += await self.send_notices()
+                await self._sweep()
             except StorageFull:
                 log.warning("the spool's disk is full: results cannot be recorded; "
                             "retrying in 1s (deliveries made meanwhile may repeat)")
@@ -225,8 +257,8 @@ class QueueManager:
             touched.add(mid)
             params = json.loads(params_json)
             if mid not in hops:
-                (data,) = conn.execute("SELECT data FROM messages WHERE id = ?", (mid,)).fetchone()
-                hops[mid] = count_hops(data)
+                body = load_body(conn, mid, self.spool.bodies)
+                hops[mid] = count_hops(body.head(HEAD_BYTES)) if body is not None else 0
             if hops[mid] >= MAX_HOPS:
                 self._fail(conn, rid, now, sender, params, "554 5.4.6 Mail loop: the message "
                            f"has {hops[mid]} Received headers (limit {MAX_HOPS})", "5.4.6",
@@ -304,11 +336,14 @@ class QueueManager:
     async def _read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self.spool.read, fn)
 
-    async def _message_data(self, ids: list[str]) -> dict[str, tuple[bytes, str]]:
-        def q(c: sqlite3.Connection) -> dict[str, tuple[bytes, str]]:
-            rows = c.execute(f"SELECT id, data, params FROM messages WHERE id IN "
+    async def _message_data(self, ids: list[str]) -> dict[str, tuple[Body, str]]:
+        bodies = self.spool.bodies
+
+        def q(c: sqlite3.Connection) -> dict[str, tuple[Body, str]]:
+            rows = c.execute(f"SELECT id, data, body_file, size, params FROM messages WHERE id IN "
                              f"({','.join('?' * len(ids))})", ids).fetchall()
-            return {mid: (data, params) for mid, data, params in rows}
+            return {mid: (make_body(bodies, data, body_file, size), params)
+                    for mid, data, body_file, size, params in rows}
         return await self._read(q) if ids else {}  # type: ignore[no-any-return]
 
     async def deliver_batch(self) -> int:
@@ -331,7 +366,7 @@ class QueueManager:
         await self.spool.run(lambda conn: self._record(conn, outcomes))
         return len(due)
 
-    def _deliver_one(self, due: _Due, data: bytes) -> _Outcome:
+    def _deliver_one(self, due: _Due, body: Body) -> _Outcome:
         local, _, domain = due.address.rpartition("@")
         detail = {"step": "local", "hop": "local mailbox", "last_attempt": self.clock()}
         if local != "postmaster" and not self.mailbox_exists(due.address) \
@@ -339,9 +374,13 @@ class QueueManager:
             return _Outcome(due, False, False, f"550 5.1.1 Mailbox {due.address} no longer "
                             "exists", "5.1.1", detail)
         try:
-            path = self.store.deliver(local, domain,
-                                      local_delivery_bytes(data, due.sender, due.address),
-                                      sync_dir=False)
+            if body.path is None:      # the common case: one write
+                content: bytes | Iterator[bytes] = local_delivery_bytes(
+                    body.prefix, due.sender, due.address)
+            else:
+                content = to_lf(itertools.chain(
+                    (delivery_headers(due.sender, due.address),), body.chunks()))
+            path = self.store.deliver(local, domain, content, sync_dir=False)
         except StoreError as exc:
             code = "451 4.3.0" if exc.transient else "550 5.2.0"
             log.warning("queue_id=%s to=<%s> Maildir delivery failed: %s", due.message,
@@ -566,10 +605,12 @@ class QueueManager:
                     hop=detail.get("hop", ""), last_attempt=detail.get("last_attempt"),
                     will_retry_until=detail.get("will_retry_until")))
             if sender:
-                (data,) = conn.execute("SELECT data FROM messages WHERE id = ?", (mid,)).fetchone()
+                body = load_body(conn, mid, self.spool.bodies)
+                assert body is not None
                 report = build_report(
                     kind=kind, reporting_mta=self.hostname, original_sender=sender,
-                    original=data, arrival=received, recipients=reports,
+                    original=body.head(self.delivery.max_return_size + 1),
+                    original_size=body.size, arrival=received, recipients=reports,
                     ret=mparams.get("RET"),
                     envid=xtext_decode(mparams["ENVID"]) if "ENVID" in mparams else None,
                     max_return_size=self.delivery.max_return_size, now=now,

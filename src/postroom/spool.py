@@ -33,9 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from .body import Body
+
 __all__ = [
     "QUEUES", "NewMessage", "NewRecipient", "QueueSummary", "Spool", "SpoolRecipient",
-    "SqliteSpool", "StorageFull", "finish_messages", "insert_message", "new_queue_id", "record",
+    "SqliteSpool", "StorageFull", "finish_messages", "insert_message", "is_disk_full",
+    "load_body", "make_body", "new_queue_id", "record",
 ]
 
 T = TypeVar("T")
@@ -51,7 +54,11 @@ CREATE TABLE IF NOT EXISTS messages (
     size      INTEGER NOT NULL,
     params    TEXT NOT NULL,      -- JSON: MAIL FROM parameters (BODY, SMTPUTF8, RET, ENVID)
     client    TEXT NOT NULL,      -- JSON: peer, helo, listener, auth user, session id
-    data      BLOB NOT NULL
+    data      BLOB NOT NULL,      -- the message; or, with body_file, the lines we added
+    body_file TEXT NOT NULL DEFAULT ''  -- a big message's bytes: <data_dir>/bodies/<name>
+);
+CREATE TABLE IF NOT EXISTS dead_bodies (  -- files of deleted messages, unlinked after commit
+    name TEXT PRIMARY KEY
 );
 CREATE TABLE IF NOT EXISTS recipients (
     id           INTEGER PRIMARY KEY,
@@ -81,6 +88,9 @@ CREATE INDEX IF NOT EXISTS recipients_destination ON recipients (destination)
 """
 
 # Columns added after the first release, for spools created before them.
+MESSAGE_MIGRATIONS = {
+    "body_file": "ALTER TABLE messages ADD COLUMN body_file TEXT NOT NULL DEFAULT ''",
+}
 MIGRATIONS = {
     "notice": "ALTER TABLE recipients ADD COLUMN notice TEXT NOT NULL DEFAULT ''",
     "warned": "ALTER TABLE recipients ADD COLUMN warned INTEGER NOT NULL DEFAULT 0",
@@ -130,6 +140,12 @@ class NewMessage:
     client: dict[str, Any]
     data: bytes
     recipients: tuple[NewRecipient, ...]
+    body_file: str = ""          # the rest of a big message, in the bodies folder
+    body_size: int = 0           # that file's size
+
+    @property
+    def size(self) -> int:
+        return len(self.data) + self.body_size
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +172,8 @@ class QueueSummary:
 class Spool(Protocol):
     """What the SMTP server and the queue manager need of durable storage."""
 
+    bodies: Path                      # where big messages' files live
+
     async def enqueue(self, message: NewMessage) -> None: ...
     async def run(self, job: Callable[[sqlite3.Connection], T]) -> T: ...
     def summary(self) -> list[QueueSummary]: ...
@@ -169,7 +187,7 @@ class _Job:
     done: Callable[[Any, BaseException | None], None] | None = None
 
 
-def _is_full(exc: BaseException) -> bool:
+def is_disk_full(exc: BaseException) -> bool:
     if isinstance(exc, OSError) and exc.errno in (28, 122):       # ENOSPC, EDQUOT
         return True
     if isinstance(exc, sqlite3.OperationalError):
@@ -198,14 +216,16 @@ class SqliteSpool:
 
     def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
         self.path = path
+        self.bodies = path.parent / "bodies"
         self.clock = clock
         path.parent.mkdir(parents=True, exist_ok=True)
         self._conn = connect(path)
-        have = {row[1] for row in self._conn.execute("PRAGMA table_info(recipients)")}
-        if have:
-            for column, statement in MIGRATIONS.items():
-                if column not in have:
-                    self._conn.execute(statement)
+        for table, migrations in (("recipients", MIGRATIONS), ("messages", MESSAGE_MIGRATIONS)):
+            have = {row[1] for row in self._conn.execute(f"PRAGMA table_info({table})")}
+            if have:
+                for column, statement in migrations.items():
+                    if column not in have:
+                        self._conn.execute(statement)
         self._conn.executescript(SCHEMA)
         os.chmod(path, 0o600)
         self._reader = connect(path)
@@ -244,7 +264,7 @@ class SqliteSpool:
                     except BaseException as exc:  # noqa: BLE001 - handed to the caller
                         conn.execute("ROLLBACK TO job")
                         conn.execute("RELEASE job")
-                        if _is_full(exc):
+                        if is_disk_full(exc):
                             raise
                         results.append((job, None, exc))
                     else:
@@ -256,7 +276,7 @@ class SqliteSpool:
                     conn.execute("ROLLBACK")
                 except sqlite3.Error:
                     pass
-                err: BaseException = StorageFull(str(exc)) if _is_full(exc) else exc
+                err: BaseException = StorageFull(str(exc)) if is_disk_full(exc) else exc
                 results = [(job, None, err) for job in batch]
             self.batches += 1
             self.jobs_done += len(batch)
@@ -336,14 +356,45 @@ class SqliteSpool:
     def summary(self) -> list[QueueSummary]:
         return self.read(queue_summary)
 
+    async def sweep_bodies(self, started: float = 0.0) -> int:
+        """Unlink the body files of deleted messages; with ``started``, also files no
+        message names that are older than it (a crash between file and commit).
+
+        Reads through the reader connection, which sees committed rows only: a file is
+        unlinked only once the deletion of its message is durable.
+        """
+        loop = asyncio.get_running_loop()
+
+        def collect() -> tuple[list[str], list[Path]]:
+            dead = [n for (n,) in self.read(lambda c: c.execute(
+                "SELECT name FROM dead_bodies").fetchall())]
+            orphans: list[Path] = []
+            if started and self.bodies.is_dir():
+                named = {n for (n,) in self.read(lambda c: c.execute(
+                    "SELECT body_file FROM messages WHERE body_file != ''").fetchall())}
+                orphans = [Path(e.path) for e in os.scandir(self.bodies)
+                           if e.name not in named and e.stat().st_mtime < started]
+            for path in [self.bodies / n for n in dead] + orphans:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+            return dead, orphans
+
+        dead, orphans = await loop.run_in_executor(None, collect)
+        if dead:
+            await self.run(lambda c: c.executemany("DELETE FROM dead_bodies WHERE name = ?",
+                                                   [(n,) for n in dead]))
+        return len(dead) + len(orphans)
+
 
 def insert_message(conn: sqlite3.Connection, m: NewMessage, now: float) -> None:
     """Insert a message and its recipients (inside a job, like any write)."""
     conn.execute(
-        "INSERT INTO messages (id, received, sender, size, params, client, data) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (m.queue_id, now, m.sender, len(m.data), json.dumps(m.params), json.dumps(m.client),
-         m.data),
+        "INSERT INTO messages (id, received, sender, size, params, client, data, body_file) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (m.queue_id, now, m.sender, m.size, json.dumps(m.params), json.dumps(m.client),
+         m.data, m.body_file),
     )
     conn.executemany(
         "INSERT INTO recipients (message, address, params, direction, state, next_attempt, "
@@ -388,4 +439,19 @@ def finish_messages(conn: sqlite3.Connection, message_ids: Iterable[str]) -> Non
             "OR notice != '' OR warned = 1) LIMIT 1", (mid,)).fetchone()
         if active is None:
             conn.execute("DELETE FROM recipients WHERE message = ?", (mid,))
+            conn.execute("INSERT OR IGNORE INTO dead_bodies (name) SELECT body_file FROM messages "
+                         "WHERE id = ? AND body_file != ''", (mid,))
             conn.execute("DELETE FROM messages WHERE id = ?", (mid,))
+
+
+def load_body(conn: sqlite3.Connection, mid: str, bodies: Path) -> Body | None:
+    """A stored message's bytes (None when the message is gone)."""
+    row = conn.execute("SELECT data, body_file, size FROM messages WHERE id = ?",
+                       (mid,)).fetchone()
+    return None if row is None else make_body(bodies, *row)
+
+
+def make_body(bodies: Path, data: bytes, body_file: str, size: int) -> Body:
+    if not body_file:
+        return Body(data)
+    return Body(data, bodies / body_file, size - len(data))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 __all__ = ["MaildirStore", "StoreError", "sync"]
@@ -67,8 +68,10 @@ class MaildirStore:
         self._known.add(base)
         return base
 
-    def deliver(self, local: str, domain: str, data: bytes, *, sync_dir: bool = True) -> Path:
-        """Store one message (already with its Return-Path and Delivered-To).
+    def deliver(self, local: str, domain: str, data: bytes | Iterable[bytes], *,
+                sync_dir: bool = True) -> Path:
+        """Store one message (already with its Return-Path and Delivered-To); ``data``
+        may be an iterable of chunks, written as they come (a big message).
 
         With ``sync_dir=False`` the caller must :meth:`sync` the returned file's folder
         before it reports the delivery: several deliveries then share one fsync.
@@ -78,18 +81,22 @@ class MaildirStore:
             self.create(local, domain)
             sec, usec = divmod(time.time_ns() // 1000, 1_000_000)
             unique = f"{sec}.M{usec}P{os.getpid()}Q{next(_counter)}"
-            name = f"{unique}.{self.hostname},S={len(data)}"
-            tmp = base / "tmp" / name
+            tmp = base / "tmp" / f"{unique}.{self.hostname}"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            size = 0
             try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
+                for chunk in [data] if isinstance(data, bytes) else data:
+                    view = memoryview(chunk)
+                    size += len(view)
+                    while view:
+                        view = view[os.write(fd, view):]
                 os.fsync(fd)
-            finally:
+            except BaseException:
                 os.close(fd)
-            final = base / "new" / name
+                os.unlink(tmp)
+                raise
+            os.close(fd)
+            final = base / "new" / f"{unique}.{self.hostname},S={size}"
             try:
                 os.link(tmp, final)
             finally:

@@ -78,7 +78,7 @@ def test_concurrent_enqueues_share_commits(spool: SqliteSpool) -> None:
 
 def test_a_failing_job_does_not_undo_the_others_in_its_batch(spool: SqliteSpool) -> None:
     def bad(conn: sqlite3.Connection) -> None:
-        conn.execute("INSERT INTO messages VALUES ('x', 0, '', 0, '{}', '{}', x'')")
+        conn.execute("INSERT INTO messages VALUES ('x', 0, '', 0, '{}', '{}', x'', '')")
         raise ValueError("boom")
 
     async def main() -> list[object]:

@@ -52,7 +52,10 @@ def _take_ids(maildir: Path) -> set[str]:
     return found
 
 
-def test_full_disk_defers_acceptance_and_recovers_when_space_is_freed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("lines", [3000, 16000], ids=["inline", "spilled_to_a_body_file"])
+def test_full_disk_defers_acceptance_and_recovers_when_space_is_freed(
+        tmp_path: Path, lines: int) -> None:
+    # 16,000 lines (1.2 MB) pass body.SPILL_AT: the message goes to its own file
     sp = ServerProcess(tmp_path / "srv", '[delivery]\nretry = ["1s"]')
     proc = _start_on_tmpfs(sp, "4m")
     try:
@@ -64,7 +67,7 @@ def test_full_disk_defers_acceptance_and_recovers_when_space_is_freed(tmp_path: 
         new = _inside(proc, sp.data / "mail" / "example.test" / "alice" / "new")
         accepted: list[str] = []
         refusals: list[tuple[int, bytes]] = []
-        body = ("x" * 76 + "\r\n") * 3000           # about 234 KB
+        body = ("x" * 76 + "\r\n") * lines           # 234 KB or 1.2 MB
         with smtplib.SMTP("127.0.0.1", sp.mx_port, timeout=30) as s:
             for i in range(60):
                 uid = f"full-{i}"
@@ -91,6 +94,11 @@ def test_full_disk_defers_acceptance_and_recovers_when_space_is_freed(tmp_path: 
             s.sendmail("s@example.test", ["alice@example.test"],
                        b"Subject: after\r\nX-Test-Id: after\r\n\r\nok\r\n")
         assert "Traceback" not in sp.log_text()
+        bodies = _inside(proc, sp.data / "bodies")
+        deadline = time.monotonic() + 10
+        while bodies.is_dir() and any(bodies.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not bodies.is_dir() or not any(bodies.iterdir()), "a refused message left a file"
     finally:
         proc.terminate()
         try:

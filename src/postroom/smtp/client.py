@@ -17,11 +17,13 @@ import asyncio
 import base64
 import re
 import ssl
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from ..model import Reply
 
-__all__ = ["Client", "HopError", "ReplyReader", "Transaction", "Transcript", "prepare_data"]
+__all__ = ["Client", "HopError", "ReplyReader", "Transaction", "Transcript", "prepare_data",
+           "wire_chunks"]
 
 MAX_REPLY_LINE = 4096
 MAX_REPLY_LINES = 200
@@ -124,13 +126,32 @@ class HopError(Exception):
 
 def prepare_data(data: bytes) -> bytes:
     """Message bytes ready for the wire: CRLF only, dot-stuffed, ending with CRLF.CRLF."""
-    if b"\r" in data.replace(b"\r\n", b"") or b"\n" in data.replace(b"\r\n", b""):
-        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
-    if data and not data.endswith(b"\r\n"):
-        data += b"\r\n"
-    if data.startswith(b"."):
-        data = b"." + data
-    return data.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+    return b"".join(wire_chunks([data]))
+
+
+def wire_chunks(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """:func:`prepare_data` chunk by chunk, so that a big message is never held whole.
+
+    A CR at a chunk's end waits for the next chunk (it may start with the LF)."""
+    carry = b""
+    line_start = True
+    for chunk in chunks:
+        if carry:
+            chunk, carry = carry + chunk, b""
+        if chunk.endswith(b"\r"):
+            chunk, carry = chunk[:-1], b"\r"
+        if not chunk:
+            continue
+        crlf = chunk.count(b"\r\n")
+        if chunk.count(b"\r") != crlf or chunk.count(b"\n") != crlf:
+            # a bare LF or CR is never passed on: each becomes CRLF
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+        if line_start and chunk.startswith(b"."):
+            chunk = b"." + chunk
+        chunk = chunk.replace(b"\r\n.", b"\r\n..")
+        line_start = chunk.endswith(b"\r\n")
+        yield chunk
+    yield (b"\r\n" if carry or not line_start else b"") + b".\r\n"
 
 
 @dataclass
@@ -299,8 +320,9 @@ class Client:
         return reply
 
     async def send(self, sender: str, mail_params: str, recipients: list[tuple[str, str]],
-                   data: bytes) -> Transaction:
-        """One mail transaction. ``data`` comes from :func:`prepare_data`.
+                   data: bytes | Iterable[bytes]) -> Transaction:
+        """One mail transaction. ``data`` comes from :func:`prepare_data`, or is an
+        iterable of :func:`wire_chunks`, sent chunk by chunk (a big message).
 
         With PIPELINING, MAIL, every RCPT and DATA go in one write (RFC 2920 §3.1).
         """
@@ -339,10 +361,17 @@ class Client:
             await self.reset()
             return Transaction(mail, rcpts, None)
         assert self.writer is not None
-        self._out.append(data)
-        self.transcript.client(f"<message, {len(data)} octets>")
-        self.transcript.client(".")
+        sent = pending = 0
+        for chunk in [data] if isinstance(data, bytes) else data:
+            self._out.append(chunk)
+            sent += len(chunk)
+            pending += len(chunk)
+            if pending >= 1 << 20:           # a big message goes out a megabyte at a time
+                await self.drain("DATA")
+                pending = 0
         await self.drain("DATA")
+        self.transcript.client(f"<message, {sent} octets>")
+        self.transcript.client(".")
         # RFC 5321 4.5.3.2.6: wait at least 10 minutes for the reply to the final dot
         saved, self.timeout = self.timeout, max(self.timeout, 600.0)
         try:

@@ -90,8 +90,13 @@ class RcptTo:
 
 @dataclass(slots=True)
 class MessageReceived:
-    data: bytes                 # un-dot-stuffed, CRLF line ends, ends with CRLF (or empty)
+    """The end of a message's data. ``data`` is the part not already taken with
+    :meth:`ServerProtocol.take_body` (un-dot-stuffed, CRLF line ends, ends with CRLF or is
+    empty); ``serial`` numbers the DATA command the parts belong to."""
+    data: bytes
     envelope: Envelope
+    serial: int = 0
+    size: int = 0               # of the whole message, taken parts included
 
 
 @dataclass(slots=True)
@@ -141,9 +146,11 @@ class ServerProtocol:
         self._closing: Closed | None = None        # a close decided inside respond()
         self._junk_commands = 0
         self._discarding_line = False
-        self._data = bytearray()
-        self._data_scan = 0
-        self._data_oversize = False
+        self._body: list[bytes] = []           # message data not yet taken by the caller
+        self._body_serial = 0                  # which DATA command the parts belong to
+        self._body_size = 0
+        self._body_problem: Reply | None = None
+        self._skipping_line = False            # inside an over-long line of message data
         self._auth_mech = ""
         self._auth_step = 0
         self._auth_username = ""
@@ -451,9 +458,11 @@ class ServerProtocol:
             return self._error(replies.NEED_RCPT)
         self._send(replies.START_MAIL_INPUT)
         self.phase = Phase.DATA
-        self._data = bytearray(b"\r\n")   # so that a '.' first line is found like any other
-        self._data_scan = 0
-        self._data_oversize = False
+        self._body = []
+        self._body_serial += 1
+        self._body_size = 0
+        self._body_problem = None
+        self._skipping_line = False
         return None
 
     def _junk(self) -> Closed | None:
@@ -569,52 +578,85 @@ class ServerProtocol:
         return AuthCredentials("LOGIN", self._auth_username, text)
 
     # --- DATA ----------------------------------------------------------------------
+    def take_body(self) -> tuple[int, list[bytes]]:
+        """The message data decoded so far and not yet taken, with its DATA serial.
+
+        A caller that takes the parts as they come (to write them to a file) holds no
+        more than one read of a big message in memory; one that never calls this gets
+        the whole message in :class:`MessageReceived`.
+        """
+        parts, self._body = self._body, []
+        return self._body_serial, parts
+
     def _data_event(self) -> Event | None:
-        if not self._in:
-            return NEED_DATA
-        data = self._data
-        start = max(0, len(data) - 4)
-        data += self._in
-        self._in.clear()
-        end = data.find(b"\r\n.\r\n", start)
-        if end < 0:
-            # room for the "\r\n" we put first and a terminator split across reads
-            # Dot-stuffing can add a third to the size (a line of "." sent as ".."):
-            # hold up to that much, then decide on the exact size after unstuffing.
-            limit = self.caps.max_message_size + self.caps.max_message_size // 2 + 6
-            if len(data) > limit:
-                # Keep reading to the real end of data, but hold no more than the tail.
-                self._data_oversize = True
-                del data[: len(data) - 4]
-            return NEED_DATA
-        rest = bytes(data[end + 5:])
-        body = bytes(data[2: end + 2])
-        self._data = bytearray()
-        self._in[:0] = rest
-        self.phase = Phase.COMMAND
-        envelope = self.envelope
-        if not self._data_oversize and (body.startswith(b".") or b"\r\n." in body):
-            # RFC 5321 4.5.2: a line's first dot is deleted when other characters follow
-            body = (b"\r\n" + body).replace(b"\r\n.", b"\r\n")[2:]
+        """Decode the complete lines buffered so far: find the final dot, remove the
+        transparency dots (RFC 5321 4.5.2) and check each line. The caller may take the
+        decoded parts at any time; at most one partial line stays behind."""
+        buf = self._in
+        if self._skipping_line:
+            cut = buf.find(b"\r\n")
+            if cut < 0:
+                del buf[:-1]                   # keep a CR that may start the line end
+                return NEED_DATA
+            del buf[: cut + 2]
+            self._skipping_line = False
+        if buf.startswith(b".\r\n"):
+            end, final = 0, True
+        else:
+            found = buf.find(b"\r\n.\r\n")
+            final = found >= 0
+            last = buf.rfind(b"\r\n")
+            end = found + 2 if final else (last + 2 if last >= 0 else 0)
+        if end > 0:
+            self._data_lines(bytes(buf[:end]))
+            del buf[:end]
+        if final:
+            del buf[:3]
+            return self._data_end()
+        if len(buf) > TEXT_LINE_LIMIT:
+            # a line this long without its CRLF is too long even with a transparency dot
+            self._data_problem(replies.DATA_LINE_TOO_LONG)
+            self._skipping_line = True
+            del buf[:-1]
+        return NEED_DATA
+
+    def _data_lines(self, lines: bytes) -> None:
+        """Complete lines of message data, each ending in CRLF."""
+        if self._body_problem is not None:
+            return
+        crlf = lines.count(b"\r\n")
+        if lines.count(b"\n") != crlf or lines.count(b"\r") != crlf:
+            return self._data_problem(replies.BARE_LINE_ENDING_IN_DATA)
+        if b"\x00" in lines:
+            return self._data_problem(replies.NUL_IN_DATA)
+        if lines.startswith(b"."):
+            lines = lines[1:]
+        if b"\r\n." in lines:
+            lines = lines.replace(b"\r\n.", b"\r\n")
         # checked after unstuffing: the transparency dot is not part of the line
         # (RFC 5321 4.5.3.1.6) nor of the message size
-        problem = self._check_body(body)
+        if len(lines) > TEXT_LINE_LIMIT - 2 and _LONG_LINE.search(lines):
+            return self._data_problem(replies.DATA_LINE_TOO_LONG)
+        self._body_size += len(lines)
+        if self._body_size > self.caps.max_message_size:
+            return self._data_problem(replies.message_too_big(self.caps.max_message_size))
+        self._body.append(lines)
+
+    def _data_problem(self, reply: Reply) -> None:
+        """The message is refused: keep reading to its end, but hold none of it."""
+        if self._body_problem is None:
+            self._body_problem = reply
+        self._body = []
+
+    def _data_end(self) -> Event | None:
+        self.phase = Phase.COMMAND
+        envelope = self.envelope
+        problem, self._body_problem = self._body_problem, None
         if problem is not None:
             self.envelope = Envelope()
             return self._error(problem)
-        return MessageReceived(body, envelope)
-
-    def _check_body(self, body: bytes) -> Reply | None:
-        if self._data_oversize or len(body) > self.caps.max_message_size:
-            return replies.message_too_big(self.caps.max_message_size)
-        crlf = body.count(b"\r\n")
-        if body.count(b"\n") != crlf or body.count(b"\r") != crlf:
-            return replies.BARE_LINE_ENDING_IN_DATA
-        if b"\x00" in body:
-            return replies.NUL_IN_DATA
-        if len(body) > TEXT_LINE_LIMIT - 2 and _LONG_LINE.search(body):
-            return replies.DATA_LINE_TOO_LONG
-        return None
+        parts, self._body = self._body, []
+        return MessageReceived(b"".join(parts), envelope, self._body_serial, self._body_size)
 
 
 _COMMANDS = {

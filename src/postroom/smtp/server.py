@@ -23,11 +23,12 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from .. import replies
+from ..body import BodyWriter
 from ..config import Config
 from ..conversion import missing_headers, received_header
 from ..model import Reply, SmtpError
 from ..policy import RelaySettings, SessionSnapshot, check_mail, check_rcpt, peer_address
-from ..spool import NewMessage, NewRecipient, Spool, StorageFull, new_queue_id
+from ..spool import NewMessage, NewRecipient, Spool, StorageFull, is_disk_full, new_queue_id
 from .protocol import (
     NEED_DATA,
     AuthCredentials,
@@ -141,6 +142,7 @@ class Session(asyncio.Protocol):
         self._paused = False
         self._counted = False
         self._task: asyncio.Task[None] | None = None
+        self._body: BodyWriter | None = None     # the current DATA's message so far
         self._received = 0
         self._progress_at = time.monotonic()
         self._progress_bytes = 0
@@ -238,6 +240,10 @@ class Session(asyncio.Protocol):
             while True:
                 ev = core.next_event()
                 if ev is NEED_DATA:
+                    if core.phase is Phase.DATA:
+                        self._take_body()
+                    elif self._body is not None:     # refused, or the session moved on
+                        self._drop_body()
                     self._flush()
                     if core.phase is Phase.CLOSED or self._lost:
                         break
@@ -276,6 +282,7 @@ class Session(asyncio.Protocol):
         except Exception:  # noqa: BLE001 - never let a session crash the server
             log.exception("session=%s crashed", self.id)
         finally:
+            self._drop_body()
             self._flush()
             if self.transport is not None:
                 self.transport.close()
@@ -307,11 +314,55 @@ class Session(asyncio.Protocol):
         else:
             raise TypeError(f"unexpected event {ev!r}")
 
+    # --- message data --------------------------------------------------------------
+    def _take_body(self) -> None:
+        """Move the core's decoded message data into this DATA's writer (which spills
+        a big message to a file), so that the session never holds it whole."""
+        serial, parts = self.core.take_body()
+        if not parts:
+            return
+        if self._body is None or self._body.serial != serial:
+            self._drop_body()
+            self._body = BodyWriter(self.state.spool.bodies, serial, new_queue_id())
+        self._body.write(parts)
+
+    def _drop_body(self) -> None:
+        if self._body is not None:
+            body, self._body = self._body, None
+            try:
+                body.discard()
+            except OSError as exc:
+                log.warning("session=%s could not remove %s: %s", self.id, body.path, exc)
+
+    async def _message_bytes(self, ev: MessageReceived
+                             ) -> tuple[str, bytes, BodyWriter | None] | Reply:
+        """(queue id, the message or its first 64 KB, the writer of a big one's file)."""
+        body = self._body if self._body is not None and self._body.serial == ev.serial \
+            else None
+        if body is None:
+            self._drop_body()
+            return new_queue_id(), ev.data, None
+        self._body = None
+        body.write([ev.data])
+        inline = body.inline()
+        if inline is not None:
+            return body.name, inline, None
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.state.executor, body.finish)
+        except OSError as exc:
+            body.discard()
+            return reply_for_exception(StorageFull(str(exc)) if is_disk_full(exc) else exc,
+                                       self.id)
+        return body.name, bytes(body.head), body
+
     async def _enqueue(self, ev: MessageReceived) -> Reply:
         st = self.state
         env = ev.envelope
         assert env.sender is not None
-        qid = new_queue_id()
+        got = await self._message_bytes(ev)
+        if isinstance(got, Reply):
+            return got
+        qid, data, big = got
         now = st.clock()
         seen: dict[str, NewRecipient] = {}
         for rcpt, params in env.recipients:
@@ -326,16 +377,24 @@ class Session(asyncio.Protocol):
             helo=self.core.helo or "unknown", peer=self.peer, hostname=st.config.hostname,
             protocol=protocol, queue_id=qid,
             recipient=next(iter(seen)) if len(seen) == 1 else None, timestamp=now)
-        data = ev.data
         if self.listener != "mx" or auth:
-            data = missing_headers(data, st.config.hostname, now) + data
+            header += missing_headers(data, st.config.hostname, now)
         client = {"peer": self.peer, "helo": self.core.helo, "listener": self.listener,
                   "tls": tls, "auth": self.core.auth_user, "session": self.id}
-        message = NewMessage(qid, str(env.sender), env.mail_params, client, header + data,
-                             tuple(seen.values()))
-        await st.spool.enqueue(message)
+        if big is None:
+            message = NewMessage(qid, str(env.sender), env.mail_params, client, header + data,
+                                 tuple(seen.values()))
+        else:
+            message = NewMessage(qid, str(env.sender), env.mail_params, client, header,
+                                 tuple(seen.values()), body_file=big.name, body_size=big.size)
+        try:
+            await st.spool.enqueue(message)
+        except BaseException:
+            if big is not None:
+                big.discard()
+            raise
         log.info("session=%s queued queue_id=%s from=<%s> size=%d nrcpt=%d", self.id, qid,
-                 env.sender, len(message.data), len(seen))
+                 env.sender, message.size, len(seen))
         return replies.queued(qid)
 
     async def _authenticate(self, ev: AuthCredentials) -> Reply:

@@ -17,6 +17,7 @@ from typing import Any
 from .address import AddressError, parse_path
 
 __all__ = [
+    "AdminConfig",
     "Config",
     "ConfigError",
     "DeliveryConfig",
@@ -122,6 +123,11 @@ DEFAULT_ROUTES = (Route("*", "mx"),)
 
 
 @dataclass(frozen=True)
+class AdminConfig:
+    listen: tuple[str, int] | None = ("127.0.0.1", 8025)   # None: no admin API
+
+
+@dataclass(frozen=True)
 class Config:
     hostname: str
     data_dir: Path
@@ -136,7 +142,12 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     routes: tuple[Route, ...] = DEFAULT_ROUTES
     nameservers: tuple[str, ...] = ()
+    admin: AdminConfig = field(default_factory=AdminConfig)
     source: str = "<defaults>"
+
+    @property
+    def token_path(self) -> Path:
+        return self.data_dir / "admin.token"
 
     @property
     def spool_path(self) -> Path:
@@ -407,7 +418,7 @@ def _domain(value: object) -> str:
 
 
 TOP_KEYS = {"hostname", "data_dir", "smtp", "tls", "domains", "relay", "aliases", "delivery",
-            "route", "dns"}
+            "route", "dns", "admin"}
 DELIVERY_KEYS = {"retry", "mx_port", "max_queue_lifetime", "delay_warning", "max_connections",
                  "max_connections_per_destination", "connect_timeout", "command_timeout",
                  "max_return_size"}
@@ -543,6 +554,9 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: str) -> Config:
     routes = _routes(r, raw.get("route"), base_dir) if "route" in raw else DEFAULT_ROUTES
     dns_t = r.section("dns", {"nameservers"})
     nameservers = tuple(r.convert(dns_t, "dns.", "nameservers", _nameservers, ()))
+    adm = r.section("admin", {"listen"})
+    admin_listen = r.convert(adm, "admin.", "listen", _optional_endpoint,
+                             AdminConfig().listen)
 
     if r.problems:
         raise ConfigError(source, r.problems)
@@ -550,8 +564,14 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: str) -> Config:
         hostname=hostname, data_dir=data_dir, smtp=smtp, tls=tls,
         local_domains=tuple(dict.fromkeys(local_domains)), trusted_networks=tuple(nets),
         aliases=aliases, delivery=delivery, routes=routes, nameservers=nameservers,
-        source=source,
+        admin=AdminConfig(admin_listen), source=source,
     )
+
+
+def _optional_endpoint(value: object) -> tuple[str, int] | None:
+    if value == "":
+        return None
+    return parse_endpoint(value)
 
 
 def load(path: Path) -> Config:
@@ -668,4 +688,10 @@ connect_timeout = "30s"
 command_timeout = "5m"
 # NDRs return the whole original message up to this size (else its headers).
 max_return_size = 1000000
+
+[admin]
+# The admin API (JSON over HTTP, and /metrics) that the postroom commands use. It asks
+# for the token in data_dir/admin.token (mode 0600, made on first start).
+# Keep it on loopback. Empty: no admin API (status, queue and the others then fail).
+listen = "127.0.0.1:8025"
 '''

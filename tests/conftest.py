@@ -62,6 +62,7 @@ class ServerProcess:
         self.mx_port = free_port()
         self.sub_port = free_port()
         self.subs_port = free_port()
+        self.admin_port = free_port()
         self.config = workdir / "postroom.toml"
         self.data = workdir / "data"
         dom = ", ".join(f'"{d}"' for d in domains)
@@ -78,6 +79,8 @@ class ServerProcess:
             trusted_networks = ["127.0.0.1/32", "::1/128"]
             [dns]
             nameservers = ["127.0.0.1:{DEAD_DNS_PORT}"]
+            [admin]
+            listen = "127.0.0.1:{self.admin_port}"
             """)
         self.config.write_text(merge_toml(base, extra))
         self.proc: subprocess.Popen[bytes] | None = None

@@ -14,8 +14,10 @@ Nothing imports this module except the command line and the tests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import errno
+import json
 import logging
 import os
 import signal
@@ -25,10 +27,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from .config import Config
+from .admin import AdminServer, ComponentError, ensure_token, make_app
+from .config import Config, ConfigError, load
 from .delivery import SmtpDeliveryAgent
 from .dns import Resolver
+from .metrics import Metrics
 from .qmgr import QueueManager
 from .smtp.server import ServerState, Session
 from .spool import SqliteSpool
@@ -36,21 +41,36 @@ from .store import MaildirStore
 from .tls import ensure_self_signed, server_context
 from .users import UserStore
 
-__all__ = ["BoundListener", "Postroom", "bind_listeners", "catch_stop_signals", "fork_front_ends",
-           "tls_files"]
+__all__ = ["COMPONENTS", "BoundListener", "Postroom", "bind_listeners", "bind_admin",
+           "catch_stop_signals", "fork_front_ends", "tls_files"]
+
+COMPONENTS = ("smtp", "submission", "conversion", "queue-manager", "local-delivery",
+              "outbound-delivery", "admin")
+QUEUE_COMPONENTS = ("conversion", "queue-manager", "local-delivery", "outbound-delivery")
+LISTENER_COMPONENTS = {"smtp": ("mx",), "submission": ("submission", "submissions")}
+# changing these needs a restart: they are bound or forked at start
+RESTART_KEYS = (("smtp.listen", lambda c: c.smtp.listen),
+                ("smtp.submission", lambda c: c.smtp.submission),
+                ("smtp.submissions", lambda c: c.smtp.submissions),
+                ("smtp.processes", lambda c: c.smtp.processes),
+                ("data_dir", lambda c: c.data_dir),
+                ("tls", lambda c: (c.tls.cert_file, c.tls.key_file)),
+                ("admin.listen", lambda c: c.admin.listen),
+                ("dns.nameservers", lambda c: c.nameservers))
 
 log = logging.getLogger("postroom.app")
 
 
 @dataclass(frozen=True)
 class BoundListener:
-    kind: str            # "mx" | "submission" | "submissions"
+    kind: str            # "mx" | "submission" | "submissions" | "admin"
     host: str
     port: int
 
     def describe(self) -> str:
         what = {"mx": "SMTP (MX)", "submission": "submission (STARTTLS + AUTH)",
-                "submissions": "submissions (implicit TLS + AUTH)"}[self.kind]
+                "submissions": "submissions (implicit TLS + AUTH)",
+                "admin": "admin API (HTTP, token in data_dir)"}[self.kind]
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{what:38} {host}:{self.port}"
 
@@ -99,6 +119,24 @@ def catch_stop_signals() -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, remember)
+
+
+def bind_admin(config: Config) -> socket.socket | None:
+    """The admin API's listening socket (bound before any fork, like the others)."""
+    if config.admin.listen is None:
+        return None
+    host, port = config.admin.listen
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
 
 
 def tls_files(config: Config) -> tuple[Path, Path]:
@@ -150,9 +188,14 @@ class Postroom:
 
     def __init__(self, config: Config, *, listeners: Listeners | None = None,
                  main: bool = True, wake_fd: int = -1, notify_fd: int = -1,
-                 children: list[int] | None = None, started: float | None = None) -> None:
+                 children: list[int] | None = None, started: float | None = None,
+                 admin_socket: socket.socket | None = None) -> None:
         self.config = config
         self.main = main
+        self._admin_socket = admin_socket
+        self.admin: AdminServer | None = None
+        self.metrics = Metrics()
+        self._since: dict[str, float] = {}
         # before any listener (or forked front end) could write a body file: files older
         # than this that no message names are a crash's leftovers
         self.started = time.time() if started is None else started
@@ -175,7 +218,8 @@ class Postroom:
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="auth")
         self.state = ServerState(
             config=c, spool=self.spool, mailbox_exists=self.users.exists,
-            verify_password=self.users.verify, tls=tls, executor=self.executor)
+            verify_password=self.users.verify, tls=tls, executor=self.executor,
+            metrics=self.metrics)
         loop = asyncio.get_running_loop()
         if self.main:
             self.resolver = Resolver(c.nameservers)
@@ -183,7 +227,10 @@ class Postroom:
             self.qmgr = QueueManager(
                 self.spool, self.store, local_domains=frozenset(c.local_domains),
                 aliases=c.aliases, mailbox_exists=self.users.exists, delivery=c.delivery,
-                routes=c.routes, agent=self.agent, hostname=c.hostname, started=self.started)
+                routes=c.routes, agent=self.agent, hostname=c.hostname, started=self.started,
+                metrics=self.metrics)
+            self.metrics.watch_queues(lambda: [(q.name, q.messages, q.recipients)
+                                               for q in self.spool.summary()])
             if self._wake_fd >= 0:
                 loop.add_reader(self._wake_fd, self._woken)
         elif self._notify_fd >= 0:
@@ -203,6 +250,17 @@ class Postroom:
             raise
         if self.main:
             self.qmgr.start()
+            admin_sock = self._admin_socket
+            if admin_sock is None and c.admin.listen is not None and self._sockets is None:
+                admin_sock = bind_admin(c)           # in-process use: bind it here
+            if admin_sock is not None:
+                token = ensure_token(c.token_path)
+                self.admin = AdminServer(make_app(self, token), admin_sock)
+                self.admin.start()
+                addr = admin_sock.getsockname()
+                self.listeners.append(BoundListener("admin", addr[0], addr[1]))
+        now = time.time()
+        self._since = {name: now for name in COMPONENTS}
         log.info("postroom %s started (pid %d): %s", "main" if self.main else "front end",
                  os.getpid(), ", ".join(f"{b.kind}={b.host}:{b.port}" for b in self.listeners))
         return self.listeners
@@ -222,8 +280,133 @@ class Postroom:
             if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):   # a full pipe is awake
                 raise
 
+    # --- components (the admin API's status, stop, start, restart, reload) ----------
+    def status(self) -> list[dict[str, Any]]:
+        kinds = {b.kind for b in self.listeners}
+        out = []
+        for name in COMPONENTS:
+            if name in LISTENER_COMPONENTS:
+                if not kinds & set(LISTENER_COMPONENTS[name]):
+                    state = "disabled"
+                else:
+                    state = "stopped" if name in self.state.stopped else "running"
+            elif name == "admin":
+                state = "running" if self.admin is not None else "disabled"
+            else:
+                state = "stopped" if name in self.qmgr.stopped else "running"
+                if name == "outbound-delivery" and state == "stopped" and \
+                        self.qmgr.outbound_in_flight:
+                    state = "stopping"
+            item: dict[str, Any] = {"name": name, "state": state,
+                                    "since": self._since.get(name)}
+            if name in ("conversion", "local-delivery", "outbound-delivery") and \
+                    "queue-manager" in self.qmgr.stopped and state == "running":
+                item["note"] = "idle: queue-manager is stopped"
+            out.append(item)
+        return out
+
+    async def component(self, name: str, action: str) -> dict[str, Any]:
+        if name not in COMPONENTS:
+            raise ComponentError(f"no component {name!r}: the components are "
+                                 f"{', '.join(COMPONENTS)}")
+        if action not in ("stop", "start", "restart"):
+            raise ComponentError(f"unknown action {action!r}: use stop, start or restart")
+        if name == "admin":
+            raise ComponentError("the admin API cannot stop itself (nothing could start it "
+                                 "again); stop the whole server with SIGTERM instead")
+        before = next(c["state"] for c in self.status() if c["name"] == name)
+        if before == "disabled":
+            raise ComponentError(f"{name} has no listener in the configuration")
+        stopped = self.state.stopped if name in LISTENER_COMPONENTS else self.qmgr.stopped
+        if action in ("stop", "restart"):
+            stopped.add(name)
+        if action in ("start", "restart"):
+            stopped.discard(name)
+        if name in LISTENER_COMPONENTS:
+            self._tell_front_ends()
+        else:
+            self.qmgr.wake()
+        after = next(c for c in self.status() if c["name"] == name)
+        if after["state"] != before or action == "restart":
+            self._since[name] = time.time()
+            after["since"] = self._since[name]
+        log.warning("component %s: %s (was %s, now %s)", name, action, before, after["state"])
+        return after
+
+    def retry_now(self) -> None:
+        self.qmgr.retry_now()
+
+    def _control_path(self) -> Path:
+        return self.config.data_dir / "control.json"
+
+    def _tell_front_ends(self) -> None:
+        """Front ends read which listeners are stopped from control.json on SIGUSR1."""
+        if not self.children:
+            return
+        tmp = self._control_path().with_suffix(".tmp")
+        tmp.write_text(json.dumps({"stopped": sorted(self.state.stopped)}))
+        os.replace(tmp, self._control_path())
+        for pid in self.children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR1)
+
+    def _read_control(self) -> None:
+        try:
+            stopped = json.loads(self._control_path().read_text()).get("stopped", [])
+        except (OSError, ValueError) as exc:
+            log.warning("cannot read %s: %s", self._control_path(), exc)
+            return
+        self.state.stopped.clear()
+        self.state.stopped.update(n for n in stopped if n in LISTENER_COMPONENTS)
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the config file; an invalid one raises ConfigError and changes nothing."""
+        path = Path(self.config.source)
+        new = load(path)
+        old = self.config
+        restart = [key for key, get in RESTART_KEYS if get(old) != get(new)]
+        self._apply(new)
+        for pid in self.children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
+        log.warning("configuration reloaded from %s%s", path,
+                    f"; needs a restart to change: {', '.join(restart)}" if restart else "")
+        return {"reloaded": str(path), "needs_restart": restart,
+                "warnings": [str(w) for w in new.warnings()]}
+
+    def _apply(self, new: Config) -> None:
+        self.config = new
+        self.state.apply(new)
+        if self.main:
+            q = self.qmgr
+            q.local_domains = frozenset(new.local_domains)
+            q.aliases = new.aliases
+            q.routes = new.routes
+            q.delivery = new.delivery
+            q.hostname = new.hostname
+            self.agent.config = new.delivery
+            self.agent.hostname = new.hostname
+            q.wake()
+
+    async def _sighup(self) -> None:
+        try:
+            await self.reload()
+        except ConfigError as exc:
+            log.error("reload refused, the running configuration stays: %s", exc)
+
+    def _reload_front_end(self) -> None:
+        try:
+            new = load(Path(self.config.source))
+        except ConfigError as exc:
+            log.error("front end %d keeps its configuration: %s", os.getpid(), exc)
+            return
+        self._apply(new)
+        log.info("front end %d reloaded its configuration", os.getpid())
+
     async def stop(self) -> None:
         """Stop accepting, end sessions with 421, finish the current queue round."""
+        if self.admin is not None:
+            await self.admin.stop()
         for server in self._servers:
             server.close()
         state = getattr(self, "state", None)
@@ -280,6 +463,11 @@ class Postroom:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        if not self.main:
+            loop.add_signal_handler(signal.SIGUSR1, self._read_control)
+            loop.add_signal_handler(signal.SIGHUP, self._reload_front_end)
+        else:
+            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._sighup()))
         if _stop_requested:
             stop.set()
         await self.start()

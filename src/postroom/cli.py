@@ -10,7 +10,6 @@ import argparse
 import asyncio
 import getpass
 import json
-import sqlite3
 import ssl
 import sys
 import time
@@ -25,7 +24,7 @@ from .config import (
     load,
     parse_config,
 )
-from .spool import QUEUES, QueueSummary, connect, queue_summary
+from .ctl import add_commands
 from .users import UserError, UserStore
 
 DEFAULT_CONFIG = "postroom.toml"
@@ -45,7 +44,15 @@ def _load_or_defaults(path: Path) -> Config:
 
 # --- serve / check -------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .app import Postroom, bind_listeners, catch_stop_signals, fork_front_ends, tls_files
+    from .admin import ensure_token
+    from .app import (
+        Postroom,
+        bind_admin,
+        bind_listeners,
+        catch_stop_signals,
+        fork_front_ends,
+        tls_files,
+    )
     from .observability import setup_logging
     from .spool import SqliteSpool
 
@@ -82,10 +89,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     start_time = time.time()
     try:
         listeners = bind_listeners(config)
+        try:
+            admin_socket = bind_admin(config)
+        except OSError as exc:
+            for _, sock in listeners:
+                sock.close()
+            return _fail(f"cannot start the admin API on [admin] listen "
+                         f"{config.admin.listen}: {exc.strerror or exc}")
         tls_files(config)
         # create the spool and the user store once, before any process starts threads
         SqliteSpool(config.spool_path).close()
         UserStore(config.users_path).close()
+        if config.admin.listen is not None:
+            ensure_token(config.token_path)      # before the port answers
     except ssl.SSLError as exc:
         return _fail(f"cannot load the TLS certificate or key ([tls] cert_file, key_file): "
                      f"{exc.reason or exc}")
@@ -93,6 +109,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _fail(f"cannot start: {exc.strerror or exc} (is another server on that port?)")
 
     def front_end(notify_fd: int) -> None:
+        if admin_socket is not None:
+            admin_socket.close()                 # the admin API runs in the main process
         setup_logging(config.data_dir / "logs", stderr=not args.quiet, rotate=False)
         child = Postroom(config, listeners=listeners, main=False, notify_fd=notify_fd)
         asyncio.run(child.run_until_signalled())
@@ -100,7 +118,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     children, wake_fd = fork_front_ends(config, listeners, config.smtp.processes - 1, front_end)
     setup_logging(config.data_dir / "logs", stderr=not args.quiet)
     server = Postroom(config, listeners=listeners, wake_fd=wake_fd, children=children,
-                      started=start_time)
+                      started=start_time, admin_socket=admin_socket)
     try:
         asyncio.run(server.run_until_signalled(started))
     except ssl.SSLError as exc:
@@ -199,35 +217,6 @@ def _age(seconds: float) -> str:
     return f"{s}s"
 
 
-def cmd_queue(args: argparse.Namespace) -> int:
-    try:
-        config = _load_or_defaults(Path(args.config))
-    except ConfigError as exc:
-        return _fail(str(exc))
-    if config.spool_path.exists():
-        conn = connect(config.spool_path, readonly=True)
-        try:
-            summary = queue_summary(conn)
-        except sqlite3.OperationalError as exc:
-            return _fail(f"cannot read the spool {config.spool_path}: {exc}")
-        finally:
-            conn.close()
-    else:
-        summary = [QueueSummary(name, 0, 0, None, 0) for name in QUEUES]
-    now = time.time()
-    if args.json:
-        print(json.dumps({"queues": [{
-            "name": q.name, "messages": q.messages, "recipients": q.recipients,
-            "oldest": q.oldest, "oldest_age_seconds": None if q.oldest is None
-            else round(now - q.oldest, 3), "held": q.held} for q in summary]}, indent=2))
-        return 0
-    print(f"{'QUEUE':22} {'MESSAGES':>8} {'RECIPIENTS':>10} {'OLDEST':>8} {'HELD':>5}")
-    for q in summary:
-        oldest = "-" if q.oldest is None else _age(now - q.oldest)
-        print(f"{q.name:22} {q.messages:8} {q.recipients:10} {oldest:>8} {q.held:5}")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="postroom", description="Postroom mail server")
     p.add_argument("--version", action="version", version=f"postroom {__version__}")
@@ -261,9 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true")
     u.set_defaults(fn=cmd_users)
 
-    q = with_config(sub.add_parser("queue", help="summarise the four queues"))
-    q.add_argument("--json", action="store_true")
-    q.set_defaults(fn=cmd_queue)
+    add_commands(sub, with_config)
     return p
 
 

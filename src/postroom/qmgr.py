@@ -54,6 +54,7 @@ from .delivery import (
     RecipientResult,
     SmtpDeliveryAgent,
 )
+from .metrics import Metrics, status_label
 from .routing import choose_route
 from .spool import (
     NewMessage,
@@ -150,8 +151,13 @@ class QueueManager:
         workers: int = 8,
         rng: random.Random | None = None,
         started: float = 0.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self.spool = spool
+        self.metrics = metrics or Metrics()
+        # components an administrator stopped: queue-manager (every round), conversion,
+        # local-delivery, outbound-delivery
+        self.stopped: set[str] = set()
         self.started = started              # body files older than this and unnamed are orphans
         self._swept_at = 0.0
         self.store = store
@@ -180,6 +186,16 @@ class QueueManager:
         return self.delivery.retry
 
     def wake(self) -> None:
+        self._wake.set()
+
+    @property
+    def outbound_in_flight(self) -> int:
+        return len(self._outbound_tasks)
+
+    def retry_now(self) -> None:
+        """An administrator asked for a retry: forget every destination's backoff."""
+        self._failures.clear()
+        self._suspended.clear()
         self._wake.set()
 
     def start(self) -> None:
@@ -214,12 +230,18 @@ class QueueManager:
             log.warning("could not remove old body files: %s", exc)
         while not self._stopping:
             self._wake.clear()
+            stopped = self.stopped
             try:
-                worked = await self.convert_batch()
-                worked += await self.deliver_batch()
-                worked += await self.dispatch_outbound()
-                worked += await self.send_notices()
-                await self._sweep()
+                worked = 0
+                if "queue-manager" not in stopped:
+                    if "conversion" not in stopped:
+                        worked += await self.convert_batch()
+                    if "local-delivery" not in stopped:
+                        worked += await self.deliver_batch()
+                    if "outbound-delivery" not in stopped:
+                        worked += await self.dispatch_outbound()
+                    worked += await self.send_notices()
+                    await self._sweep()
             except StorageFull:
                 log.warning("the spool's disk is full: results cannot be recorded; "
                             "retrying in 1s (deliveries made meanwhile may repeat)")
@@ -398,7 +420,12 @@ class QueueManager:
             detail = dict(o.detail or {})
             detail.setdefault("status", o.status)
             detail.setdefault("last_attempt", now)
+            direction = "outbound" if d.destination else "inbound"
             if o.ok:
+                self.metrics.delivered.labels(direction).inc()
+                self.metrics.delivery.labels(direction).observe(max(0.0, now - d.received))
+                self.metrics.attempts.labels(direction, "delivered",
+                                             status_label(o.status)).inc()
                 notice = "success" if o.success_notice and \
                     wants_notice("success", d.sender, d.params) else ""
                 record(conn, d.id, state="delivered", reply=o.reply, now=now, notice=notice,
@@ -407,14 +434,17 @@ class QueueManager:
                          o.reply)
                 continue
             age = now - d.received
+            self.metrics.attempts.labels(direction, "deferred" if o.transient else "failed",
+                                         status_label(o.status)).inc()
             if o.transient and age < self.delivery.max_queue_lifetime:
+                self.metrics.deferred.labels(direction).inc()
                 attempts = d.attempts + 1
                 when = now + retry_delay(self.retry, attempts)
                 warn = age >= self.delivery.delay_warning and \
                     wants_notice("delay", d.sender, d.params)
                 detail["will_retry_until"] = d.received + self.delivery.max_queue_lifetime
                 record(conn, d.id, state="delivery", reply=o.reply, now=now, attempts=attempts,
-                       next_attempt=when, warn=warn, detail=detail)
+                       next_attempt=when, warn=warn, detail=detail, log_attempt=True)
                 log.warning("queue_id=%s to=<%s> status=deferred (%s); next attempt in %ds",
                             d.message, d.address, o.reply, when - now)
                 continue
@@ -426,6 +456,7 @@ class QueueManager:
                 detail["last_step"] = detail.get("step", "")
                 detail["step"] = "lifetime"
                 reply = f"gave up after {days:.1f} days; last error: {o.reply}"
+            self.metrics.bounced.labels(direction).inc()
             notice = "failure" if wants_notice("failure", d.sender, d.params) else ""
             record(conn, d.id, state="failed", reply=reply, now=now, notice=notice, detail=detail)
             log.warning("queue_id=%s to=<%s> status=failed (%s)", d.message, d.address, reply)
@@ -527,7 +558,9 @@ class QueueManager:
             outcomes = [self._outcome(dues[r.recipient.id], r) for r in results]
             await self.spool.run(lambda conn: self._record(conn, outcomes))
             if results and all(r.hop_failure for r in results):
-                await self._back_off(dest)
+                first = outcomes[0]
+                await self._back_off(dest, first.reply,
+                                     {**(first.detail or {}), "status": first.status})
             else:
                 self._failures.pop(dest.key, None)
                 self._suspended.pop(dest.ref, None)
@@ -555,18 +588,24 @@ class QueueManager:
         return _Outcome(due, r.ok, r.transient, r.reply, r.status, detail,
                         success_notice=r.ok and not r.dsn_capable)
 
-    async def _back_off(self, dest: Destination) -> None:
+    async def _back_off(self, dest: Destination, reply: str = "",
+                        detail: dict[str, Any] | None = None) -> None:
         """Hold every queued recipient for this destination until its next retry time,
-        in the spool, so the wait survives a restart and held rows are never read."""
+        in the spool, so the wait survives a restart and held rows are never read.
+        Recipients not tried yet get the failure that caused the wait as their reason."""
         failures = self._failures.get(dest.key, 0) + 1
         self._failures[dest.key] = failures
         wait = retry_delay(self.retry, failures)
         now = self.clock()
         self._suspended[dest.ref] = now + wait
+        why = json.dumps({**(detail or {}), "backed_off": True, "transcript": ""})
         await self.spool.run(lambda conn: conn.execute(
-            "UPDATE recipients SET next_attempt = ? WHERE destination = ? AND state = 'delivery' "
+            "UPDATE recipients SET next_attempt = ?, "
+            "detail = CASE WHEN last_reply = '' AND ? != '' THEN ? ELSE detail END, "
+            "last_reply = CASE WHEN last_reply = '' THEN ? ELSE last_reply END "
+            "WHERE destination = ? AND state = 'delivery' "
             "AND direction = 'outbound' AND lease_until <= ? AND next_attempt < ?",
-            (now + wait, dest.ref, now, now + wait)))
+            (now + wait, reply, why, reply, dest.ref, now, now + wait)))
         log.warning("destination %s failed as a whole; backing off for %ds",
                     dest.describe(), wait)
 
@@ -622,6 +661,7 @@ class QueueManager:
                     qid, "", {}, {"peer": "127.0.0.1", "helo": self.hostname,
                                   "listener": "internal", "notice": kind, "about": mid},
                     report, (NewRecipient(_lower_domain(sender), direction, {}),)), now)
+                self.metrics.notices.labels(kind).inc()
                 log.info("queue_id=%s %s notice for %s sent to <%s> as queue_id=%s", mid, kind,
                          ", ".join(r.final_recipient for r in reports), sender, qid)
             for item in items:

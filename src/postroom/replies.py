@@ -160,3 +160,9 @@ AUTH_TEMPORARY_FAILURE = Reply(454, "4.7.0", "Temporary authentication failure")
 
 def auth_challenge(base64_text: str) -> Reply:
     return Reply(334, "", base64_text)
+
+
+def component_stopped(hostname: str, component: str) -> Reply:
+    """The greeting while an administrator has stopped this listener's component."""
+    return Reply(421, "4.3.2", f"{hostname} Service not available: the {component} "
+                 "component is stopped by the administrator; try again later")

@@ -57,6 +57,15 @@ CREATE TABLE IF NOT EXISTS messages (
     data      BLOB NOT NULL,      -- the message; or, with body_file, the lines we added
     body_file TEXT NOT NULL DEFAULT ''  -- a big message's bytes: <data_dir>/bodies/<name>
 );
+CREATE TABLE IF NOT EXISTS attempts (     -- failed attempts of waiting recipients
+    id        INTEGER PRIMARY KEY,
+    message   TEXT NOT NULL,
+    recipient INTEGER NOT NULL,
+    at        REAL NOT NULL,
+    reply     TEXT NOT NULL,
+    detail    TEXT NOT NULL          -- JSON: status, step, hop, remote host and IP, transcript
+);
+CREATE INDEX IF NOT EXISTS attempts_message ON attempts (message);
 CREATE TABLE IF NOT EXISTS dead_bodies (  -- files of deleted messages, unlinked after commit
     name TEXT PRIMARY KEY
 );
@@ -418,8 +427,10 @@ def queue_summary(conn: sqlite3.Connection) -> list[QueueSummary]:
 
 def record(conn: sqlite3.Connection, rid: int, *, state: str, reply: str, now: float,
            attempts: int | None = None, next_attempt: float | None = None, notice: str = "",
-           warn: bool = False, detail: dict[str, Any] | None = None) -> None:
-    """Record one attempt's outcome for a recipient."""
+           warn: bool = False, detail: dict[str, Any] | None = None,
+           log_attempt: bool = False) -> None:
+    """Record one attempt's outcome for a recipient; ``log_attempt`` also keeps it in
+    the recipient's list of attempts."""
     conn.execute(
         "UPDATE recipients SET state = ?, last_reply = ?, updated = ?, "
         "attempts = COALESCE(?, attempts + 1), next_attempt = COALESCE(?, next_attempt), "
@@ -427,6 +438,11 @@ def record(conn: sqlite3.Connection, rid: int, *, state: str, reply: str, now: f
         "detail = COALESCE(?, detail) WHERE id = ?",
         (state, reply, now, attempts, next_attempt, notice, int(warn),
          json.dumps(detail) if detail is not None else None, rid))
+    if log_attempt and detail is not None:
+        # a deferral: keep it for "postroom queue show" (every attempt, not only the last)
+        conn.execute("INSERT INTO attempts (message, recipient, at, reply, detail) "
+                     "SELECT message, id, ?, ?, ? FROM recipients WHERE id = ?",
+                     (now, reply, json.dumps(detail), rid))
 
 
 def finish_messages(conn: sqlite3.Connection, message_ids: Iterable[str]) -> None:
@@ -439,6 +455,7 @@ def finish_messages(conn: sqlite3.Connection, message_ids: Iterable[str]) -> Non
             "OR notice != '' OR warned = 1) LIMIT 1", (mid,)).fetchone()
         if active is None:
             conn.execute("DELETE FROM recipients WHERE message = ?", (mid,))
+            conn.execute("DELETE FROM attempts WHERE message = ?", (mid,))
             conn.execute("INSERT OR IGNORE INTO dead_bodies (name) SELECT body_file FROM messages "
                          "WHERE id = ? AND body_file != ''", (mid,))
             conn.execute("DELETE FROM messages WHERE id = ?", (mid,))

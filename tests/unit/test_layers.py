@@ -17,7 +17,7 @@ LAYERS: dict[str, float] = {
     "smtp": 4, "smtp.protocol": 2.5, "smtp.client": 3, "smtp.server": 4,
     "delivery": 3.5,
     "qmgr": 4, "diagnostics": 4,
-    "admin": 5, "app": 5,
+    "admin": 4.5, "app": 5, "ctl": 5.5, "queueops": 3.5, "metrics": 1,
     "cli": 6, "web": 6,
 }
 PURE = {"model", "replies", "address", "policy", "routing", "bounce", "conversion"}

@@ -26,6 +26,7 @@ from .. import replies
 from ..body import BodyWriter
 from ..config import Config
 from ..conversion import missing_headers, received_header
+from ..metrics import Metrics
 from ..model import Reply, SmtpError
 from ..policy import RelaySettings, SessionSnapshot, check_mail, check_rcpt, peer_address
 from ..spool import NewMessage, NewRecipient, Spool, StorageFull, is_disk_full, new_queue_id
@@ -109,12 +110,23 @@ class ServerState:
     sessions: set[Session] = field(default_factory=set)
     shutting_down: bool = False
     clock: Callable[[], float] = time.time
+    metrics: Metrics = field(default_factory=Metrics)
+    # listener kinds whose component an administrator stopped: new connections get 421
+    stopped: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         c = self.config
         self.relay = RelaySettings(frozenset(c.local_domains), c.trusted_networks,
                                    frozenset(c.aliases), c.routes)
         self.throttle = AuthThrottle(c.smtp.auth_failure_limit, c.smtp.auth_failure_window)
+
+    def apply(self, config: Config) -> None:
+        """A reloaded config: new sessions use it; open sessions keep their limits."""
+        self.config = config
+        self.relay = RelaySettings(frozenset(config.local_domains), config.trusted_networks,
+                                   frozenset(config.aliases), config.routes)
+        self.throttle.limit = config.smtp.auth_failure_limit
+        self.throttle.window = config.smtp.auth_failure_window
 
     def capabilities(self, listener: str) -> Capabilities:
         s = self.config.smtp
@@ -159,6 +171,13 @@ class Session(asyncio.Protocol):
             transport.write(replies.shutting_down(st.config.hostname).render())
             transport.close()
             return
+        component = "smtp" if self.listener == "mx" else "submission"
+        if component in st.stopped:
+            log.info("session=%s refused %s: the %s component is stopped", self.id, self.peer,
+                     component)
+            transport.write(replies.component_stopped(st.config.hostname, component).render())
+            transport.close()
+            return
         if st.connections >= limits.max_connections:
             log.warning("session=%s refused %s: %d connections", self.id, self.peer,
                         st.connections)
@@ -172,6 +191,8 @@ class Session(asyncio.Protocol):
             transport.close()
             return
         self._counted = True
+        st.metrics.connections.labels(self.listener).inc()
+        st.metrics.connections_current.labels(self.listener).inc()
         st.connections += 1
         st.per_peer[self.peer] += 1
         st.sessions.add(self)
@@ -199,6 +220,7 @@ class Session(asyncio.Protocol):
         if self._counted:
             self._counted = False
             st = self.state
+            st.metrics.connections_current.labels(self.listener).dec()
             st.connections -= 1
             st.per_peer[self.peer] -= 1
             if st.per_peer[self.peer] <= 0:
@@ -304,9 +326,17 @@ class Session(asyncio.Protocol):
             log.info("session=%s rcpt to=<%s> %s (%s): %s", self.id, ev.recipient,
                      "accepted" if verdict.accept else "refused", verdict.reply.code,
                      verdict.reason)
+            if verdict.reply.enhanced == "5.7.1" and "Relaying" in verdict.reply.text:
+                self.state.metrics.relay_refusals.labels(self.listener).inc()
             core.respond(verdict.reply)
         elif isinstance(ev, MessageReceived):
-            core.respond(await self._enqueue(ev))
+            started = time.perf_counter()
+            reply = await self._enqueue(ev)
+            if reply.code == 250:
+                m = self.state.metrics
+                m.received.labels(self.listener).inc()
+                m.acceptance.observe(time.perf_counter() - started)
+            core.respond(reply)
         elif isinstance(ev, AuthCredentials):
             core.respond(await self._authenticate(ev))
         elif isinstance(ev, StartTls):

@@ -1,0 +1,216 @@
+"""The admin API: JSON over HTTP on ``[admin] listen``, and ``/metrics``.
+
+Every request needs ``Authorization: Bearer <token>``; the token is the content of
+``<data_dir>/admin.token`` (mode 0600, made on first start). The command line reads the
+file and calls this API: it is the only way into a running server's spool.
+
+Served by uvicorn inside the server's own event loop (Starlette routes), in the main
+process only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from . import queueops
+from .config import ConfigError, parse_duration
+from .metrics import Metrics
+from .spool import SqliteSpool, load_body
+
+__all__ = ["AdminBackend", "AdminServer", "ComponentError", "ensure_token", "make_app"]
+
+log = logging.getLogger("postroom.admin")
+
+
+class ComponentError(Exception):
+    """A component action that cannot be done (unknown name, or not allowed)."""
+
+
+class AdminBackend(Protocol):
+    spool: SqliteSpool
+    metrics: Metrics
+
+    def status(self) -> list[dict[str, Any]]: ...
+    async def component(self, name: str, action: str) -> dict[str, Any]: ...
+    async def reload(self) -> dict[str, Any]: ...
+    def retry_now(self) -> None: ...
+
+
+def ensure_token(path: Path) -> str:
+    """The admin token, made (mode 0600, never group- or world-readable) if missing."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    token = secrets.token_urlsafe(32)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _filters(q: dict[str, Any]) -> queueops.Filters:
+    held = q.get("held")
+    ids = q.get("ids") or ()
+    if isinstance(ids, str):
+        ids = tuple(i for i in ids.split(",") if i)
+    return queueops.Filters(
+        domain=str(q.get("domain") or ""), sender=str(q.get("sender") or ""),
+        rcpt=str(q.get("rcpt") or ""),
+        older_than=parse_duration(q["older_than"]) if q.get("older_than") else 0.0,
+        held=None if held in (None, "") else str(held).lower() in ("1", "true", "yes"),
+        reason=str(q.get("reason") or ""), queue=str(q.get("queue") or ""),
+        ids=tuple(str(i) for i in ids))
+
+
+def make_app(backend: AdminBackend, token: str) -> Starlette:
+    spool = backend.spool
+    loop_read = asyncio.get_running_loop
+
+    async def read(fn: Callable[[Any], Any]) -> Any:
+        return await loop_read().run_in_executor(None, spool.read, fn)
+
+    def guarded(handler: Callable[[Request], Awaitable[Response]]
+                ) -> Callable[[Request], Awaitable[Response]]:
+        async def run(request: Request) -> Response:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                return _error(401, "missing or wrong token (Authorization: Bearer <the "
+                                   "content of <data_dir>/admin.token>)")
+            try:
+                return await handler(request)
+            except (queueops.QueueError, ComponentError, ValueError) as exc:
+                return _error(400, str(exc))
+            except ConfigError as exc:
+                return _error(400, str(exc))
+        return run
+
+    async def status(request: Request) -> Response:
+        return JSONResponse({"components": backend.status()})
+
+    async def component(request: Request) -> Response:
+        return JSONResponse(await backend.component(request.path_params["name"],
+                                                    request.path_params["action"]))
+
+    async def reload(request: Request) -> Response:
+        return JSONResponse(await backend.reload())
+
+    async def queues(request: Request) -> Response:
+        now = time.time()
+        return JSONResponse({"queues": await read(lambda c: queueops.summary(c, now))})
+
+    async def queue_list(request: Request) -> Response:
+        now = time.time()
+        name = request.path_params["queue"]
+        f = _filters(dict(request.query_params))
+        limit = int(request.query_params.get("limit", "1000"))
+        return JSONResponse(await read(lambda c: queueops.list_queue(c, name, f, now, limit)))
+
+    async def message(request: Request) -> Response:
+        mid = request.path_params["id"]
+
+        def q(c: Any) -> dict[str, Any]:
+            return queueops.show(c, mid, load_body(c, mid, spool.bodies))
+        return JSONResponse(await read(q))
+
+    async def reasons(request: Request) -> Response:
+        now = time.time()
+        return JSONResponse({"reasons": await read(lambda c: queueops.reasons(c, now))})
+
+    async def action(request: Request) -> Response:
+        body = await request.json()
+        if not isinstance(body, dict):
+            raise ValueError("send a JSON object")
+        name = str(body.get("action", ""))
+        if name not in queueops.ACTIONS:
+            raise ValueError(f"unknown action {name!r}: use one of {', '.join(queueops.ACTIONS)}")
+        f = _filters(body)
+        if f.empty:
+            raise ValueError("name messages by id, or give filters (or a reason) with all")
+        if not f.ids and not body.get("all"):
+            raise ValueError("filters select many messages: confirm with all (--all)")
+        now = time.time()
+        user = str(body.get("who") or "the administrator")[:100]
+
+        def job(c: Any) -> dict[str, Any]:
+            rids = queueops.select_ids(c, f, now)
+            return queueops.act(c, name, rids, now, user)
+        result = await spool.run(job)
+        if name in ("retry", "release"):
+            backend.retry_now()
+        log.info("queue %s by %s: %d recipients of %d messages", name, user,
+                 result["recipients"], result["messages"])
+        return JSONResponse(result)
+
+    async def stats(request: Request) -> Response:
+        return JSONResponse({"metrics": backend.metrics.snapshot()})
+
+    async def metrics(request: Request) -> Response:
+        data = await loop_read().run_in_executor(None, generate_latest,
+                                                 backend.metrics.registry)
+        return Response(data, media_type=CONTENT_TYPE_LATEST)
+
+    routes = [
+        Route("/api/status", guarded(status)),
+        Route("/api/components/{name}/{action}", guarded(component), methods=["POST"]),
+        Route("/api/reload", guarded(reload), methods=["POST"]),
+        Route("/api/queues", guarded(queues)),
+        Route("/api/queues/reasons", guarded(reasons)),
+        Route("/api/queues/actions", guarded(action), methods=["POST"]),
+        Route("/api/queues/{queue}", guarded(queue_list)),
+        Route("/api/messages/{id}", guarded(message)),
+        Route("/api/stats", guarded(stats)),
+        Route("/metrics", guarded(metrics)),
+    ]
+    return Starlette(routes=routes)
+
+
+class _Uvicorn(uvicorn.Server):
+    # The server's own loop owns SIGTERM/SIGINT; uvicorn must not replace the handlers.
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class AdminServer:
+    """uvicorn serving :func:`make_app` on an already bound socket."""
+
+    def __init__(self, app: Starlette, sock: socket.socket) -> None:
+        self.sock = sock
+        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=2)
+        self.server = _Uvicorn(config)
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.server.should_exit = False
+        self.task = asyncio.get_running_loop().create_task(
+            self.server.serve(sockets=[self.sock]), name="admin")
+
+    async def stop(self) -> None:
+        if self.task is None:
+            return
+        self.server.should_exit = True
+        with contextlib.suppress(Exception):
+            await self.task
+        self.task = None

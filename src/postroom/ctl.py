@@ -1,0 +1,279 @@
+"""The operations commands: status, stop, start, restart, reload, queue, stats.
+
+Each one is a call to the running server's admin API (``[admin] listen``) with the token
+from ``<data_dir>/admin.token``; none of them opens the spool itself. Every read command
+takes ``--json`` and then prints one JSON document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .config import Config, ConfigError, load, parse_config
+
+__all__ = ["AdminApiError", "ApiClient", "add_commands"]
+
+
+class AdminApiError(Exception):
+    """The API could not be reached, or refused the request; the text says which."""
+
+
+class ApiClient:
+    def __init__(self, config: Config, timeout: float = 60.0) -> None:
+        if config.admin.listen is None:
+            raise AdminApiError("the admin API is off ([admin] listen = \"\"); set it to "
+                                "\"127.0.0.1:8025\" and restart the server")
+        host, port = config.admin.listen
+        host = f"[{host}]" if ":" in host else host
+        self.base = f"http://{host}:{port}"
+        self.timeout = timeout
+        try:
+            self.token = config.token_path.read_text().strip()
+        except FileNotFoundError:
+            raise AdminApiError(f"no admin token at {config.token_path}: has the server "
+                                "been started with this config?") from None
+        except PermissionError:
+            raise AdminApiError(f"cannot read the admin token {config.token_path} "
+                                "(mode 0600): run as the user that runs the server") from None
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None,
+             query: dict[str, Any] | None = None) -> Any:
+        url = self.base + path
+        if query:
+            url += "?" + urllib.parse.urlencode({k: v for k, v in query.items()
+                                                 if v not in (None, "", False)})
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(url, data=data, method=method, headers={
+            "Authorization": f"Bearer {self.token}", "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as exc:
+            try:
+                message = json.loads(exc.read()).get("error", "")
+            except ValueError:
+                message = ""
+            raise AdminApiError(message or f"the admin API answered {exc.code}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise AdminApiError(f"cannot reach the admin API at {self.base} ({reason}): is "
+                                "'postroom serve' running with this config?") from None
+        if path == "/metrics":
+            return raw.decode()
+        return json.loads(raw)
+
+
+# --- formatting ----------------------------------------------------------------------
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s >= 86400:
+        return f"{s // 86400}d{(s % 86400) // 3600}h"
+    if s >= 3600:
+        return f"{s // 3600}h{(s % 3600) // 60}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60}s"
+    return f"{s}s"
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def _print_status(data: dict[str, Any]) -> None:
+    print(f"{'COMPONENT':19} {'STATE':9} SINCE")
+    for c in data["components"]:
+        note = f"  ({c['note']})" if c.get("note") else ""
+        print(f"{c['name']:19} {c['state']:9} {_when(c.get('since'))}{note}")
+
+
+def _print_summary(data: dict[str, Any]) -> None:
+    now = time.time()
+    print(f"{'QUEUE':22} {'MESSAGES':>8} {'RECIPIENTS':>10} {'OLDEST':>8} {'NEXT RETRY':>10} "
+          f"{'HELD':>5}")
+    for q in data["queues"]:
+        nxt = "-" if q["next_retry"] is None else \
+            ("now" if q["next_retry"] <= now else "in " + _age(q["next_retry"] - now))
+        print(f"{q['name']:22} {q['messages']:8} {q['recipients']:10} "
+              f"{_age(q['oldest_age']):>8} {nxt:>10} {q['held']:5}")
+
+
+def _print_list(data: dict[str, Any]) -> None:
+    if not data["messages"]:
+        print(f"{data['queue']}: no messages match")
+        return
+    now = time.time()
+    for m in data["messages"]:
+        print(f"{m['id']}  {m['size']:>9}  {_age(now - m['received']):>7} old  "
+              f"from <{m['sender']}>")
+        for r in m["recipients"]:
+            flags = " HELD" if r["held"] else ""
+            retry = "" if r["next_attempt"] is None or r["held"] else \
+                (" next now" if r["next_attempt"] <= now else
+                 f" next in {_age(r['next_attempt'] - now)}")
+            print(f"    <{r['address']}> attempts {r['attempts']}{retry}{flags}")
+            if r["last_reply"]:
+                print(f"        {r['last_reply']}")
+    if data.get("truncated"):
+        print("(more messages match: narrow the filters)")
+
+
+def _print_show(m: dict[str, Any]) -> None:
+    c = m["client"]
+    print(f"Queue id:  {m['id']}")
+    print(f"Received:  {_when(m['received'])} from [{c.get('peer')}] helo={c.get('helo')} "
+          f"listener={c.get('listener')} tls={'yes' if c.get('tls') else 'no'} "
+          f"auth={c.get('auth') or '-'}")
+    print(f"Sender:    <{m['sender']}>  size {m['size']}  "
+          + " ".join(f"{k}={v}" for k, v in m["params"].items()))
+    print("Headers:")
+    for line in m["headers"].rstrip("\r\n").split("\r\n"):
+        print(f"  {line}")
+    for r in m["recipients"]:
+        print(f"Recipient <{r['address']}>: {r['state']} ({r['queue']}), attempts "
+              f"{r['attempts']}{', HELD' if r['held'] else ''}")
+        if r["last_reply"]:
+            print(f"  last reply: {r['last_reply']}")
+        for a in r["attempt_log"]:
+            where = a["hop"] + (f" {a['remote_host']} [{a['remote_ip']}]"
+                                if a.get("remote_ip") else "")
+            print(f"  attempt {_when(a['at'])} {a['step']} via {where}: {a['reply']}")
+        if r["transcript"]:
+            print("  transcript of the last attempt:")
+            for line in r["transcript"].splitlines():
+                print(f"    {line}")
+
+
+def _print_reasons(data: dict[str, Any]) -> None:
+    if not data["reasons"]:
+        print("nothing is waiting for a retry")
+        return
+    for g in data["reasons"]:
+        print(f"[{g['id']}] {g['recipients']} recipients in {g['messages']} messages, "
+              f"oldest {_age(g['oldest_age'])}, via {g['hop'] or '-'}, status "
+              f"{g['status'] or '-'}")
+        print(f"    {g['reply']}")
+    print("Act on a group with: postroom queue retry|hold|bounce|delete --reason ID --all")
+
+
+def _print_stats(data: dict[str, Any]) -> None:
+    for name, samples in sorted(data["metrics"].items()):
+        for s in samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s["labels"].items()))
+            value = s["value"]
+            shown = f"{value:g}" if isinstance(value, float) else str(value)
+            print(f"{name}{'{' + labels + '}' if labels else ''} {shown}")
+
+
+# --- commands ------------------------------------------------------------------------
+def _config(args: argparse.Namespace) -> Config:
+    path = Path(args.config)
+    if path.exists():
+        return load(path)
+    return parse_config({}, path.resolve().parent, f"{path} (not found: defaults)")
+
+
+def _run(args: argparse.Namespace, call: Callable[[ApiClient], Any],
+         show: Callable[[Any], None] | None) -> int:
+    try:
+        client = ApiClient(_config(args))
+        data = call(client)
+    except (ConfigError, AdminApiError) as exc:
+        print(f"postroom: {exc}", file=sys.stderr)
+        return 1
+    if getattr(args, "json", False) or show is None:
+        print(json.dumps(data, indent=2) if not isinstance(data, str) else data)
+    else:
+        show(data)
+    return 0
+
+
+def _filters(args: argparse.Namespace) -> dict[str, Any]:
+    return {"domain": args.domain, "sender": args.sender, "rcpt": args.rcpt,
+            "older_than": args.older_than,
+            "held": None if not args.held else True}
+
+
+def add_commands(sub: Any, with_config: Callable[[argparse.ArgumentParser],
+                                                  argparse.ArgumentParser]) -> None:
+    def read(name: str, help_: str) -> argparse.ArgumentParser:
+        p = with_config(sub.add_parser(name, help=help_))
+        p.add_argument("--json", action="store_true", help="print one JSON document")
+        return p
+
+    read("status", "each component's state").set_defaults(
+        fn=lambda a: _run(a, lambda c: c.call("GET", "/api/status"), _print_status))
+    for action in ("stop", "start", "restart"):
+        p = read(action, f"{action} one component")
+        p.add_argument("component", help="smtp, submission, conversion, queue-manager, "
+                                         "local-delivery or outbound-delivery")
+        p.set_defaults(fn=lambda a, action=action: _run(
+            a, lambda c: c.call("POST", f"/api/components/{a.component}/{action}"),
+            lambda d: print(f"{d['name']}: {d['state']}")))
+    read("reload", "re-read the config without dropping connections or mail").set_defaults(
+        fn=lambda a: _run(a, lambda c: c.call("POST", "/api/reload"), lambda d: print(
+            f"reloaded {d['reloaded']}" + (f"; a restart is needed to change: "
+                                           f"{', '.join(d['needs_restart'])}"
+                                           if d["needs_restart"] else ""))))
+    read("stats", "the counters (also at /metrics)").set_defaults(
+        fn=lambda a: _run(a, lambda c: c.call("GET", "/api/stats"), _print_stats))
+
+    q = read("queue", "the four queues: summary, list, show, reasons and actions")
+    q.set_defaults(fn=lambda a: _run(a, lambda c: c.call("GET", "/api/queues"),
+                                     _print_summary))
+    qs = q.add_subparsers(dest="queue_command")
+
+    def filtered(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--domain", help="recipient domain")
+        p.add_argument("--sender", help="envelope sender (<> for the null sender)")
+        p.add_argument("--rcpt", help="recipient address")
+        p.add_argument("--older-than", help="received longer ago than this (e.g. 1h, 2d)")
+        p.add_argument("--held", action="store_true", help="held recipients only")
+        return p
+
+    ls = filtered(with_config(qs.add_parser("list", help="the messages in one queue")))
+    ls.add_argument("queue", help="inbound-conversion, inbound-delivery, "
+                                  "outbound-conversion or outbound-delivery")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(fn=lambda a: _run(a, lambda c: c.call(
+        "GET", f"/api/queues/{urllib.parse.quote(a.queue)}", query=_filters(a)), _print_list))
+
+    sh = with_config(qs.add_parser("show", help="one message, its recipients and attempts"))
+    sh.add_argument("id")
+    sh.add_argument("--json", action="store_true")
+    sh.set_defaults(fn=lambda a: _run(a, lambda c: c.call(
+        "GET", f"/api/messages/{urllib.parse.quote(a.id)}"), _print_show))
+
+    rs = with_config(qs.add_parser("reasons", help="why mail waits, grouped"))
+    rs.add_argument("--json", action="store_true")
+    rs.set_defaults(fn=lambda a: _run(a, lambda c: c.call("GET", "/api/queues/reasons"),
+                                      _print_reasons))
+
+    for action, what in (("retry", "try again now"), ("hold", "stop trying until released"),
+                         ("release", "undo hold"), ("delete", "remove, with no NDR"),
+                         ("bounce", "return to the sender with an NDR")):
+        p = filtered(with_config(qs.add_parser(action, help=what)))
+        p.add_argument("ids", nargs="*", help="queue ids")
+        p.add_argument("--queue", help="only recipients in this queue")
+        p.add_argument("--reason", help="a group id from 'postroom queue reasons'")
+        p.add_argument("--all", action="store_true",
+                       help="confirm that the filters may select many messages")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(fn=lambda a, action=action: _run(a, lambda c: c.call(
+            "POST", "/api/queues/actions", body={
+                "action": action, "ids": a.ids, "queue": a.queue, "reason": a.reason,
+                "all": a.all, **_filters(a)}),
+            lambda d: print(f"{d['action']}: {d['recipients']} recipients of "
+                            f"{d['messages']} messages")))

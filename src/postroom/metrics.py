@@ -1,0 +1,91 @@
+"""Counters, in the Prometheus data model (prometheus-client), one registry per server.
+
+Labels are bounded: listener kinds, directions, queue names, results, and enhanced
+status codes (RFC 3463 ``class.subject.detail``; anything else counts as ``other``).
+``/metrics`` on the admin API serves them in the text format, and ``postroom stats``
+prints the same numbers.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+__all__ = ["Metrics", "status_label"]
+
+_STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}\Z")
+_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_DELIVERY = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300, 900, 3600, 14400, 86400)
+
+
+def status_label(status: str) -> str:
+    return status if _STATUS.match(status or "") else "other"
+
+
+class _QueueCollector(Collector):
+    """Queue lengths read from the spool when scraped (the seed article's Qlength)."""
+
+    def __init__(self, read: Callable[[], Iterable[tuple[str, int, int]]]) -> None:
+        self.read = read
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        msgs = GaugeMetricFamily("postroom_queue_messages", "Messages in each queue",
+                                 labels=["queue"])
+        rcpts = GaugeMetricFamily("postroom_queue_recipients", "Recipients in each queue",
+                                  labels=["queue"])
+        for name, m, r in self.read():
+            msgs.add_metric([name], m)
+            rcpts.add_metric([name], r)
+        yield msgs
+        yield rcpts
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.received = Counter("postroom_messages_received", "Messages accepted (250 after DATA)",
+                                ["listener"], registry=r)
+        self.delivered = Counter("postroom_recipients_delivered",
+                                 "Recipients delivered to a mailbox or relayed",
+                                 ["direction"], registry=r)
+        self.deferred = Counter("postroom_recipients_deferred",
+                                "Delivery attempts that failed transiently", ["direction"],
+                                registry=r)
+        self.bounced = Counter("postroom_recipients_bounced",
+                               "Recipients that failed for good", ["direction"], registry=r)
+        self.notices = Counter("postroom_notices_sent", "DSNs sent: failure (NDR), delay, success",
+                               ["kind"], registry=r)
+        self.relay_refusals = Counter("postroom_relay_refusals",
+                                      "RCPT refused because relaying is not allowed",
+                                      ["listener"], registry=r)
+        self.connections = Counter("postroom_connections", "Connections accepted",
+                                   ["listener"], registry=r)
+        self.connections_current = Gauge("postroom_connections_current", "Open connections",
+                                         ["listener"], registry=r)
+        self.attempts = Counter("postroom_delivery_attempts", "Delivery attempts by result",
+                                ["direction", "result", "status"], registry=r)
+        self.acceptance = Histogram("postroom_acceptance_seconds",
+                                    "End of DATA to the 250 (the spool commit)",
+                                    buckets=_LATENCY, registry=r)
+        self.delivery = Histogram("postroom_delivery_seconds",
+                                  "Arrival to delivery of a recipient", ["direction"],
+                                  buckets=_DELIVERY, registry=r)
+
+    def watch_queues(self, read: Callable[[], Iterable[tuple[str, int, int]]]) -> None:
+        self.registry.register(_QueueCollector(read))
+
+    def snapshot(self) -> dict[str, Any]:
+        """Every sample as plain JSON: {metric: [{"labels": {...}, "value": v}, ...]}."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        for family in self.registry.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_created") or sample.name.endswith("_bucket"):
+                    continue
+                out.setdefault(sample.name, []).append(
+                    {"labels": dict(sample.labels), "value": sample.value})
+        return out

@@ -1,0 +1,254 @@
+"""Operating a running server through its admin API, from the command line: status,
+stop/start/restart, reload, the queues and their actions, stats and /metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import smtplib
+import socket
+import stat
+import threading
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import pytest
+
+from tests.conftest import UNTRUSTED, ServerProcess
+from tests.integration.peers import sink
+
+COMPONENTS = ["smtp", "submission", "conversion", "queue-manager", "local-delivery",
+              "outbound-delivery", "admin"]
+
+
+def cli_json(sp: ServerProcess, *args: str) -> Any:
+    return json.loads(sp.cli(*args, "--json").stdout)
+
+
+def send(sp: ServerProcess, rcpt: str, subject: str, source: str = "127.0.0.1") -> str:
+    with sp.smtp(source) as s:
+        s.ehlo()
+        s.mail("alice@example.test")
+        code, text = s.rcpt(rcpt)
+        assert code == 250, text
+        code, text = s.data(f"Subject: {subject}\r\nFrom: alice@example.test\r\n\r\n"
+                            f"body of {subject}\r\n".encode())
+    assert code == 250, text
+    return text.decode().split("queued as ")[1].split()[0]
+
+
+def wait_until(predicate, timeout: float = 20.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return bool(predicate())
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def smarthost(port: int) -> str:
+    return f"""
+        [delivery]
+        retry = ["1h"]
+        [[route]]
+        match = "far.test"
+        via = "smarthost"
+        host = "127.0.0.1:{port}"
+        tls = "none"
+        """
+
+
+def test_status_lists_every_component_running(server_factory) -> None:  # type: ignore[no-untyped-def]
+    sp: ServerProcess = server_factory()
+    data = cli_json(sp, "status")
+    assert [c["name"] for c in data["components"]] == COMPONENTS
+    assert all(c["state"] == "running" for c in data["components"])
+    assert all(isinstance(c["since"], float) for c in data["components"])
+    text = sp.cli("status").stdout
+    assert "outbound-delivery" in text and "running" in text
+
+
+def test_the_api_needs_the_token_and_the_token_file_is_private(server_factory) -> None:  # type: ignore[no-untyped-def]
+    sp: ServerProcess = server_factory()
+    token_file = sp.data / "admin.token"
+    assert stat.S_IMODE(os.stat(token_file).st_mode) == 0o600
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        req = urllib.request.Request(f"http://127.0.0.1:{sp.admin_port}/api/status",
+                                     headers=headers)
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=10)
+        assert err.value.code == 401
+    token = token_file.read_text().strip()
+    req = urllib.request.Request(f"http://127.0.0.1:{sp.admin_port}/metrics",
+                                 headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert b"postroom_queue_messages" in resp.read()
+
+
+def test_stopping_outbound_delivery_piles_mail_up_and_starting_drains_it(server_factory) -> None:  # type: ignore[no-untyped-def]
+    with sink("127.0.0.1") as remote:
+        sp: ServerProcess = server_factory(smarthost(remote.port))
+        assert sp.cli("stop", "outbound-delivery").stdout.strip() == \
+            "outbound-delivery: stopped"
+        ids = [send(sp, "bob@far.test", f"pile {i}") for i in range(5)]
+        assert wait_until(lambda: sp.queue()["outbound-delivery"]["messages"] == 5)
+        time.sleep(1.5)                                       # a few queue rounds
+        assert remote.messages() == []
+        states = {c["name"]: c["state"] for c in cli_json(sp, "status")["components"]}
+        assert states["outbound-delivery"] == "stopped" and states["smtp"] == "running"
+        listed = cli_json(sp, "queue", "list", "outbound-delivery")
+        assert sorted(m["id"] for m in listed["messages"]) == sorted(ids)
+        sp.cli("start", "outbound-delivery")
+        got = remote.wait(5)
+        assert sorted(m["Subject"] for m in got) == [f"pile {i}" for i in range(5)]
+        assert wait_until(lambda: sp.queue()["outbound-delivery"]["messages"] == 0)
+
+
+def test_stopping_smtp_answers_421_with_the_reason_and_start_restores_it(server_factory) -> None:  # type: ignore[no-untyped-def]
+    sp: ServerProcess = server_factory("[smtp]\nprocesses = 2")
+    sp.cli("stop", "smtp")
+    for _ in range(6):                    # whichever process takes the connection
+        with pytest.raises(smtplib.SMTPConnectError) as err:
+            smtplib.SMTP("127.0.0.1", sp.mx_port, timeout=10)
+        assert err.value.smtp_code == 421
+        assert b"smtp component is stopped by the administrator" in err.value.smtp_error
+    states = {c["name"]: c["state"] for c in cli_json(sp, "status")["components"]}
+    assert states["smtp"] == "stopped" and states["submission"] == "running"
+    sp.cli("start", "smtp")
+    for i in range(6):
+        send(sp, "alice@example.test", f"after start {i}")
+    assert len(sp.wait_messages("alice@example.test", 6)) == 6
+
+
+def test_a_component_that_is_not_there_is_refused_by_name(server_factory) -> None:  # type: ignore[no-untyped-def]
+    sp: ServerProcess = server_factory()
+    cp = sp.cli("stop", "mta", check=False)
+    assert cp.returncode == 1 and "no component 'mta'" in cp.stderr
+    cp = sp.cli("stop", "admin", check=False)
+    assert cp.returncode == 1 and "cannot stop itself" in cp.stderr
+
+
+def test_reload_applies_a_new_domain_and_refuses_a_broken_config(server_factory) -> None:  # type: ignore[no-untyped-def]
+    sp: ServerProcess = server_factory(users=("alice@example.test", "carol@new.test"))
+    with sp.smtp(UNTRUSTED) as s:
+        s.ehlo()
+        s.mail("x@far.example")
+        assert s.rcpt("carol@new.test")[0] == 550           # not ours yet: relay refused
+    text = sp.config.read_text()
+    sp.config.write_text(text.replace('"example.test", "localhost"',
+                                      '"example.test", "localhost", "new.test"'))
+    out = cli_json(sp, "reload")
+    assert out["needs_restart"] == []
+    send(sp, "carol@new.test", "after reload", source=UNTRUSTED)
+    assert len(sp.wait_messages("carol@new.test", 1)) == 1
+    # a broken config is refused with the key named, and the running one stays
+    sp.config.write_text(text.replace("[relay]", "[relay]\nmax_hops = 3"))
+    cp = sp.cli("reload", check=False)
+    assert cp.returncode == 1 and "relay.max_hops" in cp.stderr
+    send(sp, "carol@new.test", "still works", source=UNTRUSTED)
+    assert len(sp.wait_messages("carol@new.test", 2)) == 2
+
+
+def test_reload_under_load_loses_nothing(server_factory) -> None:  # type: ignore[no-untyped-def]
+    sp: ServerProcess = server_factory("[smtp]\nprocesses = 2")
+    accepted: list[str] = []
+    lock = threading.Lock()
+
+    def sender(n: int) -> None:
+        for i in range(25):
+            qid = send(sp, "alice@example.test", f"load {n}-{i}")
+            with lock:
+                accepted.append(qid)
+
+    threads = [threading.Thread(target=sender, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for _ in range(5):
+        sp.cli("reload")
+        time.sleep(0.1)
+    for t in threads:
+        t.join()
+    assert len(accepted) == 100
+    got = sp.wait_messages("alice@example.test", 100, timeout=30)
+    subjects = {line for m in got for line in m.split(b"\n") if line.startswith(b"Subject: ")}
+    assert len(got) == 100 and len(subjects) == 100
+
+
+def test_queue_reasons_show_and_actions_on_deferred_mail(server_factory) -> None:  # type: ignore[no-untyped-def]
+    sp: ServerProcess = server_factory(smarthost(closed_port()))
+    ids = [send(sp, f"user{i}@far.test", f"stuck {i}") for i in range(3)]
+    assert wait_until(lambda: sum(g["recipients"] for g in
+                                  cli_json(sp, "queue", "reasons")["reasons"]) == 3)
+    (group,) = cli_json(sp, "queue", "reasons")["reasons"]
+    assert group["messages"] == 3 and group["hop"].startswith("smart host")
+    assert "127.0.0.1" in group["reply"] or "connect" in group["reply"].lower()
+    summary = sp.queue()["outbound-delivery"]
+    assert summary["messages"] == 3 and summary["next_retry"] is not None
+
+    shown = cli_json(sp, "queue", "show", ids[0])
+    assert shown["sender"] == "alice@example.test"
+    assert "Subject: stuck 0" in shown["headers"]
+    (r,) = shown["recipients"]
+    assert r["address"] == "user0@far.test" and r["state"] == "delivery"
+    assert r["attempt_log"] and r["attempt_log"][0]["reply"] == r["last_reply"]
+    assert "queue id" in sp.cli("queue", "show", ids[0]).stdout.lower()
+
+    # hold one, list the held ones, release it
+    assert cli_json(sp, "queue", "hold", ids[0])["recipients"] == 1
+    held = cli_json(sp, "queue", "list", "outbound-delivery", "--held")
+    assert [m["id"] for m in held["messages"]] == [ids[0]]
+    assert sp.queue()["outbound-delivery"]["held"] == 1
+    sp.cli("queue", "release", ids[0])
+    assert sp.queue()["outbound-delivery"]["held"] == 0
+
+    # filters without --all are refused; delete one without an NDR
+    cp = sp.cli("queue", "delete", "--domain", "far.test", check=False)
+    assert cp.returncode == 1 and "--all" in cp.stderr.replace("all (", "--all (")
+    assert cli_json(sp, "queue", "delete", ids[1])["recipients"] == 1
+    # bounce the rest of the reason group: the sender gets NDRs
+    out = cli_json(sp, "queue", "bounce", "--reason", group["id"], "--all")
+    assert out["recipients"] == 2
+    ndrs = sp.wait_messages("alice@example.test", 2)
+    assert len(ndrs) == 2
+    assert all(b"returned to the sender by the administrator" in m for m in ndrs)
+    assert wait_until(lambda: sp.queue()["outbound-delivery"]["messages"] == 0)
+    time.sleep(0.5)
+    assert len(sp.messages("alice@example.test")) == 2         # none for the deleted one
+
+
+def test_stats_and_metrics_count_what_happened(server_factory) -> None:  # type: ignore[no-untyped-def]
+    sp: ServerProcess = server_factory()
+    send(sp, "alice@example.test", "counted")
+    with sp.smtp(UNTRUSTED) as s:
+        s.ehlo()
+        s.mail("x@far.example")
+        assert s.rcpt("bob@far.example")[0] == 550
+    assert len(sp.wait_messages("alice@example.test", 1)) == 1
+
+    def value(name: str, **labels: str) -> float:
+        metrics = cli_json(sp, "stats")["metrics"]
+        return sum(s["value"] for s in metrics.get(name, [])
+                   if all(s["labels"].get(k) == v for k, v in labels.items()))
+    assert wait_until(lambda: value("postroom_recipients_delivered_total",
+                                    direction="inbound") == 1)
+    assert value("postroom_messages_received_total", listener="mx") == 1
+    assert value("postroom_relay_refusals_total") == 1
+    assert value("postroom_connections_total", listener="mx") >= 2
+    assert value("postroom_acceptance_seconds_count") == 1
+    assert "postroom_messages_received_total" in sp.cli("stats").stdout
+
+
+def test_commands_say_clearly_when_the_server_is_not_running(server_factory) -> None:  # type: ignore[no-untyped-def]
+    sp: ServerProcess = server_factory()
+    sp.stop()
+    cp = sp.cli("status", check=False)
+    assert cp.returncode == 1
+    assert "cannot reach the admin API" in cp.stderr and "Traceback" not in cp.stderr

@@ -438,7 +438,8 @@ class PostroomServer:
         lines += [f"{k} = {_toml_value(v)}" for k, v in keys.items()]
         lines += ["[domains]", f"local = {_toml_value(list(domains))}",
                   "[relay]", 'trusted_networks = ["127.0.0.0/8"]',
-                  "[dns]", 'nameservers = ["127.0.0.1:9"]']
+                  "[dns]", 'nameservers = ["127.0.0.1:9"]',
+                  "[admin]", f'listen = "127.0.0.1:{free_port()}"']
         if delivery:
             lines += ["[delivery]", *(f"{k} = {_toml_value(v)}" for k, v in delivery.items())]
         if smarthost:

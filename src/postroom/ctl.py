@@ -107,7 +107,7 @@ def _print_summary(data: dict[str, Any]) -> None:
         nxt = "-" if q["next_retry"] is None else \
             ("now" if q["next_retry"] <= now else "in " + _age(q["next_retry"] - now))
         print(f"{q['name']:22} {q['messages']:8} {q['recipients']:10} "
-              f"{_age(q['oldest_age']):>8} {nxt:>10} {q['held']:5}")
+              f"{_age(q['oldest_age_seconds']):>8} {nxt:>10} {q['held']:5}")
 
 
 def _print_list(data: dict[str, Any]) -> None:
@@ -162,7 +162,7 @@ def _print_reasons(data: dict[str, Any]) -> None:
         return
     for g in data["reasons"]:
         print(f"[{g['id']}] {g['recipients']} recipients in {g['messages']} messages, "
-              f"oldest {_age(g['oldest_age'])}, via {g['hop'] or '-'}, status "
+              f"oldest {_age(g['oldest_age_seconds'])}, via {g['hop'] or '-'}, status "
               f"{g['status'] or '-'}")
         print(f"    {g['reply']}")
     print("Act on a group with: postroom queue retry|hold|bounce|delete --reason ID --all")

@@ -177,7 +177,8 @@ class QueueManager:
         self._in_flight: set[int] = set()
         self._connections: dict[str, int] = defaultdict(int)
         self._failures: dict[str, int] = {}     # destinations failing as a whole, in a row
-        self._suspended: dict[str, float] = {}  # destination ref -> end of its backoff
+        # destination ref -> (end of its backoff, the failure's reply, its detail as JSON)
+        self._suspended: dict[str, tuple[float, str, str]] = {}
         self._outbound_tasks: set[asyncio.Task[None]] = set()
         spool.on_commit(self._wake.set)
 
@@ -327,9 +328,15 @@ class QueueManager:
         if dest is not None:
             # new mail for a destination that is backing off waits with it ("delivery
             # temporarily suspended"), instead of being tried at once
-            when = max(now, self._suspended.get(dest.ref, 0.0))
-            conn.execute("UPDATE recipients SET state = 'delivery', destination = ?, updated = ?, "
-                         "next_attempt = ? WHERE id = ?", (dest.ref, now, when, rid))
+            until, reply, why = self._suspended.get(dest.ref, (0.0, "", "{}"))
+            if until > now:
+                conn.execute("UPDATE recipients SET state = 'delivery', destination = ?, "
+                             "updated = ?, next_attempt = ?, last_reply = ?, detail = ? "
+                             "WHERE id = ?", (dest.ref, now, until, reply, why, rid))
+            else:
+                conn.execute("UPDATE recipients SET state = 'delivery', destination = ?, "
+                             "updated = ?, next_attempt = ? WHERE id = ?",
+                             (dest.ref, now, now, rid))
             return
         decision = choose_route(address.rpartition("@")[2], self.routes, self.local_domains)
         self._fail(conn, rid, now, sender, params,
@@ -597,8 +604,8 @@ class QueueManager:
         self._failures[dest.key] = failures
         wait = retry_delay(self.retry, failures)
         now = self.clock()
-        self._suspended[dest.ref] = now + wait
         why = json.dumps({**(detail or {}), "backed_off": True, "transcript": ""})
+        self._suspended[dest.ref] = (now + wait, reply, why)
         await self.spool.run(lambda conn: conn.execute(
             "UPDATE recipients SET next_attempt = ?, "
             "detail = CASE WHEN last_reply = '' AND ? != '' THEN ? ELSE detail END, "

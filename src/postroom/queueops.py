@@ -67,7 +67,7 @@ def summary(conn: sqlite3.Connection, now: float) -> list[dict[str, Any]]:
     for name in QUEUES:
         msgs, rcpts, oldest, nxt, held = found.get(name, (0, 0, None, None, 0))
         out.append({"name": name, "messages": msgs, "recipients": rcpts, "oldest": oldest,
-                    "oldest_age": None if oldest is None else max(0.0, now - oldest),
+                    "oldest_age_seconds": None if oldest is None else max(0.0, now - oldest),
                     "next_retry": None if nxt is None else max(nxt, now), "held": held or 0})
     return out
 
@@ -226,7 +226,7 @@ def reasons(conn: sqlite3.Connection, now: float) -> list[dict[str, Any]]:
     for g in groups.values():
         g["messages"] = len(g["messages"])
         g["queues"] = sorted(g["queues"])
-        g["oldest_age"] = max(0.0, now - g["oldest"])
+        g["oldest_age_seconds"] = max(0.0, now - g["oldest"])
         out.append(g)
     return sorted(out, key=lambda g: (-g["recipients"], g["oldest"]))
 

@@ -168,8 +168,9 @@ def test_queue_json_names_the_four_queues_with_counts_and_age(server_factory) ->
     assert "outbound-delivery" in text.splitlines()[4]
 
 
-def test_queue_on_a_fresh_directory_shows_four_empty_queues(tmp_path: Path) -> None:
+def test_queue_without_a_running_server_says_so_and_touches_nothing(tmp_path: Path) -> None:
     cp = run(["queue", "--json"], tmp_path)
-    assert cp.returncode == 0
-    assert [q["messages"] for q in json.loads(cp.stdout)["queues"]] == [0, 0, 0, 0]
+    assert cp.returncode == 1
+    assert "has the server been started" in cp.stderr and "Traceback" not in cp.stderr
+    assert cp.stdout == ""
     assert not os.path.exists(tmp_path / "postroom-data" / "spool.sqlite3")

@@ -11,6 +11,8 @@ process only.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import hmac
 import logging
@@ -31,6 +33,7 @@ from starlette.routing import Route
 
 from . import queueops
 from .config import ConfigError, parse_duration
+from .events import EventLog, connect_events, find_messages, query_events, timeline
 from .metrics import Metrics
 from .spool import SqliteSpool, load_body
 
@@ -46,7 +49,12 @@ class ComponentError(Exception):
 class AdminBackend(Protocol):
     spool: SqliteSpool
     metrics: Metrics
+    events: EventLog
 
+    async def set_logging(self, category: str, level: str, peer: str = "",
+                          domain: str = "") -> dict[str, Any]: ...
+    async def submit_local(self, sender: str, recipients: list[str], data: bytes,
+                           user: str) -> dict[str, Any]: ...
     def status(self) -> list[dict[str, Any]]: ...
     async def component(self, name: str, action: str) -> dict[str, Any]: ...
     async def reload(self) -> dict[str, Any]: ...
@@ -81,6 +89,22 @@ def _filters(q: dict[str, Any]) -> queueops.Filters:
         held=None if held in (None, "") else str(held).lower() in ("1", "true", "yes"),
         reason=str(q.get("reason") or ""), queue=str(q.get("queue") or ""),
         ids=tuple(str(i) for i in ids))
+
+
+def _final_state(events: list[dict[str, Any]], waiting: bool) -> str:
+    """One word for where a traced message stands."""
+    if waiting:
+        return "queued"
+    kinds = {e["id"] for e in events}
+    if not kinds:
+        return "unknown (no events: logged before this server kept them, or expired)"
+    if 3004 in kinds and 3002 in kinds:
+        return "partly delivered, partly failed"
+    if 3004 in kinds:
+        return "failed"
+    if 3002 in kinds:
+        return "delivered"
+    return "finished"
 
 
 def make_app(backend: AdminBackend, token: str) -> Starlette:
@@ -160,7 +184,82 @@ def make_app(backend: AdminBackend, token: str) -> Starlette:
             backend.retry_now()
         log.info("queue %s by %s: %d recipients of %d messages", name, user,
                  result["recipients"], result["messages"])
+        backend.events.emit(3007, f"queue {name} by {user}: {result['recipients']} recipients "
+                            f"of {result['messages']} messages", action=name)
+        done = "returned to the sender" if name == "bounce" else "deleted (no report)"
+        for mid, address in result.pop("finished"):
+            backend.events.emit(3004, f"<{address}> {done} by {user}", queue_id=mid,
+                                rcpt=address, domain=address.rpartition("@")[2])
         return JSONResponse(result)
+
+    async def logging_get(request: Request) -> Response:
+        return JSONResponse(backend.events.levels.as_json())
+
+    async def logging_set(request: Request) -> Response:
+        body = await request.json()
+        if not isinstance(body, dict):
+            raise ValueError("send a JSON object")
+        return JSONResponse(await backend.set_logging(
+            str(body.get("category", "")), str(body.get("level", "")),
+            peer=str(body.get("peer") or ""), domain=str(body.get("domain") or "")))
+
+    def events_read(fn: Callable[[Any], Any]) -> Any:
+        conn = connect_events(backend.events.path)
+        try:
+            return fn(conn)
+        finally:
+            conn.close()
+
+    async def events(request: Request) -> Response:
+        q = request.query_params
+        since = time.time() - parse_duration(q["since"]) if q.get("since") else None
+        after = int(q.get("after", "0") or 0)
+        limit = min(int(q.get("limit", "200") or 200), 10000)
+
+        def read_events(c: Any) -> list[dict[str, Any]]:
+            return query_events(c, since=since, severity=q.get("severity", ""),
+                                category=q.get("category", ""),
+                                queue_id=q.get("queue_id", ""), after_id=after, limit=limit,
+                                newest=not after and since is None)
+        return JSONResponse({"events": await loop_read().run_in_executor(
+            None, events_read, read_events)})
+
+    async def trace(request: Request) -> Response:
+        q = request.query_params
+        since = time.time() - parse_duration(q["since"]) if q.get("since") else None
+
+        def read_trace(c: Any) -> list[dict[str, Any]]:
+            ids = [q["id"]] if q.get("id") else find_messages(
+                c, message_id=q.get("message_id", ""), sender=q.get("sender", ""),
+                rcpt=q.get("rcpt", ""), since=since)
+            return [{"queue_id": i, "events": timeline(c, i)} for i in ids]
+        found = await loop_read().run_in_executor(None, events_read, read_trace)
+        for item in found:
+            qid = item["queue_id"]
+            def queued(c: Any, qid: str = qid) -> list[tuple[str, str, str]]:
+                return list(c.execute(
+                    "SELECT address, state, last_reply FROM recipients WHERE message = ? AND "
+                    "state IN ('conversion', 'delivery')", (qid,)).fetchall())
+            waiting = await read(queued)
+            item["queued"] = [{"address": a, "state": st, "last_reply": r}
+                              for a, st, r in waiting]
+            item["state"] = _final_state(item["events"], bool(waiting))
+        return JSONResponse({"messages": found})
+
+    async def submit(request: Request) -> Response:
+        body = await request.json()
+        if not isinstance(body, dict):
+            raise ValueError("send a JSON object")
+        try:
+            data = base64.b64decode(str(body.get("data", "")), validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("data must be base64") from None
+        rcpts = body.get("recipients") or []
+        if not isinstance(rcpts, list):
+            raise ValueError("recipients must be a list")
+        return JSONResponse(await backend.submit_local(
+            str(body.get("sender", "")), [str(r) for r in rcpts], data,
+            str(body.get("user") or "unknown")[:64]))
 
     async def stats(request: Request) -> Response:
         return JSONResponse({"metrics": backend.metrics.snapshot()})
@@ -180,6 +279,11 @@ def make_app(backend: AdminBackend, token: str) -> Starlette:
         Route("/api/queues/{queue}", guarded(queue_list)),
         Route("/api/messages/{id}", guarded(message)),
         Route("/api/stats", guarded(stats)),
+        Route("/api/logging", guarded(logging_get)),
+        Route("/api/logging", guarded(logging_set), methods=["POST"]),
+        Route("/api/events", guarded(events)),
+        Route("/api/trace", guarded(trace)),
+        Route("/api/submit", guarded(submit), methods=["POST"]),
         Route("/metrics", guarded(metrics)),
     ]
     return Starlette(routes=routes)

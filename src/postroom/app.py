@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import ipaddress
 import json
 import logging
 import os
@@ -29,14 +30,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .address import AddressError, parse_path
 from .admin import AdminServer, ComponentError, ensure_token, make_app
 from .config import Config, ConfigError, load
+from .conversion import missing_headers, received_header
 from .delivery import SmtpDeliveryAgent
 from .dns import Resolver
+from .events import EventLog, Levels
 from .metrics import Metrics
+from .policy import SessionSnapshot, check_rcpt
 from .qmgr import QueueManager
 from .smtp.server import ServerState, Session
-from .spool import SqliteSpool
+from .spool import NewMessage, NewRecipient, SqliteSpool, new_queue_id
 from .store import MaildirStore
 from .tls import ensure_self_signed, server_context
 from .users import UserStore
@@ -196,6 +201,7 @@ class Postroom:
         self.admin: AdminServer | None = None
         self.metrics = Metrics()
         self._since: dict[str, float] = {}
+        self._acks = 0
         # before any listener (or forked front end) could write a body file: files older
         # than this that no message names are a crash's leftovers
         self.started = time.time() if started is None else started
@@ -215,11 +221,14 @@ class Postroom:
         self.spool = SqliteSpool(c.spool_path)
         self.users = UserStore(c.users_path)
         self.store = MaildirStore(c.mail_dir, c.hostname)
+        self.events = EventLog(c.data_dir / "events.sqlite3", Levels.from_names(c.logging.levels),
+                               archive=c.data_dir / "archive",
+                               archive_days=c.logging.archive_days)
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="auth")
         self.state = ServerState(
             config=c, spool=self.spool, mailbox_exists=self.users.exists,
             verify_password=self.users.verify, tls=tls, executor=self.executor,
-            metrics=self.metrics)
+            metrics=self.metrics, events=self.events)
         loop = asyncio.get_running_loop()
         if self.main:
             self.resolver = Resolver(c.nameservers)
@@ -228,7 +237,7 @@ class Postroom:
                 self.spool, self.store, local_domains=frozenset(c.local_domains),
                 aliases=c.aliases, mailbox_exists=self.users.exists, delivery=c.delivery,
                 routes=c.routes, agent=self.agent, hostname=c.hostname, started=self.started,
-                metrics=self.metrics)
+                metrics=self.metrics, events=self.events)
             self.metrics.watch_queues(lambda: [(q.name, q.messages, q.recipients)
                                                for q in self.spool.summary()])
             if self._wake_fd >= 0:
@@ -261,14 +270,18 @@ class Postroom:
                 self.listeners.append(BoundListener("admin", addr[0], addr[1]))
         now = time.time()
         self._since = {name: now for name in COMPONENTS}
+        if self.main:
+            self.events.emit(1001, f"Postroom started (pid {os.getpid()}, "
+                             f"{c.smtp.processes} processes, data in {c.data_dir}): "
+                             + ", ".join(f"{b.kind}={b.host}:{b.port}" for b in self.listeners))
         log.info("postroom %s started (pid %d): %s", "main" if self.main else "front end",
                  os.getpid(), ", ".join(f"{b.kind}={b.host}:{b.port}" for b in self.listeners))
         return self.listeners
 
     def _woken(self) -> None:
         try:
-            while os.read(self._wake_fd, 4096):
-                pass
+            while data := os.read(self._wake_fd, 4096):
+                self._acks += data.count(b"A")      # a front end applied control.json
         except BlockingIOError:
             pass
         self.qmgr.wake()
@@ -323,7 +336,7 @@ class Postroom:
         if action in ("start", "restart"):
             stopped.discard(name)
         if name in LISTENER_COMPONENTS:
-            self._tell_front_ends()
+            await self._tell_front_ends()
         else:
             self.qmgr.wake()
         after = next(c for c in self.status() if c["name"] == name)
@@ -331,44 +344,124 @@ class Postroom:
             self._since[name] = time.time()
             after["since"] = self._since[name]
         log.warning("component %s: %s (was %s, now %s)", name, action, before, after["state"])
+        self.events.emit(1005, f"{name}: {action} (was {before}, now {after['state']})")
         return after
 
     def retry_now(self) -> None:
         self.qmgr.retry_now()
 
+    async def submit_local(self, sender: str, recipients: list[str], data: bytes,
+                           user: str) -> dict[str, Any]:
+        """``postroom sendmail``: a message from a program on this host, trusted like an
+        authenticated submission. Raises ValueError with the reason for the caller."""
+        c = self.config
+        try:
+            env_sender = parse_path(f"<{sender}>", allow_null=True, utf8=True)
+            rcpts = [parse_path(f"<{r}>", allow_null=False, utf8=True) for r in recipients]
+        except AddressError as exc:
+            raise ValueError(f"bad address: {exc}") from None
+        if not rcpts:
+            raise ValueError("no recipients (give them as arguments, or use -t)")
+        if len(data) > c.smtp.max_message_size:
+            raise ValueError(f"the message is {len(data)} bytes; [smtp] max_message_size "
+                             f"is {c.smtp.max_message_size}")
+        who = SessionSnapshot(ipaddress.ip_address("127.0.0.1"), "submission", True,
+                              f"local:{user}")
+        seen: dict[str, NewRecipient] = {}
+        for rcpt in rcpts:
+            verdict = check_rcpt(who, rcpt, self.state.relay, self.users.exists)
+            if not verdict.accept:
+                raise ValueError(f"<{rcpt}>: {verdict.reply}")
+            direction = "inbound" if rcpt.domain in c.local_domains else "outbound"
+            seen.setdefault(rcpt.key, NewRecipient(rcpt.key, direction, {}))
+        qid = new_queue_id()
+        now = time.time()
+        header = received_header(helo="localhost", peer="127.0.0.1", hostname=c.hostname,
+                                 protocol="local", queue_id=qid,
+                                 recipient=next(iter(seen)) if len(seen) == 1 else None,
+                                 timestamp=now)
+        header += missing_headers(data, c.hostname, now)
+        message = NewMessage(qid, str(env_sender), {}, {
+            "peer": "127.0.0.1", "helo": "localhost", "listener": "local", "tls": False,
+            "auth": f"local:{user}", "session": "sendmail"}, header + data,
+            tuple(seen.values()))
+        await self.spool.enqueue(message)
+        self.metrics.received.labels("local").inc()
+        self.events.emit(3001, f"received from local user {user} (postroom sendmail): "
+                         f"<{env_sender}> to {', '.join('<' + r + '>' for r in seen)}, "
+                         f"{message.size} bytes", queue_id=qid, peer="127.0.0.1",
+                         sender=str(env_sender), recipients=list(seen), size=message.size,
+                         tls=False, auth=f"local:{user}", helo="localhost", listener="local",
+                         message_id=None, decisions=[])
+        log.info("sendmail queued queue_id=%s from=<%s> size=%d nrcpt=%d user=%s", qid,
+                 env_sender, message.size, len(seen), user)
+        return {"queue_id": qid, "recipients": list(seen)}
+
+    async def set_logging(self, category: str, level: str, peer: str = "",
+                    domain: str = "") -> dict[str, Any]:
+        """Change a category's level (or all), at once, in every process."""
+        self.events.levels.set(category, level, peer=peer, domain=domain)
+        scope = f" for peer {peer}" if peer else f" for domain {domain}" if domain else ""
+        self.events.emit(1006, f"diagnostic logging: {category} set to {level}{scope}")
+        log.warning("diagnostic logging: %s set to %s%s", category, level, scope)
+        await self._tell_front_ends()
+        return self.events.levels.as_json()
+
     def _control_path(self) -> Path:
         return self.config.data_dir / "control.json"
 
-    def _tell_front_ends(self) -> None:
-        """Front ends read which listeners are stopped from control.json on SIGUSR1."""
+    async def _tell_front_ends(self) -> None:
+        """Front ends read which listeners are stopped, and the logging levels, from
+        control.json on SIGUSR1, and acknowledge through the wake pipe; this returns
+        once every one has (or after two seconds), so that the change is in force
+        everywhere when the command returns."""
         if not self.children:
             return
+        target = self._acks + len(self.children)
         tmp = self._control_path().with_suffix(".tmp")
-        tmp.write_text(json.dumps({"stopped": sorted(self.state.stopped)}))
+        tmp.write_text(json.dumps({"stopped": sorted(self.state.stopped),
+                                   "levels": self.events.levels.as_json()}))
         os.replace(tmp, self._control_path())
         for pid in self.children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGUSR1)
+        for _ in range(200):
+            if self._acks >= target:
+                return
+            await asyncio.sleep(0.01)
+        log.warning("not every front end acknowledged the change within 2 s")
 
     def _read_control(self) -> None:
         try:
-            stopped = json.loads(self._control_path().read_text()).get("stopped", [])
+            control = json.loads(self._control_path().read_text())
+            stopped = control.get("stopped", [])
+            if "levels" in control:
+                self.events.levels = Levels.from_json(control["levels"])
         except (OSError, ValueError) as exc:
             log.warning("cannot read %s: %s", self._control_path(), exc)
             return
         self.state.stopped.clear()
         self.state.stopped.update(n for n in stopped if n in LISTENER_COMPONENTS)
+        if self._notify_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.write(self._notify_fd, b"A")
 
     async def reload(self) -> dict[str, Any]:
         """Re-read the config file; an invalid one raises ConfigError and changes nothing."""
         path = Path(self.config.source)
-        new = load(path)
+        try:
+            new = load(path)
+        except ConfigError as exc:
+            self.events.emit(1004, f"reload of {path} refused: {exc}")
+            raise
         old = self.config
         restart = [key for key, get in RESTART_KEYS if get(old) != get(new)]
         self._apply(new)
         for pid in self.children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGHUP)
+        self.events.emit(1003, f"configuration reloaded from {path}" + (
+            f"; needs a restart to change: {', '.join(restart)}" if restart else ""))
         log.warning("configuration reloaded from %s%s", path,
                     f"; needs a restart to change: {', '.join(restart)}" if restart else "")
         return {"reloaded": str(path), "needs_restart": restart,
@@ -432,6 +525,8 @@ class Postroom:
             self.spool.close()
         if hasattr(self, "users"):
             self.users.close()
+        if hasattr(self, "events"):
+            self.events.close()
         if hasattr(self, "executor"):
             self.executor.shutdown(wait=False)
         log.info("postroom stopped")
@@ -475,4 +570,6 @@ class Postroom:
             on_started(self.listeners)
         await stop.wait()
         log.info("signal received, shutting down")
+        if self.main and hasattr(self, "events"):
+            self.events.emit(1002, f"Postroom (pid {os.getpid()}) is stopping on a signal")
         await self.stop()

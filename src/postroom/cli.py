@@ -24,7 +24,7 @@ from .config import (
     load,
     parse_config,
 )
-from .ctl import add_commands
+from .ctl import add_commands, sendmail_main
 from .users import UserError, UserStore
 
 DEFAULT_CONFIG = "postroom.toml"
@@ -251,10 +251,15 @@ def build_parser() -> argparse.ArgumentParser:
     u.set_defaults(fn=cmd_users)
 
     add_commands(sub, with_config)
+    sub.add_parser("sendmail", help="sendmail-compatible local submission "
+                   "(postroom sendmail --help)", add_help=False)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sendmail"]:                # sendmail's own option syntax (-oi, -f x)
+        return sendmail_main(argv[1:])
     args = build_parser().parse_args(argv)
     return int(args.fn(args))
 

@@ -19,6 +19,7 @@ from .address import AddressError, parse_path
 __all__ = [
     "AdminConfig",
     "Config",
+    "LoggingConfig",
     "ConfigError",
     "DeliveryConfig",
     "Problem",
@@ -123,6 +124,13 @@ DEFAULT_ROUTES = (Route("*", "mx"),)
 
 
 @dataclass(frozen=True)
+class LoggingConfig:
+    levels: dict[str, str] = field(default_factory=dict)   # category -> level name
+    retention: int = 5            # rotated files kept of each log
+    archive_days: int = 7         # message_archival copies kept this many days
+
+
+@dataclass(frozen=True)
 class AdminConfig:
     listen: tuple[str, int] | None = ("127.0.0.1", 8025)   # None: no admin API
 
@@ -143,6 +151,7 @@ class Config:
     routes: tuple[Route, ...] = DEFAULT_ROUTES
     nameservers: tuple[str, ...] = ()
     admin: AdminConfig = field(default_factory=AdminConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = "<defaults>"
 
     @property
@@ -418,7 +427,11 @@ def _domain(value: object) -> str:
 
 
 TOP_KEYS = {"hostname", "data_dir", "smtp", "tls", "domains", "relay", "aliases", "delivery",
-            "route", "dns", "admin"}
+            "route", "dns", "admin", "logging"}
+LOG_CATEGORIES = ("initialization", "addressing", "message_transfer", "smtp_interface",
+                  "internal_processing", "smtp_protocol", "message_archival")
+LOG_LEVELS = ("none", "minimum", "medium", "maximum")
+LOGGING_KEYS = {*LOG_CATEGORIES, "retention", "archive_days"}
 DELIVERY_KEYS = {"retry", "mx_port", "max_queue_lifetime", "delay_warning", "max_connections",
                  "max_connections_per_destination", "connect_timeout", "command_timeout",
                  "max_return_size"}
@@ -557,6 +570,11 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: str) -> Config:
     adm = r.section("admin", {"listen"})
     admin_listen = r.convert(adm, "admin.", "listen", _optional_endpoint,
                              AdminConfig().listen)
+    lg = r.section("logging", LOGGING_KEYS)
+    levels = {c: r.convert(lg, "logging.", c, _log_level, "minimum") for c in LOG_CATEGORIES}
+    logging_config = LoggingConfig(
+        levels=levels, retention=r.positive(lg, "logging.", "retention", 5),
+        archive_days=r.positive(lg, "logging.", "archive_days", 7))
 
     if r.problems:
         raise ConfigError(source, r.problems)
@@ -564,8 +582,14 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: str) -> Config:
         hostname=hostname, data_dir=data_dir, smtp=smtp, tls=tls,
         local_domains=tuple(dict.fromkeys(local_domains)), trusted_networks=tuple(nets),
         aliases=aliases, delivery=delivery, routes=routes, nameservers=nameservers,
-        admin=AdminConfig(admin_listen), source=source,
+        admin=AdminConfig(admin_listen), logging=logging_config, source=source,
     )
+
+
+def _log_level(value: object) -> str:
+    if value not in LOG_LEVELS:
+        raise ValueError(f"{value!r} is not a level: use {', '.join(LOG_LEVELS)}")
+    return str(value)
 
 
 def _optional_endpoint(value: object) -> tuple[str, int] | None:
@@ -688,6 +712,21 @@ connect_timeout = "30s"
 command_timeout = "5m"
 # NDRs return the whole original message up to this size (else its headers).
 max_return_size = 1000000
+
+[logging]
+# Diagnostic logging: how much each category records in the event log
+# (postroom events) and in logs/events.jsonl: none | minimum | medium | maximum.
+# Change them at run time with: postroom logging set CATEGORY|all LEVEL
+initialization = "minimum"
+addressing = "minimum"
+message_transfer = "minimum"
+smtp_interface = "minimum"
+internal_processing = "minimum"
+smtp_protocol = "minimum"        # maximum: whole conversations in logs/protocol.jsonl
+message_archival = "minimum"     # maximum: a copy of every message in data_dir/archive
+# Rotated files kept of each log, and days archived copies are kept.
+retention = 5
+archive_days = 7
 
 [admin]
 # The admin API (JSON over HTTP, and /metrics) that the postroom commands use. It asks

@@ -177,6 +177,41 @@ def _print_stats(data: dict[str, Any]) -> None:
             print(f"{name}{'{' + labels + '}' if labels else ''} {shown}")
 
 
+def _print_logging(data: dict[str, Any]) -> None:
+    print(f"{'CATEGORY':21} LEVEL")
+    for c, level in data["categories"].items():
+        print(f"{c:21} {level}")
+    for scope, table in (("peer", data["peers"]), ("domain", data["domains"])):
+        for who, levels in table.items():
+            shown = ", ".join(f"{c}={v}" for c, v in levels.items() if v != "none")
+            print(f"{scope} {who}: {shown}")
+
+
+def _event_line(e: dict[str, Any]) -> str:
+    where = "".join(f" {k}={e[k]}" for k in ("queue_id", "peer") if e.get(k))
+    return (f"{_when(e['at'])} {e['severity'].upper():7} {e['id']} {e['category']}"
+            f"{where}: {e['text']}")
+
+
+def _print_events(data: dict[str, Any]) -> None:
+    for e in data["events"]:
+        print(_event_line(e))
+
+
+def _print_trace(data: dict[str, Any]) -> None:
+    if not data["messages"]:
+        print("no message found (the event log keeps what happened since it started)")
+    for m in data["messages"]:
+        print(f"Message {m['queue_id']}: {m['state']}")
+        for e in m["events"]:
+            print(f"  {_when(e['at'])}  [{e['id']}] {e['text']}")
+            for d in e["fields"].get("decisions", []):
+                print(f"      accepted {d}")
+        for r in m.get("queued", []):
+            print(f"  now waiting: <{r['address']}> ({r['state']}) {r['last_reply']}")
+        print()
+
+
 # --- commands ------------------------------------------------------------------------
 def _config(args: argparse.Namespace) -> Config:
     path = Path(args.config)
@@ -198,6 +233,29 @@ def _run(args: argparse.Namespace, call: Callable[[ApiClient], Any],
     else:
         show(data)
     return 0
+
+
+def _events(args: argparse.Namespace) -> int:
+    query = {"since": args.since, "severity": args.severity, "category": args.category,
+             "queue_id": args.queue_id, "limit": args.limit}
+    if not args.follow:
+        return _run(args, lambda c: c.call("GET", "/api/events", query=query), _print_events)
+    try:
+        client = ApiClient(_config(args))
+        last = 0
+        while True:
+            got = client.call("GET", "/api/events", query={**query, "after": last or None})
+            for e in got["events"]:
+                last = max(last, e["seq"])
+                print(json.dumps(e) if args.json else _event_line(e), flush=True)
+            if not got["events"]:
+                last = last or -1          # nothing yet: from now on, only new events
+            time.sleep(1)
+    except (ConfigError, AdminApiError) as exc:
+        print(f"postroom: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
 
 
 def _filters(args: argparse.Namespace) -> dict[str, Any]:
@@ -229,6 +287,41 @@ def add_commands(sub: Any, with_config: Callable[[argparse.ArgumentParser],
                                            if d["needs_restart"] else ""))))
     read("stats", "the counters (also at /metrics)").set_defaults(
         fn=lambda a: _run(a, lambda c: c.call("GET", "/api/stats"), _print_stats))
+
+    lg = read("logging", "diagnostic logging: each category's level")
+    lg.set_defaults(fn=lambda a: _run(a, lambda c: c.call("GET", "/api/logging"),
+                                      _print_logging))
+    lgs = lg.add_subparsers(dest="logging_command")
+    st = with_config(lgs.add_parser("set", help="set a category's level, at once"))
+    st.add_argument("category", help="a category, or all")
+    st.add_argument("level", help="none, minimum, medium or maximum")
+    scope = st.add_mutually_exclusive_group()
+    scope.add_argument("--peer", help="only for this client address")
+    scope.add_argument("--domain", help="only for mail to this recipient domain")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(fn=lambda a: _run(a, lambda c: c.call("POST", "/api/logging", body={
+        "category": a.category, "level": a.level, "peer": a.peer, "domain": a.domain}),
+        _print_logging))
+
+    ev = read("events", "the event log")
+    ev.add_argument("--since", help="this long ago, e.g. 10m, 2h, 1d")
+    ev.add_argument("--severity", choices=["error", "warning", "info"],
+                    help="this severity or worse")
+    ev.add_argument("--category", help="one diagnostic category")
+    ev.add_argument("--queue-id", help="events of one message")
+    ev.add_argument("--limit", type=int, default=200)
+    ev.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    ev.set_defaults(fn=_events)
+
+    tr = read("trace", "one timeline per message, from the event log")
+    tr.add_argument("id", nargs="?", help="a queue id")
+    tr.add_argument("--message-id", help="the Message-ID header")
+    tr.add_argument("--sender", help="envelope sender")
+    tr.add_argument("--rcpt", help="a recipient")
+    tr.add_argument("--since", help="received within this long, e.g. 1d")
+    tr.set_defaults(fn=lambda a: _run(a, lambda c: c.call("GET", "/api/trace", query={
+        "id": a.id, "message_id": a.message_id, "sender": a.sender, "rcpt": a.rcpt,
+        "since": a.since}), _print_trace))
 
     q = read("queue", "the four queues: summary, list, show, reasons and actions")
     q.set_defaults(fn=lambda a: _run(a, lambda c: c.call("GET", "/api/queues"),
@@ -277,3 +370,102 @@ def add_commands(sub: Any, with_config: Callable[[argparse.ArgumentParser],
                 "all": a.all, **_filters(a)}),
             lambda d: print(f"{d['action']}: {d['recipients']} recipients of "
                             f"{d['messages']} messages")))
+
+
+# --- sendmail ------------------------------------------------------------------------
+SENDMAIL_USAGE = """usage: postroom sendmail [-t] [-f SENDER] [-i | -oi] [-c CONFIG] [RECIPIENT ...]
+  Reads a message on stdin and queues it through the running server (local submission,
+  trusted like an authenticated user). Without -i, a line with a single dot ends it.
+  -t       take the recipients from To, Cc and Bcc (Bcc is removed)
+  -f ADDR  the envelope sender (default: your user name at the server's hostname)
+  -F NAME  ignored (the From header is the program's business)
+  -c FILE  Postroom's config (default ./postroom.toml, or $POSTROOM_CONFIG)"""
+
+
+def sendmail_main(argv: list[str], stdin: Any = None) -> int:
+    """sendmail-compatible local submission; exits non-zero with a clear error."""
+    import base64
+    import email.parser
+    import email.utils
+    import getpass
+    import os
+
+    def fail(text: str, code: int = 1) -> int:
+        print(f"postroom sendmail: {text}", file=sys.stderr)
+        return code
+
+    extract = False
+    dots_end = True
+    sender = ""
+    config_path = os.environ.get("POSTROOM_CONFIG", "postroom.toml")
+    recipients: list[str] = []
+    args = list(argv)
+    while args:
+        a = args.pop(0)
+        if a == "--":
+            recipients += args
+            break
+        if a in ("-h", "--help"):
+            print(SENDMAIL_USAGE)
+            return 0
+        if a == "-t":
+            extract = True
+        elif a in ("-i", "-oi"):
+            dots_end = False
+        elif a.startswith("-f") or a.startswith("-F") or a in ("-c", "--config"):
+            value = a[2:] if len(a) > 2 and a[:2] in ("-f", "-F") else (args.pop(0) if args
+                                                                         else None)
+            if value is None:
+                return fail(f"{a} needs a value\n{SENDMAIL_USAGE}", 64)
+            if a.startswith("-f"):
+                sender = value.strip("<>")
+            elif a in ("-c", "--config"):
+                config_path = value
+        elif a.startswith("-o") or a in ("-bm", "-em", "-ep", "-eq", "-v") or \
+                a.startswith("-B") or a.startswith("-N") or a.startswith("-R") or \
+                a.startswith("-V") or a.startswith("-X"):
+            continue                      # sendmail options that do not apply here
+        elif a.startswith("-"):
+            return fail(f"unknown option {a}\n{SENDMAIL_USAGE}", 64)
+        else:
+            recipients.append(a)
+    raw = (stdin or sys.stdin.buffer).read()
+    lines = raw.replace(b"\r\n", b"\n").split(b"\n")
+    if dots_end and b"." in lines:
+        lines = lines[: lines.index(b".")]
+    if lines and lines[-1] == b"":
+        lines.pop()
+    data = b"".join(line + b"\r\n" for line in lines)
+    try:
+        config = load(Path(config_path))
+    except ConfigError as exc:
+        return fail(str(exc), 78)
+    if extract:
+        head_end = data.find(b"\r\n\r\n")
+        head = data[: head_end + 2] if head_end >= 0 else data
+        msg = email.parser.BytesHeaderParser().parsebytes(head)
+        found = [addr for _, addr in email.utils.getaddresses(
+            [v for k in ("To", "Cc", "Bcc") for v in msg.get_all(k, [])]) if addr]
+        recipients = list(dict.fromkeys(recipients + found))
+        # drop Bcc (and its folded lines) from the header
+        out, skipping = [], False
+        body = data[len(head):]
+        for line in head.split(b"\r\n"):
+            if line[:1] in (b" ", b"\t") and skipping:
+                continue
+            skipping = line.lower().startswith(b"bcc:")
+            if not skipping:
+                out.append(line)
+        data = b"\r\n".join(out) + body
+    if not sender:
+        sender = f"{getpass.getuser()}@{config.hostname}"
+    if not recipients:
+        return fail("no recipients: give them as arguments, or use -t", 64)
+    try:
+        result = ApiClient(config).call("POST", "/api/submit", body={
+            "sender": sender, "recipients": recipients, "user": getpass.getuser(),
+            "data": base64.b64encode(data).decode()})
+    except AdminApiError as exc:
+        return fail(str(exc), 75)            # EX_TEMPFAIL: try again later
+    print(f"postroom sendmail: queued as {result['queue_id']}", file=sys.stderr)
+    return 0

@@ -54,6 +54,7 @@ from .delivery import (
     RecipientResult,
     SmtpDeliveryAgent,
 )
+from .events import EventLog
 from .metrics import Metrics, status_label
 from .routing import choose_route
 from .spool import (
@@ -152,8 +153,10 @@ class QueueManager:
         rng: random.Random | None = None,
         started: float = 0.0,
         metrics: Metrics | None = None,
+        events: EventLog | None = None,
     ) -> None:
         self.spool = spool
+        self.events = events
         self.metrics = metrics or Metrics()
         # components an administrator stopped: queue-manager (every round), conversion,
         # local-delivery, outbound-delivery
@@ -188,6 +191,15 @@ class QueueManager:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def _event(self, kind: int, text: str, queue_id: str | None = None, **kw: Any) -> None:
+        if self.events is not None:
+            self.events.emit(kind, text, queue_id=queue_id, **kw)
+
+    @staticmethod
+    def _message_of(conn: sqlite3.Connection, rid: int) -> str | None:
+        row = conn.execute("SELECT message FROM recipients WHERE id = ?", (rid,)).fetchone()
+        return None if row is None else str(row[0])
 
     @property
     def outbound_in_flight(self) -> int:
@@ -244,12 +256,16 @@ class QueueManager:
                     worked += await self.send_notices()
                     await self._sweep()
             except StorageFull:
+                self._event(5001, "the spool's disk is full: the queue manager cannot record "
+                            "results; retrying every second")
                 log.warning("the spool's disk is full: results cannot be recorded; "
                             "retrying in 1s (deliveries made meanwhile may repeat)")
                 worked = 0
                 await asyncio.sleep(1)
             except Exception:
                 log.exception("queue manager round failed; retrying in 1s")
+                self._event(5002, "a queue manager round failed (details in postroom.log); "
+                            "retrying in 1s")
                 worked = 0
                 await asyncio.sleep(1)
             if worked or self._stopping:
@@ -298,6 +314,8 @@ class QueueManager:
             if result.targets == (address,):
                 conn.execute("UPDATE recipients SET state = 'delivery', updated = ? WHERE id = ?",
                              (now, rid))
+                self._event(2004, f"<{address}>: local mailbox", mid,
+                            domain=address.rpartition("@")[2], rcpt=address)
                 continue
             params.setdefault("ORCPT", f"rfc822;{xtext_encode(address)}")
             conn.execute("UPDATE recipients SET state = 'expanded', updated = ?, last_reply = ? "
@@ -319,6 +337,8 @@ class QueueManager:
                     assert cur.lastrowid is not None
                     self._route_or_fail(conn, cur.lastrowid, target, sender, params, now)
             log.info("queue_id=%s alias %s -> %s", mid, address, ", ".join(result.targets))
+            self._event(2004, f"<{address}>: alias for {', '.join(result.targets)}", mid,
+                        domain=address.rpartition("@")[2], rcpt=address)
         finish_messages(conn, touched)
         return len(rows)
 
@@ -328,6 +348,8 @@ class QueueManager:
         if dest is not None:
             # new mail for a destination that is backing off waits with it ("delivery
             # temporarily suspended"), instead of being tried at once
+            self._event(2004, f"<{address}>: {dest.describe()}", self._message_of(conn, rid),
+                        domain=address.rpartition("@")[2], rcpt=address)
             until, reply, why = self._suspended.get(dest.ref, (0.0, "", "{}"))
             if until > now:
                 conn.execute("UPDATE recipients SET state = 'delivery', destination = ?, "
@@ -439,6 +461,11 @@ class QueueManager:
                        detail=detail)
                 log.info("queue_id=%s to=<%s> status=delivered (%s)", d.message, d.address,
                          o.reply)
+                self._event(3002, f"<{d.address}> delivered via {detail.get('hop', '?')}"
+                            + (f" {detail.get('remote_host')} [{detail.get('remote_ip')}]"
+                               if detail.get("remote_ip") else "") + f": {o.reply}",
+                            d.message, domain=d.address.rpartition("@")[2], rcpt=d.address,
+                            hop=detail.get("hop"), remote_ip=detail.get("remote_ip"))
                 continue
             age = now - d.received
             self.metrics.attempts.labels(direction, "deferred" if o.transient else "failed",
@@ -454,6 +481,14 @@ class QueueManager:
                        next_attempt=when, warn=warn, detail=detail, log_attempt=True)
                 log.warning("queue_id=%s to=<%s> status=deferred (%s); next attempt in %ds",
                             d.message, d.address, o.reply, when - now)
+                self._event(3003, f"<{d.address}> deferred at {detail.get('step', '?')} via "
+                            f"{detail.get('hop', '?')}"
+                            + (f" {detail.get('remote_host')} [{detail.get('remote_ip')}]"
+                               if detail.get("remote_ip") else "")
+                            + f": {o.reply}; next attempt in {int(when - now)}s",
+                            d.message, domain=d.address.rpartition("@")[2], rcpt=d.address,
+                            hop=detail.get("hop"), remote_ip=detail.get("remote_ip"),
+                            next_attempt=when)
                 continue
             reply = o.reply
             if o.transient:
@@ -467,6 +502,10 @@ class QueueManager:
             notice = "failure" if wants_notice("failure", d.sender, d.params) else ""
             record(conn, d.id, state="failed", reply=reply, now=now, notice=notice, detail=detail)
             log.warning("queue_id=%s to=<%s> status=failed (%s)", d.message, d.address, reply)
+            self._event(3004, f"<{d.address}> failed at {detail.get('step', '?')} via "
+                        f"{detail.get('hop', '?')}: {reply}", d.message,
+                        domain=d.address.rpartition("@")[2], rcpt=d.address,
+                        hop=detail.get("hop"), remote_ip=detail.get("remote_ip"))
         finish_messages(conn, {o.due.message for o in outcomes})
 
     # --- outbound ------------------------------------------------------------------
@@ -615,6 +654,8 @@ class QueueManager:
             (now + wait, reply, why, reply, dest.ref, now, now + wait)))
         log.warning("destination %s failed as a whole; backing off for %ds",
                     dest.describe(), wait)
+        self._event(3006, f"{dest.describe()} failed as a whole ({reply or 'see the log'}); "
+                    f"its mail waits {wait}s")
 
     # --- notices -------------------------------------------------------------------
     async def send_notices(self) -> int:
@@ -669,6 +710,9 @@ class QueueManager:
                                   "listener": "internal", "notice": kind, "about": mid},
                     report, (NewRecipient(_lower_domain(sender), direction, {}),)), now)
                 self.metrics.notices.labels(kind).inc()
+                self._event(3005, f"{kind} notice for "
+                            f"{', '.join(r.final_recipient for r in reports)} sent to <{sender}> "
+                            f"as {qid}", mid, notice=kind, notice_id=qid)
                 log.info("queue_id=%s %s notice for %s sent to <%s> as queue_id=%s", mid, kind,
                          ", ".join(r.final_recipient for r in reports), sender, qid)
             for item in items:

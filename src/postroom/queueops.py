@@ -244,8 +244,9 @@ def act(conn: sqlite3.Connection, action: str, rids: Iterable[int], now: float,
     rids = list(rids)
     messages: set[str] = set()
     changed = 0
+    finished: list[tuple[str, str]] = []     # (queue id, address) deleted or returned
     for rid in rids:
-        row = conn.execute("SELECT message, state FROM recipients WHERE id = ?",
+        row = conn.execute("SELECT message, state, address FROM recipients WHERE id = ?",
                            (rid,)).fetchone()
         if row is None or row[1] not in ("conversion", "delivery"):
             continue
@@ -273,6 +274,9 @@ def act(conn: sqlite3.Connection, action: str, rids: Iterable[int], now: float,
                 "lease_until = 0 WHERE id = ?",
                 (f"554 5.3.0 returned to the sender by {who} before delivery", detail, now, rid))
         changed += cur.rowcount
+        if cur.rowcount and action in ("delete", "bounce"):
+            finished.append((mid, row[2]))
     if action in ("delete", "bounce"):
         finish_messages(conn, messages)
-    return {"action": action, "recipients": changed, "messages": len(messages)}
+    return {"action": action, "recipients": changed, "messages": len(messages),
+            "finished": finished}

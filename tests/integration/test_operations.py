@@ -252,3 +252,128 @@ def test_commands_say_clearly_when_the_server_is_not_running(server_factory) -> 
     cp = sp.cli("status", check=False)
     assert cp.returncode == 1
     assert "cannot reach the admin API" in cp.stderr and "Traceback" not in cp.stderr
+
+
+def test_a_logging_level_change_takes_effect_without_a_restart(server_factory) -> None:  # type: ignore[no-untyped-def]
+    sp: ServerProcess = server_factory("[smtp]\nprocesses = 2")
+    levels = cli_json(sp, "logging")
+    assert levels["categories"]["smtp_protocol"] == "minimum"
+    send(sp, "alice@example.test", "before")
+    protocol = sp.data / "logs" / "protocol.jsonl"
+    time.sleep(0.5)
+    assert not protocol.exists() or protocol.read_text() == ""
+    out = cli_json(sp, "logging", "set", "smtp_protocol", "maximum")
+    assert out["categories"]["smtp_protocol"] == "maximum"
+    # every process logs the conversation now, AUTH secrets excepted
+    for i in range(4):
+        send(sp, "alice@example.test", f"after {i}")
+    with smtplib.SMTP("127.0.0.1", sp.sub_port, timeout=10) as s:
+        s.starttls(context=__import__("ssl")._create_unverified_context())
+        s.ehlo()
+        s.login("alice@example.test", "s3cret")
+    assert wait_until(lambda: protocol.exists() and "QUIT" in protocol.read_text())
+    assert wait_until(lambda: "AUTH PLAIN ****" in protocol.read_text(), timeout=5)
+    lines = [json.loads(line) for line in protocol.read_text().splitlines()]
+    said = [line["line"] for line in lines]
+    assert any(t.upper().startswith("MAIL FROM:<ALICE@EXAMPLE.TEST>") for t in said)
+    assert any(t.startswith("250 2.0.0 Ok: queued as") for t in said)
+    assert "<message data" in " ".join(said)
+    assert not any("czNjcmV0" in t or "s3cret" in t for t in said)   # never the password
+    assert len({line["session"] for line in lines}) >= 5
+    sp.cli("logging", "set", "all", "minimum")
+    assert cli_json(sp, "logging")["categories"]["smtp_protocol"] == "minimum"
+
+
+def test_events_are_recorded_and_filtered(server_factory) -> None:  # type: ignore[no-untyped-def]
+    sp: ServerProcess = server_factory()
+    qid = send(sp, "alice@example.test", "evented")
+    with sp.smtp(UNTRUSTED) as s:
+        s.ehlo()
+        s.mail("x@far.example")
+        assert s.rcpt("bob@far.example")[0] == 550
+
+    def events(*args: str) -> list[dict[str, Any]]:
+        return cli_json(sp, "events", *args)["events"]  # type: ignore[no-any-return]
+    assert wait_until(lambda: any(e["id"] == 3002 for e in events()))
+    ids = [e["id"] for e in events()]
+    assert 1001 in ids and 3001 in ids and 2001 in ids
+    mine = events("--queue-id", qid)
+    assert [e["id"] for e in mine] == [3001, 2004, 3002]
+    assert mine[0]["fields"]["sender"] == "alice@example.test"
+    warnings = events("--severity", "warning")
+    assert warnings and all(e["severity"] in ("warning", "error") for e in warnings)
+    assert sorted(e["id"] for e in events("--category", "addressing")) == [2001, 2004]
+    relay = next(e for e in events() if e["id"] == 2001)
+    assert relay["peer"] == UNTRUSTED and "bob@far.example" in relay["text"]
+    jsonl = (sp.data / "logs" / "events.jsonl").read_text().splitlines()
+    assert any(json.loads(line)["id"] == 2001 for line in jsonl)
+    text = sp.cli("events", "--since", "5m").stdout
+    assert "3001 message_transfer" in text
+
+
+def test_trace_tells_the_story_of_a_deferred_then_bounced_message(server_factory) -> None:  # type: ignore[no-untyped-def]
+    sp: ServerProcess = server_factory(smarthost(closed_port()))
+    with sp.smtp() as s:
+        s.ehlo()
+        s.mail("alice@example.test")
+        s.rcpt("bob@far.test")
+        code, text = s.data(b"Subject: traced\r\nMessage-ID: <trace-me@example.test>\r\n\r\nx\r\n")
+    qid = text.decode().split("queued as ")[1].split()[0]
+    assert wait_until(lambda: sp.queue()["outbound-delivery"]["recipients"] == 1 and
+                      cli_json(sp, "queue", "show", qid)["recipients"][0]["attempts"] >= 1)
+    sp.cli("queue", "bounce", qid)
+    assert len(sp.wait_messages("alice@example.test", 1)) == 1
+    for how in ((qid,), ("--message-id", "trace-me@example.test"),
+                ("--sender", "alice@example.test"), ("--rcpt", "bob@far.test")):
+        found = cli_json(sp, "trace", *how)["messages"]
+        assert found and found[0]["queue_id"] == qid, how
+    (story,) = [m for m in cli_json(sp, "trace", qid)["messages"]]
+    kinds = [e["id"] for e in story["events"]]
+    assert kinds[:3] == [3001, 2004, 3003], kinds           # received, routed, deferred
+    assert 3004 in kinds and 3005 in kinds                  # returned, with an NDR
+    assert story["state"] == "failed"
+    received = story["events"][0]["fields"]
+    assert received["tls"] is False and received["decisions"]
+    deferred = next(e for e in story["events"] if e["id"] == 3003)
+    assert "127.0.0.1" in deferred["text"] and "smart host" in deferred["text"]
+    ndr = next(e for e in story["events"] if e["id"] == 3005)["fields"]["notice_id"]
+    assert cli_json(sp, "trace", ndr)["messages"][0]["state"] == "delivered"
+    text = sp.cli("trace", qid).stdout
+    assert f"Message {qid}: failed" in text and "accepted <bob@far.test>" in text
+
+
+def test_sendmail_queues_a_message_from_a_local_program(server_factory) -> None:  # type: ignore[no-untyped-def]
+    sp: ServerProcess = server_factory(users=("alice@example.test", "bob@example.test"))
+    import subprocess
+    import sys
+
+    def sendmail(*args: str, data: bytes) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([sys.executable, "-m", "postroom.cli", "sendmail",
+                               "-c", str(sp.config), *args], input=data,
+                              capture_output=True, timeout=60, cwd=sp.workdir)
+    cp = sendmail("-oi", "-f", "cron@example.test", "alice@example.test",
+                  data=b"Subject: from cron\n\nline one\n.\nline after a dot\n")
+    assert cp.returncode == 0, cp.stderr
+    (got,) = sp.wait_messages("alice@example.test", 1)
+    assert b"Return-Path: <cron@example.test>" in got
+    assert b"\n.\nline after a dot\n" in got and b"Message-ID:" in got
+    # -t: recipients from the headers, Bcc removed
+    cp = sendmail("-t", data=b"To: alice@example.test\nBcc: bob@example.test\n"
+                             b"Subject: t\n\nbody\n")
+    assert cp.returncode == 0, cp.stderr
+    assert len(sp.wait_messages("alice@example.test", 2)) == 2
+    (bcc,) = sp.wait_messages("bob@example.test", 1)
+    assert b"Bcc:" not in bcc and b"Subject: t" in bcc
+    # without -i, a lone dot ends the message
+    sendmail("alice@example.test", data=b"Subject: dots\n\nkept\n.\ndropped\n")
+    msgs = sp.wait_messages("alice@example.test", 3)
+    last = next(m for m in msgs if b"Subject: dots" in m)
+    assert b"kept" in last and b"dropped" not in last
+    # clear errors, non-zero exits
+    cp = sendmail("nobody@example.test", data=b"Subject: x\n\nx\n")
+    assert cp.returncode != 0 and b"nobody@example.test" in cp.stderr
+    cp = sendmail(data=b"Subject: x\n\nx\n")
+    assert cp.returncode == 64 and b"no recipients" in cp.stderr
+    sp.stop()
+    cp = sendmail("alice@example.test", data=b"Subject: x\n\nx\n")
+    assert cp.returncode == 75 and b"cannot reach the admin API" in cp.stderr

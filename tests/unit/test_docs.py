@@ -504,3 +504,14 @@ def test_links_between_the_docs_resolve(doc: Path) -> None:
         assert path.is_file(), f"{doc.name}: link to missing {target}"
         if anchor:
             assert anchor in _anchors(path), f"{doc.name}: no heading for {target}#{anchor}"
+
+
+def test_every_event_kind_is_in_events_md() -> None:
+    from postroom.events import CATALOGUE
+    text = (CONFIG_MD.parent / "events.md").read_text(encoding="utf-8")
+    for kind in CATALOGUE.values():
+        heading = f"### {kind.id}: {kind.title}"
+        assert heading in text, f"docs/events.md has no '{heading}'"
+        block = text.split(heading, 1)[1].split("\n### ", 1)[0]
+        assert f"**Severity:** {kind.severity}; **recorded from level:** {kind.level}" in block
+        assert kind.category in text.split(heading, 1)[0].rsplit("\n## ", 1)[1]

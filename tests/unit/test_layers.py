@@ -11,7 +11,7 @@ LAYERS: dict[str, float] = {
     "model": 0, "replies": 0.5, "address": 0.5,     # 0.5: values built on model
     "config": 1, "observability": 1, "body": 1,
     "routing": 1.5, "policy": 2, "bounce": 2, "conversion": 2,
-    "spool": 3, "store": 3, "dns": 3, "users": 3, "tls": 3,
+    "spool": 3, "store": 3, "events": 3, "dns": 3, "users": 3, "tls": 3,
     # the smtp package: the sans-I/O core and the client are protocol libraries; the
     # server is the receiving component
     "smtp": 4, "smtp.protocol": 2.5, "smtp.client": 3, "smtp.server": 4,

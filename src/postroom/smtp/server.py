@@ -14,6 +14,7 @@ import asyncio
 import itertools
 import logging
 import os
+import re
 import secrets
 import ssl
 import time
@@ -26,6 +27,7 @@ from .. import replies
 from ..body import BodyWriter
 from ..config import Config
 from ..conversion import missing_headers, received_header
+from ..events import EventLog
 from ..metrics import Metrics
 from ..model import Reply, SmtpError
 from ..policy import RelaySettings, SessionSnapshot, check_mail, check_rcpt, peer_address
@@ -111,6 +113,7 @@ class ServerState:
     shutting_down: bool = False
     clock: Callable[[], float] = time.time
     metrics: Metrics = field(default_factory=Metrics)
+    events: EventLog | None = None
     # listener kinds whose component an administrator stopped: new connections get 421
     stopped: set[str] = field(default_factory=set)
 
@@ -155,6 +158,8 @@ class Session(asyncio.Protocol):
         self._counted = False
         self._task: asyncio.Task[None] | None = None
         self._body: BodyWriter | None = None     # the current DATA's message so far
+        self._decisions: list[str] = []           # why each recipient was accepted
+        self._protocol_log = False
         self._received = 0
         self._progress_at = time.monotonic()
         self._progress_bytes = 0
@@ -175,18 +180,25 @@ class Session(asyncio.Protocol):
         if component in st.stopped:
             log.info("session=%s refused %s: the %s component is stopped", self.id, self.peer,
                      component)
+            self._event(4002, f"connection from [{self.peer}] refused: the {component} "
+                        "component is stopped")
             transport.write(replies.component_stopped(st.config.hostname, component).render())
             transport.close()
             return
         if st.connections >= limits.max_connections:
             log.warning("session=%s refused %s: %d connections", self.id, self.peer,
                         st.connections)
+            self._event(4002, f"connection from [{self.peer}] refused: {st.connections} "
+                        "connections (max_connections)")
             transport.write(replies.TOO_MANY_CONNECTIONS.render())
             transport.close()
             return
         if st.per_peer[self.peer] >= limits.max_connections_per_peer:
             log.warning("session=%s refused %s: %d connections from this peer", self.id,
                         self.peer, st.per_peer[self.peer])
+            self._event(4002, f"connection from [{self.peer}] refused: "
+                        f"{st.per_peer[self.peer]} from this address "
+                        "(max_connections_per_peer)")
             transport.write(replies.TOO_MANY_CONNECTIONS_FROM_PEER.render())
             transport.close()
             return
@@ -198,10 +210,18 @@ class Session(asyncio.Protocol):
         st.sessions.add(self)
         log.info("session=%s connect from [%s]:%s listener=%s", self.id, self.peer, peername[1],
                  self.listener)
+        self._event(4001, f"connection from [{self.peer}]:{peername[1]} on {self.listener}")
+        ev_log = st.events
+        self._protocol_log = ev_log is not None and ev_log.enabled(
+            "smtp_protocol", "maximum", peer=self.peer)
+        if self._protocol_log:
+            self._event(6001, f"conversation with [{self.peer}] logged in logs/protocol.jsonl")
         self.core.greet()
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     def data_received(self, data: bytes) -> None:
+        if self._protocol_log and self.core.phase is not Phase.DATA:
+            self._log_protocol("in", data)
         self._received += len(data)
         self.core.receive(data)
         self._readable.set()
@@ -240,8 +260,26 @@ class Session(asyncio.Protocol):
         self._readable.set()
 
     # --- the session loop ----------------------------------------------------------
+    def _log_protocol(self, direction: str, data: bytes) -> None:
+        """Lines of the conversation for logs/protocol.jsonl; AUTH secrets never."""
+        ev_log = self.state.events
+        assert ev_log is not None
+        secret = direction == "in" and self.core.phase is Phase.AUTH
+        for raw in data.split(b"\r\n"):
+            if not raw:
+                continue
+            text = raw.decode("utf-8", "replace")[:1000]
+            if secret:
+                text = "****"
+            elif direction == "in" and text[:5].upper() == "AUTH ":
+                words = text.split(" ")
+                text = " ".join(words[:2] + (["****"] if len(words) > 2 else []))
+            ev_log.protocol(self.id, self.peer, direction, text)
+
     def _flush(self) -> None:
         out = self.core.take_output()
+        if out and self._protocol_log:
+            self._log_protocol("out", out)
         if out:
             self._progress()
             if self.transport is not None and not self.transport.is_closing():
@@ -291,6 +329,8 @@ class Session(asyncio.Protocol):
                         await asyncio.wait_for(self._readable.wait(), wait)
                     except TimeoutError:
                         log.info("session=%s timeout in %s phase", self.id, core.phase.value)
+                        self._event(4005, f"session with [{self.peer}] timed out in the "
+                                    f"{core.phase.value} phase")
                         core.close_with(replies.timeout(self.state.config.hostname))
                     continue
                 if isinstance(ev, Closed):
@@ -308,6 +348,8 @@ class Session(asyncio.Protocol):
             self._flush()
             if self.transport is not None:
                 self.transport.close()
+            self._event(4001, f"disconnect of [{self.peer}] after {core.errors} errors",
+                        level="maximum")
             log.info("session=%s disconnect from [%s] errors=%d", self.id, self.peer,
                      core.errors)
 
@@ -315,6 +357,7 @@ class Session(asyncio.Protocol):
         core = self.core
         if isinstance(ev, MailFrom):
             verdict = check_mail(self._snapshot())
+            self._decisions = []
             # an accepted sender is in the "queued" line; a refusal needs its own
             (log.debug if verdict.accept else log.info)(
                 "session=%s mail from=<%s> %s: %s", self.id, ev.sender,
@@ -326,10 +369,24 @@ class Session(asyncio.Protocol):
             log.info("session=%s rcpt to=<%s> %s (%s): %s", self.id, ev.recipient,
                      "accepted" if verdict.accept else "refused", verdict.reply.code,
                      verdict.reason)
-            if verdict.reply.enhanced == "5.7.1" and "Relaying" in verdict.reply.text:
+            if verdict.accept:
+                self._decisions.append(f"<{ev.recipient}>: {verdict.reason}")
+            elif verdict.reply.enhanced == "5.7.1" and "Relaying" in verdict.reply.text:
                 self.state.metrics.relay_refusals.labels(self.listener).inc()
+                self._event(2001, f"relaying to <{ev.recipient}> refused for [{self.peer}] "
+                            f"(from <{core.envelope.sender}>): {verdict.reason}",
+                            domain=ev.recipient.domain)
+            elif verdict.reply.enhanced == "5.4.4":
+                self._event(2002, f"<{ev.recipient}>: {verdict.reply}",
+                            domain=ev.recipient.domain)
+            else:
+                self._event(2003, f"<{ev.recipient}> refused for [{self.peer}]: "
+                            f"{verdict.reply}", domain=ev.recipient.domain)
             core.respond(verdict.reply)
         elif isinstance(ev, MessageReceived):
+            if self._protocol_log and self.state.events is not None:
+                self.state.events.protocol(self.id, self.peer, "in",
+                                           f"<message data, {ev.size} octets>")
             started = time.perf_counter()
             reply = await self._enqueue(ev)
             if reply.code == 250:
@@ -425,11 +482,48 @@ class Session(asyncio.Protocol):
             raise
         log.info("session=%s queued queue_id=%s from=<%s> size=%d nrcpt=%d", self.id, qid,
                  env.sender, message.size, len(seen))
+        ev_log = st.events
+        if ev_log is not None:
+            message_id = _message_id(data)
+            ev_log.emit(3001, f"received from [{self.peer}] ({self.core.helo}) on "
+                        f"{self.listener}{' over TLS' if tls else ''}"
+                        f"{' as ' + str(self.core.auth_user) if auth else ''}: <{env.sender}> "
+                        f"to {', '.join('<' + r + '>' for r in seen)}, {message.size} bytes",
+                        queue_id=qid, peer=self.peer, sender=str(env.sender),
+                        recipients=list(seen), size=message.size, tls=tls,
+                        auth=self.core.auth_user, helo=self.core.helo,
+                        listener=self.listener, message_id=message_id,
+                        decisions=list(self._decisions), session=self.id)
+            if ev_log.archive is not None and ev_log.enabled(
+                    "message_archival", "maximum", peer=self.peer):
+                await self._archive(ev_log, qid, message, big)
         return replies.queued(qid)
+
+    async def _archive(self, ev_log: EventLog, qid: str, message: NewMessage,
+                       big: BodyWriter | None) -> None:
+        loop = asyncio.get_running_loop()
+
+        def copy() -> object:
+            if big is None:
+                return ev_log.archive_copy(qid, [message.data])
+            with open(big.path, "rb") as f:
+                return ev_log.archive_copy(qid, [message.data, *iter(lambda: f.read(1 << 20), b"")])
+        try:
+            path = await loop.run_in_executor(self.state.executor, copy)
+        except OSError as exc:
+            log.warning("session=%s could not archive %s: %s", self.id, qid, exc)
+            return
+        self._event(7001, f"copy of {qid} kept in {path}", queue_id=qid, level="maximum")
+
+    def _event(self, kind: int, text: str, **kw: object) -> None:
+        ev_log = self.state.events
+        if ev_log is not None:
+            ev_log.emit(kind, text, peer=self.peer, session=self.id, **kw)  # type: ignore[arg-type]
 
     async def _authenticate(self, ev: AuthCredentials) -> Reply:
         st = self.state
         if st.throttle.blocked(self.peer):
+            self._event(4004, f"AUTH refused for [{self.peer}]: too many failures")
             log.warning("session=%s AUTH refused: too many failures from [%s]", self.id,
                         self.peer)
             return replies.AUTH_THROTTLED
@@ -443,6 +537,8 @@ class Session(asyncio.Protocol):
         if user is None:
             st.throttle.failed(self.peer)
             # the username is logged, the password never is
+            self._event(4003, f"AUTH {ev.mechanism} failed for {ev.username[:100]!r} from "
+                        f"[{self.peer}]")
             log.warning("session=%s AUTH %s failed for %r", self.id, ev.mechanism,
                         ev.username[:100])
             return replies.AUTH_FAILED
@@ -463,6 +559,8 @@ class Session(asyncio.Protocol):
                                        ssl_handshake_timeout=30)
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
             log.info("session=%s TLS handshake failed: %s", self.id, exc.__class__.__name__)
+            self._event(4005, f"TLS handshake with [{self.peer}] failed: "
+                        f"{exc.__class__.__name__}")
             self._lost = True
             self.core.phase = Phase.CLOSED
             return
@@ -472,3 +570,15 @@ class Session(asyncio.Protocol):
         ssl_obj = new.get_extra_info("ssl_object")
         log.info("session=%s TLS established %s %s", self.id,
                  ssl_obj.version() if ssl_obj else "?", ssl_obj.cipher()[0] if ssl_obj else "")
+
+
+_MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(.*(?:\r\n[ \t].*)*)", re.I | re.M)
+
+
+def _message_id(data: bytes) -> str | None:
+    """The Message-ID header of a message's first bytes, unfolded (for trace)."""
+    head = data[: data.find(b"\r\n\r\n") + 2] if b"\r\n\r\n" in data else data[:65536]
+    m = _MESSAGE_ID.search(head)
+    if m is None:
+        return None
+    return m.group(1).replace(b"\r\n", b"").strip().decode("utf-8", "replace")[:500]

@@ -272,7 +272,7 @@ class Postroom:
         self._since = {name: now for name in COMPONENTS}
         if self.main:
             self.events.emit(1001, f"Postroom started (pid {os.getpid()}, "
-                             f"{c.smtp.processes} processes, data in {c.data_dir}): "
+                             f"processes={c.smtp.processes}, data in {c.data_dir}): "
                              + ", ".join(f"{b.kind}={b.host}:{b.port}" for b in self.listeners))
         log.info("postroom %s started (pid %d): %s", "main" if self.main else "front end",
                  os.getpid(), ", ".join(f"{b.kind}={b.host}:{b.port}" for b in self.listeners))

@@ -136,8 +136,8 @@ def _print_show(m: dict[str, Any]) -> None:
     print(f"Received:  {_when(m['received'])} from [{c.get('peer')}] helo={c.get('helo')} "
           f"listener={c.get('listener')} tls={'yes' if c.get('tls') else 'no'} "
           f"auth={c.get('auth') or '-'}")
-    print(f"Sender:    <{m['sender']}>  size {m['size']}  "
-          + " ".join(f"{k}={v}" for k, v in m["params"].items()))
+    print(f"Sender:    <{m['sender']}>  size {m['size']}"
+          + "".join(f"  {k}={v}" for k, v in m["params"].items()))
     print("Headers:")
     for line in m["headers"].rstrip("\r\n").split("\r\n"):
         print(f"  {line}")

@@ -655,7 +655,7 @@ class QueueManager:
         log.warning("destination %s failed as a whole; backing off for %ds",
                     dest.describe(), wait)
         self._event(3006, f"{dest.describe()} failed as a whole ({reply or 'see the log'}); "
-                    f"its mail waits {wait}s")
+                    f"its mail waits {int(wait)}s")
 
     # --- notices -------------------------------------------------------------------
     async def send_notices(self) -> int:

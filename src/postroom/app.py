@@ -223,7 +223,8 @@ class Postroom:
         self.store = MaildirStore(c.mail_dir, c.hostname)
         self.events = EventLog(c.data_dir / "events.sqlite3", Levels.from_names(c.logging.levels),
                                archive=c.data_dir / "archive",
-                               archive_days=c.logging.archive_days)
+                               archive_days=c.logging.archive_days, logs=c.data_dir / "logs",
+                               rotate=self.main, retention=c.logging.retention)
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="auth")
         self.state = ServerState(
             config=c, spool=self.spool, mailbox_exists=self.users.exists,

@@ -48,8 +48,64 @@ CATEGORIES = ("initialization", "addressing", "message_transfer", "smtp_interfac
 LEVELS = ("none", "minimum", "medium", "maximum")
 SEVERITIES = ("error", "warning", "info")
 
-_jsonl = logging.getLogger("postroom.events.jsonl")
-_protocol = logging.getLogger("postroom.events.protocol")
+log = logging.getLogger("postroom.events")
+ROTATE_AT = 20 * 1024 * 1024
+
+
+class JsonlFile:
+    """An append-only JSON-lines file. The main process rotates it at ROTATE_AT
+    (``name.1`` … ``name.<retention>``); the other processes append to whatever file
+    has the name, reopening it when it was rotated away."""
+
+    def __init__(self, path: Path, *, rotate: bool, retention: int) -> None:
+        self.path = path
+        self.rotate = rotate
+        self.retention = retention
+        self._f: Any = None
+        self._complained = False
+
+    def write(self, lines: list[str]) -> None:
+        try:
+            f = self._open()
+            f.write("".join(line + "\n" for line in lines))
+            f.flush()
+            if self.rotate and f.tell() > ROTATE_AT:
+                self._rotate()
+        except OSError as exc:
+            if not self._complained:        # a full disk: say it once, keep the mail going
+                self._complained = True
+                log.warning("cannot write %s: %s; its lines are lost until it can", self.path,
+                            exc)
+            self.close()
+
+    def _open(self) -> Any:
+        if self._f is not None and not self.rotate:
+            try:
+                if os.stat(self.path).st_ino != os.fstat(self._f.fileno()).st_ino:
+                    self.close()
+            except FileNotFoundError:
+                self.close()
+        if self._f is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open
+            self._complained = False
+        return self._f
+
+    def _rotate(self) -> None:
+        self.close()
+        for n in range(self.retention - 1, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{n}")
+            if older.exists():
+                os.replace(older, self.path.with_name(f"{self.path.name}.{n + 1}"))
+        os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+
+    def close(self) -> None:
+        if self._f is not None:
+            try:
+                self._f.close()
+            except OSError:
+                pass
+            self._f = None
 
 
 @dataclass(frozen=True)
@@ -101,8 +157,9 @@ CATALOGUE: dict[int, EventKind] = {k.id: k for k in (
        "limits). The reply is in the text.",
        "Unknown mailbox: create it with postroom users add, or add an alias."),
     _k(2004, "addressing", "minimum", "info", "recipient routed",
-       "The queue manager chose where a recipient goes: a local mailbox, an alias's "
-       "targets, or an address space and its next hop.",
+       "The queue manager chose where a recipient goes: an alias's targets, or an "
+       "address space and its next hop. A plain local mailbox is recorded only at medium "
+       "(its delivery event says as much).",
        "Nothing; postroom trace shows it in the message's timeline."),
     _k(3001, "message_transfer", "minimum", "info", "message received",
        "A message got its 250: peer, HELO, TLS, AUTH identity, sender, recipients, size.",
@@ -258,8 +315,12 @@ class EventLog:
     FLUSH_EVERY = 0.2
 
     def __init__(self, path: Path, levels: Levels | None = None, *, archive: Path | None = None,
-                 archive_days: int = 7, clock: Any = time.time) -> None:
+                 archive_days: int = 7, clock: Any = time.time, logs: Path | None = None,
+                 rotate: bool = True, retention: int = 5) -> None:
         self.path = path
+        logs = logs or path.parent / "logs"
+        self._jsonl = JsonlFile(logs / "events.jsonl", rotate=rotate, retention=retention)
+        self._protocol = JsonlFile(logs / "protocol.jsonl", rotate=rotate, retention=retention)
         self.levels = levels or Levels.from_names()
         self.archive = archive
         self.archive_days = archive_days
@@ -288,9 +349,9 @@ class EventLog:
 
     def protocol(self, session: str, peer: str, direction: str, line: str) -> None:
         """One line of an SMTP conversation (the caller redacts AUTH)."""
-        _protocol.info(json.dumps({"at": round(self.clock(), 6), "session": session,
-                                   "peer": peer, "dir": direction, "line": line},
-                                  ensure_ascii=False))
+        self._queue.put(("protocol", json.dumps(
+            {"at": round(self.clock(), 6), "session": session, "peer": peer,
+             "dir": direction, "line": line}, ensure_ascii=False)))
 
     def archive_copy(self, queue_id: str, data: Iterable[bytes]) -> Path | None:
         """Keep a copy of an accepted message (message_archival at maximum)."""
@@ -334,27 +395,32 @@ class EventLog:
                 except queue.Empty:
                     break
                 batch.append(item)
-            rows = [b for b in batch if b is not None]
+            rows = [b for b in batch if b is not None and b[0] != "protocol"]
             if rows:
                 self._write(rows)
+            protocol = [b[1] for b in batch if b is not None and b[0] == "protocol"]
+            if protocol:
+                self._protocol.write(protocol)
             if None in batch:
                 return
 
     def _write(self, rows: list[tuple[Any, ...]]) -> None:
-        for at, kind, severity, category, text, qid, peer, fields in rows:
-            _jsonl.info(json.dumps({"at": round(at, 6), "id": kind, "severity": severity,
-                                    "category": category, "text": text, "queue_id": qid,
-                                    "peer": peer, **fields}, ensure_ascii=False, default=str))
+        # one JSON document per event: the line in events.jsonl, and the row's fields
+        # (the row's own columns are left out of them when read back)
+        docs = [json.dumps({"at": round(at, 6), "id": kind, "severity": sev,
+                            "category": cat, "text": text, "queue_id": qid, "peer": peer,
+                            **fields}, ensure_ascii=False, default=str)
+                for at, kind, sev, cat, text, qid, peer, fields in rows]
+        self._jsonl.write(docs)
         try:
             with self._conn:
                 self._conn.executemany(
                     "INSERT INTO events (at, kind, severity, category, text, queue_id, peer, "
                     "fields) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(at, kind, sev, cat, text, qid, peer, json.dumps(fields, default=str))
-                     for at, kind, sev, cat, text, qid, peer, fields in rows])
+                    [(at, kind, sev, cat, text, qid, peer, doc) for
+                     (at, kind, sev, cat, text, qid, peer, _), doc in zip(rows, docs, strict=True)])
         except sqlite3.Error as exc:
-            logging.getLogger("postroom.events").warning(
-                "could not record %d events in %s: %s", len(rows), self.path, exc)
+            log.warning("could not record %d events in %s: %s", len(rows), self.path, exc)
 
     def flush(self, timeout: float = 5.0) -> None:
         """Wait until everything emitted so far is written (for tests and shutdown)."""
@@ -367,6 +433,8 @@ class EventLog:
         self._queue.put(None)
         self._thread.join(timeout=10)
         self._conn.close()
+        self._jsonl.close()
+        self._protocol.close()
 
 
 def query_events(conn: sqlite3.Connection, *, since: float | None = None,
@@ -401,8 +469,15 @@ def query_events(conn: sqlite3.Connection, *, since: float | None = None,
     if newest:
         rows.reverse()
     return [{"seq": r[0], "at": r[1], "id": r[2], "severity": r[3], "category": r[4],
-             "text": r[5], "queue_id": r[6], "peer": r[7], "fields": json.loads(r[8])}
+             "text": r[5], "queue_id": r[6], "peer": r[7], "fields": _own_fields(r[8])}
             for r in rows]
+
+
+_COLUMNS = {"at", "id", "severity", "category", "text", "queue_id", "peer"}
+
+
+def _own_fields(doc: str) -> dict[str, Any]:
+    return {k: v for k, v in json.loads(doc).items() if k not in _COLUMNS}
 
 
 def find_messages(conn: sqlite3.Connection, *, message_id: str = "", sender: str = "",

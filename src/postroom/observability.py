@@ -35,14 +35,8 @@ class _LogFile(logging.handlers.RotatingFileHandler):
 _listener: logging.handlers.QueueListener | None = None
 
 
-def _only(prefix: str, keep: bool) -> logging.Filter:
-    f = logging.Filter()
-    f.filter = lambda record: record.name.startswith(prefix) == keep  # type: ignore[method-assign]
-    return f
-
-
 def setup_logging(log_dir: Path | None, *, level: int = logging.INFO, stderr: bool = True,
-                  rotate: bool = True, retention: int = 5) -> None:
+                  rotate: bool = True) -> None:
     """Log lines are formatted where they happen and written by a background thread, so
     that neither the event loop nor the spool writer waits for the log file."""
     global _listener
@@ -54,11 +48,9 @@ def setup_logging(log_dir: Path | None, *, level: int = logging.INFO, stderr: bo
         handler.close()
     formatter = logging.Formatter(FORMAT)
     handlers: list[logging.Handler] = []
-    human = _only("postroom.events.", False)    # the JSON lines have files of their own
     if stderr:
         h = logging.StreamHandler()
         h.setFormatter(formatter)
-        h.addFilter(human)
         handlers.append(h)
     if log_dir is not None:
         log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -68,18 +60,7 @@ def setup_logging(log_dir: Path | None, *, level: int = logging.INFO, stderr: bo
             encoding="utf-8") if rotate else logging.handlers.WatchedFileHandler(
             log_dir / "postroom.log", encoding="utf-8")
         fh.setFormatter(formatter)
-        fh.addFilter(human)
         handlers.append(fh)
-        # events.jsonl and protocol.jsonl: one JSON object per line (events.py)
-        for name, logger in (("events.jsonl", "postroom.events.jsonl"),
-                             ("protocol.jsonl", "postroom.events.protocol")):
-            jh: logging.Handler = _LogFile(
-                log_dir / name, maxBytes=20 * 1024 * 1024, backupCount=retention,
-                encoding="utf-8") if rotate else logging.handlers.WatchedFileHandler(
-                log_dir / name, encoding="utf-8")
-            jh.setFormatter(logging.Formatter("%(message)s"))
-            jh.addFilter(_only(logger, True))
-            handlers.append(jh)
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     qh = logging.handlers.QueueHandler(records)
     root.addHandler(qh)

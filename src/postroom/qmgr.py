@@ -314,7 +314,8 @@ class QueueManager:
             if result.targets == (address,):
                 conn.execute("UPDATE recipients SET state = 'delivery', updated = ? WHERE id = ?",
                              (now, rid))
-                self._event(2004, f"<{address}>: local mailbox", mid,
+                # implied by the delivery event; recorded only at medium (a hot path)
+                self._event(2004, f"<{address}>: local mailbox", mid, level="medium",
                             domain=address.rpartition("@")[2], rcpt=address)
                 continue
             params.setdefault("ORCPT", f"rfc822;{xtext_encode(address)}")

@@ -266,7 +266,7 @@ def make_app(backend: AdminBackend, token: str) -> Starlette:
 
     async def metrics(request: Request) -> Response:
         data = await loop_read().run_in_executor(None, generate_latest,
-                                                 backend.metrics.registry)
+                                                 backend.metrics.exposition)
         return Response(data, media_type=CONTENT_TYPE_LATEST)
 
     routes = [

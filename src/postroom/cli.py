@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import getpass
 import json
+import os
 import ssl
 import sys
 import time
@@ -44,17 +45,6 @@ def _load_or_defaults(path: Path) -> Config:
 
 # --- serve / check -------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .admin import ensure_token
-    from .app import (
-        Postroom,
-        bind_admin,
-        bind_listeners,
-        catch_stop_signals,
-        fork_front_ends,
-        tls_files,
-    )
-    from .observability import setup_logging
-    from .spool import SqliteSpool
 
     path = Path(args.config)
     if not path.exists():
@@ -69,6 +59,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     for warning in config.warnings():
         print(f"postroom: WARNING {warning}", file=sys.stderr)
+    if config.smtp.processes > 1:
+        # every process's counters in files that /metrics adds up; prometheus-client
+        # reads this variable when it is first imported, which is just below
+        metrics_dir = config.data_dir / "metrics"
+        metrics_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for old_file in metrics_dir.glob("*.db"):       # a previous run's counts
+            old_file.unlink()
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    from .admin import ensure_token
+    from .app import (
+        Postroom,
+        bind_admin,
+        bind_listeners,
+        catch_stop_signals,
+        fork_front_ends,
+        tls_files,
+    )
+    from .observability import setup_logging
+    from .spool import SqliteSpool
 
     def started(listeners: list) -> None:  # type: ignore[type-arg]
         domain = config.local_domains[0]

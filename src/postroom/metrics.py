@@ -8,15 +8,17 @@ prints the same numbers.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-__all__ = ["Metrics", "status_label"]
+__all__ = ["Metrics", "multiprocess", "status_label"]
 
 _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}\Z")
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -45,9 +47,23 @@ class _QueueCollector(Collector):
         yield rcpts
 
 
+def multiprocess() -> bool:
+    """prometheus-client's multi-process mode: ``postroom serve`` turns it on (before
+    the library is imported) when ``[smtp] processes`` is more than one."""
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
 class Metrics:
     def __init__(self) -> None:
+        # ``registry`` holds this process's metrics; ``exposition`` is what /metrics and
+        # postroom stats read: the same registry, or, with several processes, the sum of
+        # every process's files (MultiProcessCollector) plus the queue gauges.
         self.registry = r = CollectorRegistry()
+        if multiprocess():
+            self.exposition = CollectorRegistry()
+            MultiProcessCollector(self.exposition)
+        else:
+            self.exposition = r
         self.received = Counter("postroom_messages_received", "Messages accepted (250 after DATA)",
                                 ["listener"], registry=r)
         self.delivered = Counter("postroom_recipients_delivered",
@@ -66,7 +82,7 @@ class Metrics:
         self.connections = Counter("postroom_connections", "Connections accepted",
                                    ["listener"], registry=r)
         self.connections_current = Gauge("postroom_connections_current", "Open connections",
-                                         ["listener"], registry=r)
+                                         ["listener"], registry=r, multiprocess_mode="livesum")
         self.attempts = Counter("postroom_delivery_attempts", "Delivery attempts by result",
                                 ["direction", "result", "status"], registry=r)
         self.acceptance = Histogram("postroom_acceptance_seconds",
@@ -77,12 +93,12 @@ class Metrics:
                                   buckets=_DELIVERY, registry=r)
 
     def watch_queues(self, read: Callable[[], Iterable[tuple[str, int, int]]]) -> None:
-        self.registry.register(_QueueCollector(read))
+        self.exposition.register(_QueueCollector(read))
 
     def snapshot(self) -> dict[str, Any]:
         """Every sample as plain JSON: {metric: [{"labels": {...}, "value": v}, ...]}."""
         out: dict[str, list[dict[str, Any]]] = {}
-        for family in self.registry.collect():
+        for family in self.exposition.collect():
             for sample in family.samples:
                 if sample.name.endswith("_created") or sample.name.endswith("_bucket"):
                     continue

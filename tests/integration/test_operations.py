@@ -382,3 +382,22 @@ def test_sendmail_queues_a_message_from_a_local_program(server_factory) -> None:
     sp.stop()
     cp = sendmail("alice@example.test", data=b"Subject: x\n\nx\n")
     assert cp.returncode == 75 and b"cannot reach the admin API" in cp.stderr
+
+
+def test_counters_add_up_every_front_end(server_factory) -> None:  # type: ignore[no-untyped-def]
+    sp: ServerProcess = server_factory("[smtp]\nprocesses = 3")
+    for i in range(12):                   # separate connections: the kernel spreads them
+        send(sp, "alice@example.test", f"counted {i}")
+    assert len(sp.wait_messages("alice@example.test", 12)) == 12
+
+    def value(name: str) -> float:
+        samples = cli_json(sp, "stats")["metrics"].get(name, [])
+        return sum(s["value"] for s in samples if s["labels"].get("listener") in (None, "mx"))
+    assert value("postroom_messages_received_total") == 12
+    assert value("postroom_connections_total") == 13      # and the start-up port probe
+    assert value("postroom_connections_current") == 0
+    pids = {f.stem.rsplit("_", 1)[1] for f in (sp.data / "metrics").glob("counter_*.db")}
+    assert len(pids) >= 2, pids                              # more than one process counted
+    assert wait_until(lambda: value("postroom_recipients_delivered_total") == 12)
+    log = sp.log_text()
+    assert "postroom front end started" in log

@@ -52,6 +52,16 @@ def wait_port(port: int, timeout: float = 15.0, host: str = "127.0.0.1") -> None
     raise TimeoutError(f"nothing listening on {host}:{port}")
 
 
+def wait_until(predicate, timeout: float = 20.0) -> bool:  # type: ignore[no-untyped-def]
+    """Poll ``predicate`` until it is true or ``timeout`` passes; its last answer."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return bool(predicate())
+
+
 class ServerProcess:
     """``postroom serve`` in a subprocess with its own config and data dir."""
 

@@ -76,6 +76,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         fork_front_ends,
         tls_files,
     )
+    from .events import connect_events
     from .observability import setup_logging
     from .spool import SqliteSpool
 
@@ -97,20 +98,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     catch_stop_signals()
     start_time = time.time()
     try:
-        listeners = bind_listeners(config)
+        # the admin API's token and socket first: once the SMTP port answers, so does
+        # the API (its backlog holds connections until it serves them)
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        if config.admin.listen is not None:
+            ensure_token(config.token_path)
         try:
             admin_socket = bind_admin(config)
         except OSError as exc:
-            for _, sock in listeners:
-                sock.close()
             return _fail(f"cannot start the admin API on [admin] listen "
                          f"{config.admin.listen}: {exc.strerror or exc}")
+        listeners = bind_listeners(config)
         tls_files(config)
         # create the spool and the user store once, before any process starts threads
         SqliteSpool(config.spool_path).close()
         UserStore(config.users_path).close()
-        if config.admin.listen is not None:
-            ensure_token(config.token_path)      # before the port answers
+        connect_events(config.data_dir / "events.sqlite3").close()
     except ssl.SSLError as exc:
         return _fail(f"cannot load the TLS certificate or key ([tls] cert_file, key_file): "
                      f"{exc.reason or exc}")
@@ -212,18 +215,6 @@ def cmd_users(args: argparse.Namespace) -> int:
     finally:
         store.close()
     return 0
-
-
-# --- queue ---------------------------------------------------------------------------
-def _age(seconds: float) -> str:
-    s = int(seconds)
-    if s >= 86400:
-        return f"{s // 86400}d{(s % 86400) // 3600}h"
-    if s >= 3600:
-        return f"{s // 3600}h{(s % 3600) // 60}m"
-    if s >= 60:
-        return f"{s // 60}m{s % 60}s"
-    return f"{s}s"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -300,9 +300,12 @@ CREATE INDEX IF NOT EXISTS events_queue ON events (queue_id) WHERE queue_id IS N
 def connect_events(path: Path) -> sqlite3.Connection:
     fresh = not path.exists()
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA busy_timeout=10000")
+    # switching to WAL takes an exclusive lock that the busy handler does not wait for;
+    # "serve" creates the file before the front ends start, so they find WAL already set
+    if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+        conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
     conn.executescript(SCHEMA)
     if fresh:
         os.chmod(path, 0o600)

@@ -9,7 +9,7 @@ import socket
 import time
 from pathlib import Path
 
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, wait_until
 
 MB = 1024 * 1024
 
@@ -46,15 +46,6 @@ def bodies(sp: ServerProcess) -> list[str]:
     return sorted(os.listdir(folder)) if folder.is_dir() else []
 
 
-def wait_for(predicate, timeout: float = 20.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return bool(predicate())
-
-
 def send(sp: ServerProcess, rcpt: str, message: bytes) -> str:
     with sp.smtp() as s:
         s.ehlo()
@@ -83,7 +74,7 @@ def test_a_big_message_reaches_the_mailbox_byte_for_byte_and_its_file_goes(serve
     assert b"\r" not in got
     name = next(sp.maildir("alice@example.test").iterdir()).name
     assert name.endswith(f",S={len(got)}")
-    assert wait_for(lambda: not bodies(sp)), bodies(sp)    # removed once delivered
+    assert wait_until(lambda: not bodies(sp)), bodies(sp)    # removed once delivered
 
 
 def test_a_queued_big_message_lives_in_its_own_file_and_survives_kill_9(server_factory) -> None:  # type: ignore[no-untyped-def]
@@ -126,7 +117,7 @@ def test_a_big_message_is_relayed_byte_for_byte(server_factory) -> None:  # type
     (got,) = remote.wait_messages("bob@far.test", 1, timeout=30)
     assert got.endswith(msg.replace(b"\r\n", b"\n"))
     assert got.count(b"\nReceived: ") + got.startswith(b"Received: ") >= 2   # both hops
-    assert wait_for(lambda: not bodies(sp))
+    assert wait_until(lambda: not bodies(sp))
 
 
 def test_an_oversize_big_message_is_refused_and_leaves_no_file(server_factory) -> None:  # type: ignore[no-untyped-def]
@@ -138,7 +129,7 @@ def test_an_oversize_big_message_is_refused_and_leaves_no_file(server_factory) -
         code, text = s.data(big_message(3 * MB))
         assert code == 552, text
         assert s.noop()[0] == 250                          # the session goes on
-    assert wait_for(lambda: not bodies(sp))
+    assert wait_until(lambda: not bodies(sp))
 
 
 def test_a_client_that_vanishes_mid_data_leaves_no_file(server_factory) -> None:  # type: ignore[no-untyped-def]
@@ -151,8 +142,8 @@ def test_a_client_that_vanishes_mid_data_leaves_no_file(server_factory) -> None:
         while not f.readline().startswith(b"354"):
             pass
         c.sendall(stuffed(big_message(2 * MB))[:-2])       # no end of data
-        assert wait_for(lambda: len(bodies(sp)) == 1)      # spilled while it arrived
-    assert wait_for(lambda: not bodies(sp))
+        assert wait_until(lambda: len(bodies(sp)) == 1)      # spilled while it arrived
+    assert wait_until(lambda: not bodies(sp))
     assert sp.messages("alice@example.test") == []
 
 
@@ -167,14 +158,14 @@ def test_a_file_left_by_a_crash_mid_data_is_removed_at_start(server_factory) -> 
         while not f.readline().startswith(b"354"):
             pass
         c.sendall(stuffed(big_message(2 * MB))[:-2])       # no end of data
-        assert wait_for(lambda: len(bodies(sp)) == 1)
+        assert wait_until(lambda: len(bodies(sp)) == 1)
         sp.kill9()
     finally:
         c.close()
     assert len(bodies(sp)) == 1
     time.sleep(0.05)                                       # mtime strictly before the start
     sp.start()
-    assert wait_for(lambda: not bodies(sp))
+    assert wait_until(lambda: not bodies(sp))
     assert sp.messages("alice@example.test") == []         # never acknowledged, not delivered
 
 
@@ -195,7 +186,7 @@ def test_a_big_message_that_bounces_returns_only_its_headers(server_factory) -> 
     assert len(ndr) < 100_000
     said = re.search(rb"The original message is (\d+) bytes, more than the", ndr)
     assert said is not None and len(msg) < int(said[1]) < len(msg) + 2000
-    assert wait_for(lambda: not bodies(sp))
+    assert wait_until(lambda: not bodies(sp))
 
 
 def test_the_server_never_holds_a_20_mb_message_whole(server_factory) -> None:  # type: ignore[no-untyped-def]

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import UNTRUSTED, ServerProcess
+from tests.conftest import UNTRUSTED, ServerProcess, wait_until
 from tests.integration.peers import sink
 
 COMPONENTS = ["smtp", "submission", "conversion", "queue-manager", "local-delivery",
@@ -37,15 +37,6 @@ def send(sp: ServerProcess, rcpt: str, subject: str, source: str = "127.0.0.1") 
                             f"body of {subject}\r\n".encode())
     assert code == 250, text
     return text.decode().split("queued as ")[1].split()[0]
-
-
-def wait_until(predicate, timeout: float = 20.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return bool(predicate())
 
 
 def closed_port() -> int:

@@ -163,6 +163,7 @@ class QueueManager:
         self.stopped: set[str] = set()
         self.started = started              # body files older than this and unnamed are orphans
         self._swept_at = 0.0
+        self._archive_expired_at = -3600.0
         self.store = store
         self.local_domains = local_domains
         self.aliases = aliases
@@ -196,11 +197,6 @@ class QueueManager:
         if self.events is not None:
             self.events.emit(kind, text, queue_id=queue_id, **kw)
 
-    @staticmethod
-    def _message_of(conn: sqlite3.Connection, rid: int) -> str | None:
-        row = conn.execute("SELECT message FROM recipients WHERE id = ?", (rid,)).fetchone()
-        return None if row is None else str(row[0])
-
     @property
     def outbound_in_flight(self) -> int:
         return len(self._outbound_tasks)
@@ -227,7 +223,8 @@ class QueueManager:
         self._pool.shutdown(wait=True)
 
     async def _sweep(self, started: float = 0.0) -> None:
-        """Remove the body files of finished messages (at most once a second)."""
+        """Remove the body files of finished messages (at most once a second), and
+        archived copies past ``[logging] archive_days`` (once an hour)."""
         now = time.monotonic()
         if now - self._swept_at < 1.0 and not started:
             return
@@ -235,6 +232,12 @@ class QueueManager:
         removed = await self.spool.sweep_bodies(started)
         if removed:
             log.debug("removed %d body files of finished messages", removed)
+        if self.events is not None and now - self._archive_expired_at >= 3600:
+            self._archive_expired_at = now          # archived copies: days past archive_days
+            days = await asyncio.get_running_loop().run_in_executor(
+                self._pool, self.events.expire_archive)
+            if days:
+                log.info("removed %d days of archived messages", days)
 
     async def _run(self) -> None:
         try:
@@ -304,7 +307,7 @@ class QueueManager:
                            "routing")
                 continue
             if direction == "outbound":
-                self._route_or_fail(conn, rid, address, sender, params, now)
+                self._route_or_fail(conn, rid, mid, address, sender, params, now)
                 continue
             result = expand(address, self.aliases)
             if result.error:
@@ -336,20 +339,20 @@ class QueueManager:
                      now, now))
                 if not local:
                     assert cur.lastrowid is not None
-                    self._route_or_fail(conn, cur.lastrowid, target, sender, params, now)
+                    self._route_or_fail(conn, cur.lastrowid, mid, target, sender, params, now)
             log.info("queue_id=%s alias %s -> %s", mid, address, ", ".join(result.targets))
             self._event(2004, f"<{address}>: alias for {', '.join(result.targets)}", mid,
                         domain=address.rpartition("@")[2], rcpt=address)
         finish_messages(conn, touched)
         return len(rows)
 
-    def _route_or_fail(self, conn: sqlite3.Connection, rid: int, address: str, sender: str,
-                       params: dict[str, str], now: float) -> None:
+    def _route_or_fail(self, conn: sqlite3.Connection, rid: int, mid: str, address: str,
+                       sender: str, params: dict[str, str], now: float) -> None:
         dest = self._destination(address)
         if dest is not None:
             # new mail for a destination that is backing off waits with it ("delivery
             # temporarily suspended"), instead of being tried at once
-            self._event(2004, f"<{address}>: {dest.describe()}", self._message_of(conn, rid),
+            self._event(2004, f"<{address}>: {dest.describe()}", mid,
                         domain=address.rpartition("@")[2], rcpt=address)
             until, reply, why = self._suspended.get(dest.ref, (0.0, "", "{}"))
             if until > now:

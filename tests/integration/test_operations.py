@@ -392,3 +392,18 @@ def test_counters_add_up_every_front_end(server_factory) -> None:  # type: ignor
     assert wait_until(lambda: value("postroom_recipients_delivered_total") == 12)
     log = sp.log_text()
     assert "postroom front end started" in log
+
+
+def test_message_archival_at_maximum_keeps_a_copy_for_one_peer_only(server_factory) -> None:  # type: ignore[no-untyped-def]
+    sp: ServerProcess = server_factory()
+    sp.cli("logging", "set", "message_archival", "maximum", "--peer", UNTRUSTED)
+    kept = send(sp, "alice@example.test", "archived", source=UNTRUSTED)
+    not_kept = send(sp, "alice@example.test", "not archived")
+    assert wait_until(lambda: any((sp.data / "archive").glob(f"*/{kept}.eml")))
+    (copy,) = (sp.data / "archive").glob(f"*/{kept}.eml")
+    assert b"Subject: archived" in copy.read_bytes()
+    assert stat.S_IMODE(copy.stat().st_mode) == 0o600
+    assert not any((sp.data / "archive").glob(f"*/{not_kept}.eml"))
+    levels = cli_json(sp, "logging")
+    assert levels["peers"][UNTRUSTED]["message_archival"] == "maximum"
+    assert levels["categories"]["message_archival"] == "minimum"

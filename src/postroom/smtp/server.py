@@ -483,7 +483,7 @@ class Session(asyncio.Protocol):
         log.info("session=%s queued queue_id=%s from=<%s> size=%d nrcpt=%d", self.id, qid,
                  env.sender, message.size, len(seen))
         ev_log = st.events
-        if ev_log is not None:
+        if ev_log is not None and ev_log.enabled("message_transfer", "minimum", peer=self.peer):
             message_id = _message_id(data)
             ev_log.emit(3001, f"received from [{self.peer}] ({self.core.helo}) on "
                         f"{self.listener}{' over TLS' if tls else ''}"
@@ -494,9 +494,9 @@ class Session(asyncio.Protocol):
                         auth=self.core.auth_user, helo=self.core.helo,
                         listener=self.listener, message_id=message_id,
                         decisions=list(self._decisions), session=self.id)
-            if ev_log.archive is not None and ev_log.enabled(
-                    "message_archival", "maximum", peer=self.peer):
-                await self._archive(ev_log, qid, message, big)
+        if ev_log is not None and ev_log.archive is not None and ev_log.enabled(
+                "message_archival", "maximum", peer=self.peer):
+            await self._archive(ev_log, qid, message, big)
         return replies.queued(qid)
 
     async def _archive(self, ev_log: EventLog, qid: str, message: NewMessage,

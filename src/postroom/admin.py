@@ -16,12 +16,9 @@ import binascii
 import contextlib
 import hmac
 import logging
-import os
-import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
 from typing import Any, Protocol
 
 import uvicorn
@@ -35,15 +32,12 @@ from . import queueops
 from .config import ConfigError, parse_duration
 from .events import EventLog, connect_events, find_messages, query_events, timeline
 from .metrics import Metrics
+from .model import ComponentError
 from .spool import SqliteSpool, load_body
 
-__all__ = ["AdminBackend", "AdminServer", "ComponentError", "ensure_token", "make_app"]
+__all__ = ["AdminBackend", "AdminServer", "make_app"]
 
 log = logging.getLogger("postroom.admin")
-
-
-class ComponentError(Exception):
-    """A component action that cannot be done (unknown name, or not allowed)."""
 
 
 class AdminBackend(Protocol):
@@ -59,18 +53,6 @@ class AdminBackend(Protocol):
     async def component(self, name: str, action: str) -> dict[str, Any]: ...
     async def reload(self) -> dict[str, Any]: ...
     def retry_now(self) -> None: ...
-
-
-def ensure_token(path: Path) -> str:
-    """The admin token, made (mode 0600, never group- or world-readable) if missing."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_text().strip()
-    token = secrets.token_urlsafe(32)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
-    return token
 
 
 def _error(status: int, message: str) -> JSONResponse:

@@ -31,13 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from .address import AddressError, parse_path
-from .admin import AdminServer, ComponentError, ensure_token, make_app
-from .config import Config, ConfigError, load
+from .config import Config, ConfigError, ensure_token, load
 from .conversion import missing_headers, received_header
 from .delivery import SmtpDeliveryAgent
 from .dns import Resolver
 from .events import EventLog, Levels
 from .metrics import Metrics
+from .model import ComponentError
 from .policy import SessionSnapshot, check_rcpt
 from .qmgr import QueueManager
 from .smtp.server import ServerState, Session
@@ -198,7 +198,7 @@ class Postroom:
         self.config = config
         self.main = main
         self._admin_socket = admin_socket
-        self.admin: AdminServer | None = None
+        self.admin: Any = None                # admin.AdminServer, in the main process
         self.metrics = Metrics()
         self._since: dict[str, float] = {}
         self._acks = 0
@@ -264,6 +264,8 @@ class Postroom:
             if admin_sock is None and c.admin.listen is not None and self._sockets is None:
                 admin_sock = bind_admin(c)           # in-process use: bind it here
             if admin_sock is not None:
+                # imported here: the front ends never load the web stack
+                from .admin import AdminServer, make_app
                 token = ensure_token(c.token_path)
                 self.admin = AdminServer(make_app(self, token), admin_sock)
                 self.admin.start()

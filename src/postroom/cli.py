@@ -22,6 +22,7 @@ from .config import (
     ConfigError,
     default_config_text,
     default_hostname,
+    ensure_token,
     load,
     parse_config,
 )
@@ -67,7 +68,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for old_file in metrics_dir.glob("*.db"):       # a previous run's counts
             old_file.unlink()
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-    from .admin import ensure_token
     from .app import (
         Postroom,
         bind_admin,

@@ -7,7 +7,9 @@ module reads the file or the environment. Every error names the file and the key
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+import secrets
 import socket
 import tomllib
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ __all__ = [
     "AdminConfig",
     "Config",
     "LoggingConfig",
+    "ensure_token",
     "ConfigError",
     "DeliveryConfig",
     "Problem",
@@ -609,6 +612,19 @@ def load(path: Path) -> Config:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(str(path), [Problem("(file)", f"cannot read: {exc.__class__.__name__}")]) from None
     return parse_config(raw, path.resolve().parent, str(path))
+
+
+def ensure_token(path: Path) -> str:
+    """The admin token, made (mode 0600, never group- or world-readable) if missing."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    token = secrets.token_urlsafe(32)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
+
 
 
 def default_config_text(hostname: str, domains: list[str]) -> str:

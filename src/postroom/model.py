@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "Address",
+    "ComponentError",
     "Envelope",
     "Reply",
     "SmtpError",
@@ -111,3 +112,7 @@ class Envelope:
         self.sender = None
         self.mail_params = {}
         self.recipients = []
+
+
+class ComponentError(Exception):
+    """A component action that cannot be done (unknown name, or not allowed)."""

@@ -26,7 +26,7 @@ from .config import (
     load,
     parse_config,
 )
-from .ctl import add_commands, sendmail_main
+from .ctl import add_commands, add_diagnostics, sendmail_main
 from .users import UserError, UserStore
 
 DEFAULT_CONFIG = "postroom.toml"
@@ -251,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.set_defaults(fn=cmd_users)
 
     add_commands(sub, with_config)
+    add_diagnostics(sub, with_config)
     sub.add_parser("sendmail", help="sendmail-compatible local submission "
                    "(postroom sendmail --help)", add_help=False)
     return p

@@ -20,7 +20,7 @@ from typing import Any
 
 from .config import Config, ConfigError, load, parse_config
 
-__all__ = ["AdminApiError", "ApiClient", "add_commands"]
+__all__ = ["AdminApiError", "ApiClient", "add_commands", "add_diagnostics", "sendmail_main"]
 
 
 class AdminApiError(Exception):
@@ -370,6 +370,149 @@ def add_commands(sub: Any, with_config: Callable[[argparse.ArgumentParser],
                 "all": a.all, **_filters(a)}),
             lambda d: print(f"{d['action']}: {d['recipients']} recipients of "
                             f"{d['messages']} messages")))
+
+
+# --- diagnostics: dns, probe, explain (run here, with the configured nameservers) -------
+def _diag(args: argparse.Namespace, work: Callable[[Config, Any], Any],
+          show: Callable[[Any], None], ok: Callable[[Any], bool] = lambda _: True) -> int:
+    import asyncio
+
+    from .dns import Resolver
+    try:
+        config = _config(args)
+        resolver = Resolver(config.nameservers)
+        data = asyncio.run(work(config, resolver))
+    except ConfigError as exc:
+        print(f"postroom: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"postroom: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        show(data)
+    return 0 if ok(data) else 1
+
+
+def _print_dns(d: dict[str, Any]) -> None:
+    print(f"{d['domain']}: {d['summary']}")
+    for h in d["mx"]:
+        where = ", ".join(h["addresses"]) or (h["error"]["text"] if h["error"] else "-")
+        label = "implicit MX" if d["implicit"] else f"MX {h['preference']:>3}"
+        print(f"  {label} {h['host']}: {where}")
+    for name in ("spf", "dmarc", "mta_sts"):
+        p = d[name]
+        state = p["record"] if p["present"] else (
+            f"lookup failed: {p['error']['text']}" if p["error"] else "none")
+        print(f"  {name.upper().replace('_', '-'):8} {state}")
+
+
+def _print_probe(d: dict[str, Any]) -> None:
+    print(d.get("transcript", "").rstrip())
+    if d.get("tls"):
+        t = d["tls"]
+        print(f"TLS: {t['protocol']} {t['cipher']}; certificate {t.get('subject', '?')}, "
+              f"expires {t.get('not_after', '?')}, "
+              + ("verified" if t["verified"] else f"NOT verified ({t['verify_error']})"))
+    if d.get("auth_mechanisms"):
+        print(f"AUTH mechanisms: {' '.join(d['auth_mechanisms'])}")
+    print(f"Verdict: {d['verdict']}" + (f": {d['reply']}" if d.get("reply") else ""))
+
+
+def _print_explain(e: dict[str, Any]) -> None:
+    print(f"<{e['sender']}> -> <{e['recipient']}> from [{e['client_ip']}] on {e['listener']}"
+          + (f" as {e['auth']}" if e["auth"] else ""))
+    print(f"MAIL: {'accepted' if e['mail']['accept'] else 'refused'} ({e['mail']['reason']})")
+    print(f"RCPT: {'accepted' if e['rcpt']['accept'] else 'refused: ' + e['rcpt']['reply']}")
+    print(f"      {e['rcpt']['reason']}")
+    r = e["routing"]
+    print(f"Routing: {r['reason']}")
+    for c in r["candidates"]:
+        mark = "*" if c["chosen"] else ("+" if c["matches"] else "-")
+        print(f"  {mark} [[route]] match={c['match']} via={c['via']}"
+              + (f" host={c['host']}" if c["host"] else "") + f" cost={c['cost']}: {c['why']}")
+    for hop in e["next_hops"]:
+        if hop["kind"] == "mx":
+            hosts = ", ".join(f"{h['host']} ({', '.join(h['addresses']) or '-'})"
+                              for h in hop["mx"])
+            why = hop["error"]["text"] if hop["error"] else "null MX" if hop["null_mx"] else "-"
+            print(f"Next hop: MX of {hop['domain']}: {hosts or why}")
+        elif hop["kind"] == "smarthost":
+            why = hop["error"]["text"] if hop["error"] else "-"
+            print(f"Next hop: smart host {hop['host']}:{hop['port']} "
+                  f"({', '.join(hop['addresses']) or why})")
+        else:
+            print(f"Next hop: local mailbox {hop['mailbox']} "
+                  f"({'exists' if hop['exists'] else 'does not exist'})")
+    print(f"Outcome: {e['outcome']}")
+
+
+def _split_host(text: str) -> tuple[str, int]:
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") else 25
+    if text.count(":") == 1:
+        host, _, port = text.partition(":")
+        return host, int(port)
+    return text, 25
+
+
+def add_diagnostics(sub: Any, with_config: Callable[[argparse.ArgumentParser],
+                                                     argparse.ArgumentParser]) -> None:
+    def diagnostics() -> Any:            # imported when used: dnspython is slow to load
+        from . import diagnostics as module
+        return module
+
+    d = with_config(sub.add_parser("dns", help="MX, A/AAAA, SPF, DMARC and MTA-STS of a "
+                                               "domain, with the configured nameservers"))
+    d.add_argument("domain")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(fn=lambda a: _diag(
+        a, lambda c, r: diagnostics().dns_report(r, a.domain), _print_dns))
+
+    p = with_config(sub.add_parser("probe", help="talk to an SMTP server as delivery would "
+                                                 "(exit 0 when it accepts)"))
+    p.add_argument("host", help="HOST[:PORT] (default port 25)")
+    p.add_argument("--from", dest="sender", help="MAIL FROM address")
+    p.add_argument("--to", dest="rcpt", help="RCPT TO address")
+    p.add_argument("--starttls", action="store_true")
+    p.add_argument("--auth", help="AUTH as this user (the password on stdin)")
+    p.add_argument("--password-stdin", action="store_true")
+    p.add_argument("--send", action="store_true", help="also send a short test message")
+    p.add_argument("--json", action="store_true")
+
+    def run_probe(a: argparse.Namespace) -> int:
+        password = sys.stdin.readline().rstrip("\n") if a.auth and a.password_stdin else None
+        if a.auth and password is None:
+            print("postroom: --auth needs --password-stdin", file=sys.stderr)
+            return 1
+        host, port = _split_host(a.host)
+        return _diag(a, lambda c, r: diagnostics().probe(
+            host, port, resolver=r, helo=c.hostname, sender=a.sender, rcpt=a.rcpt,
+            starttls=a.starttls, username=a.auth, password=password, send=a.send),
+            _print_probe, ok=lambda data: data["verdict"] == "accepts")
+    p.set_defaults(fn=run_probe)
+
+    e = with_config(sub.add_parser("explain", help="what the server would decide for one "
+                                                   "sender and recipient, and why"))
+    e.add_argument("--from", dest="sender", required=True)
+    e.add_argument("--to", dest="rcpt", required=True)
+    e.add_argument("--client-ip", default="127.0.0.1")
+    e.add_argument("--auth", help="as if authenticated as this user")
+    e.add_argument("--listener", default="mx", choices=["mx", "submission", "submissions"])
+    e.add_argument("--json", action="store_true")
+
+    def run_explain(a: argparse.Namespace) -> int:
+        from .users import UserStore
+
+        def work(c: Config, r: Any) -> Any:
+            exists: Callable[[str], bool] = (UserStore(c.users_path).exists
+                                             if c.users_path.exists() else lambda _: False)
+            return diagnostics().explain(c, r, exists, sender=a.sender, rcpt=a.rcpt,
+                           client_ip=a.client_ip, auth_user=a.auth, listener=a.listener)
+        return _diag(a, work, _print_explain)
+    e.set_defaults(fn=run_explain)
 
 
 # --- sendmail ------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import re
 import ssl
 from collections.abc import Iterable, Iterator
@@ -192,8 +193,10 @@ class Client:
             raise HopError("connect", f"connection to {self.peer} timed out after "
                            f"{timeout:g}s") from None
         except OSError as exc:
-            raise HopError("connect", f"cannot connect to {self.peer}: "
-                           f"{exc.strerror or exc.__class__.__name__}") from None
+            # asyncio says "Connect call failed (...)"; the errno says what happened
+            reason = os.strerror(exc.errno) if exc.errno else \
+                (exc.strerror or exc.__class__.__name__)
+            raise HopError("connect", f"cannot connect to {self.peer}: {reason}") from None
         greeting = await self.read_reply("greeting")
         if greeting.code != 220:
             raise HopError("greeting", f"{self.peer} greeted with {greeting}", greeting)

@@ -1,0 +1,323 @@
+"""Steps 6 and 7 of the seed case, and the server's own reasoning, as functions:
+``dns_report`` (NSLookup), ``probe`` (telnet to port 25) and ``explain`` (what the
+server would decide for one sender and recipient).
+
+They use the configured nameservers, never the system's, and the same pure functions
+the server runs (``policy``, ``routing``), so what they say is what the server does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .address import AddressError, parse_path
+from .config import Config
+from .dns import DnsError, MxResult, Resolver
+from .policy import RelaySettings, SessionSnapshot, check_mail, check_rcpt
+from .routing import choose_route
+from .smtp.client import Client, HopError, Transcript
+
+__all__ = ["PROBE_VERDICTS", "dns_report", "explain", "probe"]
+
+
+def _error(err: DnsError | None) -> dict[str, Any] | None:
+    if err is None:
+        return None
+    return {"kind": err.kind.value, "name": err.name, "detail": err.detail,
+            "text": err.describe()}
+
+
+def _mx_json(mx: MxResult) -> dict[str, Any]:
+    return {"domain": mx.domain, "implicit": mx.implicit, "null_mx": mx.null_mx,
+            "error": _error(mx.error),
+            "mx": [{"preference": h.preference, "host": h.name, "addresses": list(h.addresses),
+                    "error": _error(h.error)} for h in mx.hosts]}
+
+
+def _txt(records: list[str]) -> list[str]:
+    """TXT records as dnspython renders them ('"v=spf1" " -all"'), joined."""
+    out = []
+    for record in records:
+        parts = [p[1:-1] if p.startswith('"') and p.endswith('"') else p
+                 for p in record.split('" "')]
+        out.append("".join(parts).strip('"'))
+    return out
+
+
+async def dns_report(resolver: Resolver, domain: str) -> dict[str, Any]:
+    """MX (with addresses), implicit or null MX, and SPF, DMARC and MTA-STS presence."""
+    mx = await resolver.mx(domain)
+    out = _mx_json(mx)
+
+    async def policy(name: str, prefix: str) -> dict[str, Any]:
+        found = await resolver.query(name, "TXT")
+        if isinstance(found, DnsError):
+            missing = found.permanent
+            return {"present": False, "record": None,
+                    "error": None if missing else _error(found)}
+        records = [t for t in _txt(found) if t.lower().startswith(prefix)]
+        return {"present": bool(records), "record": records[0] if records else None,
+                "error": None}
+
+    spf, dmarc, sts = await asyncio.gather(
+        policy(mx.domain, "v=spf1"), policy(f"_dmarc.{mx.domain}", "v=dmarc1"),
+        policy(f"_mta-sts.{mx.domain}", "v=stsv1"))
+    out.update(spf=spf, dmarc=dmarc, mta_sts=sts)
+    if mx.null_mx:
+        out["summary"] = f"{mx.domain} accepts no mail (null MX, RFC 7505)"
+    elif mx.error is not None:
+        out["summary"] = mx.error.describe()
+    elif mx.implicit:
+        out["summary"] = (f"{mx.domain} has no MX record; mail goes to the domain's own "
+                          f"address (implicit MX): {', '.join(mx.hosts[0].addresses)}")
+    else:
+        usable = [h for h in mx.hosts if h.addresses]
+        out["summary"] = (f"{len(mx.hosts)} MX hosts, {len(usable)} with addresses"
+                          if usable else "no MX host has an address")
+    return out
+
+
+# --- probe ----------------------------------------------------------------------------
+PROBE_VERDICTS = ("accepts", "relay-denied", "auth-required", "auth-failed", "tls-failed",
+                  "unreachable", "refused")
+
+
+def _cert_info(der: bytes | None) -> dict[str, Any]:
+    if not der:
+        return {}
+    from cryptography import x509
+
+    cert = x509.load_der_x509_certificate(der)
+    return {"subject": cert.subject.rfc4514_string(), "issuer": cert.issuer.rfc4514_string(),
+            "not_after": cert.not_valid_after_utc.isoformat()}
+
+
+async def probe(host: str, port: int, *, resolver: Resolver, helo: str,
+                sender: str | None = None, rcpt: str | None = None, starttls: bool = False,
+                username: str | None = None, password: str | None = None,
+                send: bool = False, timeout: float = 15.0) -> dict[str, Any]:
+    """Talk to one SMTP server the way delivery would, and say what it would do.
+
+    Never sends DATA unless ``send``; ends with RSET and QUIT. The verdict is one of
+    :data:`PROBE_VERDICTS`; ``reply`` quotes the answer it rests on.
+    """
+    transcript = Transcript()
+    out: dict[str, Any] = {"host": host, "port": port, "verdict": "", "reply": None}
+    addresses = await resolver.addresses(host)
+    if isinstance(addresses, DnsError):
+        out.update(verdict="unreachable", reply=addresses.describe(), addresses=[],
+                   transcript="")
+        return out
+    out["addresses"] = list(addresses)
+    client: Client | None = None
+    verdict, reply = "", ""
+    try:
+        for ip in addresses:
+            client = Client(helo_name=helo, command_timeout=timeout, transcript=transcript)
+            started = time.monotonic()
+            try:
+                banner = await client.connect(ip, port, timeout)
+            except HopError as exc:
+                out.setdefault("attempts", []).append(f"{ip}: {exc.detail}")
+                client = None
+                continue
+            out.update(ip=ip, connect_ms=round((time.monotonic() - started) * 1000, 1),
+                       banner=str(banner))
+            break
+        if client is None:
+            out.update(verdict="unreachable",
+                       reply="; ".join(out.get("attempts", [])) or "no address")
+            return out
+        ehlo = await client.ehlo()
+        out["ehlo"] = str(ehlo)
+        out["extensions"] = sorted(client.extensions)
+        if starttls:
+            if not client.offers("STARTTLS"):
+                verdict, reply = "tls-failed", f"{host} does not offer STARTTLS"
+                return out
+            verified, why = True, ""
+            try:
+                await client.starttls(ssl.create_default_context(), host)
+            except HopError as exc:
+                verified, why = False, exc.detail
+                client.close()
+                # once more without checking the certificate, to see the rest
+                client = Client(helo_name=helo, command_timeout=timeout, transcript=transcript)
+                transcript.note("-- again without certificate verification")
+                await client.connect(out["ip"], port, timeout)
+                await client.ehlo()
+                loose = ssl.create_default_context()
+                loose.check_hostname = False
+                loose.verify_mode = ssl.CERT_NONE
+                try:
+                    await client.starttls(loose, None)
+                except HopError as exc2:
+                    verdict, reply = "tls-failed", exc2.detail
+                    return out
+            assert client.writer is not None
+            obj = client.writer.get_extra_info("ssl_object")
+            out["tls"] = {"protocol": obj.version() if obj else None,
+                          "cipher": obj.cipher()[0] if obj else None,
+                          "verified": verified, "verify_error": why or None,
+                          **_cert_info(obj.getpeercert(binary_form=True) if obj else None)}
+            await client.ehlo()
+            out["extensions_after_tls"] = sorted(client.extensions)
+        auth_line = client.extensions.get("AUTH", "")
+        out["auth_mechanisms"] = auth_line.split() if auth_line else []
+        if username is not None:
+            try:
+                out["auth"] = str(await client.auth(username, password or ""))
+            except HopError as exc:
+                verdict, reply = "auth-failed", str(exc.reply or exc.detail)
+                return out
+        if sender is None and rcpt is None:
+            verdict, reply = "accepts", str(ehlo)
+            return out
+        mail = await client.command(f"MAIL FROM:<{sender or ''}>", "MAIL")
+        out["mail"] = str(mail)
+        if not mail.is_positive:
+            verdict, reply = _refusal(mail), str(mail)
+            return out
+        if rcpt is not None:
+            answer = await client.command(f"RCPT TO:<{rcpt}>", "RCPT")
+            out["rcpt"] = str(answer)
+            if not answer.is_positive:
+                verdict, reply = _refusal(answer), str(answer)
+                return out
+            if send:
+                tx = await client.command("DATA", "DATA")
+                if tx.code == 354:
+                    message = (f"Subject: postroom probe\r\nFrom: <{sender or ''}>\r\n"
+                               f"To: <{rcpt}>\r\n\r\nA test message sent by postroom probe."
+                               "\r\n.").replace("\r\n.\r\n", "\r\n..\r\n")
+                    tx = await client.command(message, "DATA", "<test message>")
+                out["data"] = str(tx)
+                if not tx.is_positive:
+                    verdict, reply = _refusal(tx), str(tx)
+                    return out
+            verdict, reply = "accepts", str(answer)
+        else:
+            verdict, reply = "accepts", str(mail)
+        return out
+    except HopError as exc:
+        verdict = "tls-failed" if exc.step == "STARTTLS" else (
+            "unreachable" if exc.reply is None else _refusal(exc.reply))
+        reply = str(exc.reply) if exc.reply is not None else exc.detail
+        return out
+    finally:
+        if not out["verdict"]:
+            out["verdict"], out["reply"] = verdict, reply
+        if client is not None:
+            try:
+                if client.writer is not None and not client.writer.is_closing():
+                    await client.reset()
+            finally:
+                await client.quit()
+        out["transcript"] = transcript.text()
+
+
+def _refusal(reply: Any) -> str:
+    text = str(reply).lower()
+    if reply.code == 530 or reply.enhanced == "5.7.0" or "authentication required" in text:
+        return "auth-required"
+    if reply.enhanced == "5.7.1" or "relay" in text:
+        return "relay-denied"
+    return "refused"
+
+
+# --- explain --------------------------------------------------------------------------
+async def explain(config: Config, resolver: Resolver, mailbox_exists: Callable[[str], bool],
+                  *, sender: str, rcpt: str, client_ip: str = "127.0.0.1",
+                  auth_user: str | None = None, listener: str = "mx") -> dict[str, Any]:
+    """What the server would decide for this sender and recipient, and why."""
+    try:
+        ip = ipaddress.ip_address(client_ip)
+    except ValueError:
+        raise ValueError(f"{client_ip!r} is not an IP address") from None
+    if listener not in ("mx", "submission", "submissions"):
+        raise ValueError("listener must be mx, submission or submissions")
+    try:
+        env_sender = parse_path(f"<{sender}>", allow_null=True, utf8=True)
+        env_rcpt = parse_path(f"<{rcpt}>", allow_null=False, utf8=True)
+    except AddressError as exc:
+        raise ValueError(f"bad address: {exc}") from None
+    who = SessionSnapshot(ip, listener, listener != "mx" or auth_user is not None, auth_user)
+    settings = RelaySettings(frozenset(config.local_domains), config.trusted_networks,
+                             frozenset(config.aliases), config.routes)
+    mail = check_mail(who)
+    verdict = check_rcpt(who, env_rcpt, settings, mailbox_exists)
+    decision = choose_route(env_rcpt.domain, config.routes, frozenset(config.local_domains))
+    out: dict[str, Any] = {
+        "sender": str(env_sender), "recipient": env_rcpt.key, "client_ip": str(ip),
+        "listener": listener, "auth": auth_user,
+        "mail": {"accept": mail.accept, "reply": str(mail.reply), "reason": mail.reason},
+        "rcpt": {"accept": verdict.accept, "reply": str(verdict.reply),
+                 "reason": verdict.reason},
+        "routing": {"domain": decision.domain, "local": decision.local,
+                    "reason": decision.reason,
+                    "candidates": [{"match": c.route.match, "via": c.route.via,
+                                    "host": c.route.host, "cost": c.route.cost,
+                                    "matches": c.matches, "why": c.why,
+                                    "chosen": c.route in decision.chosen}
+                                   for c in decision.candidates]},
+    }
+    hops: list[dict[str, Any]] = []
+    if decision.local:
+        key = env_rcpt.key
+        target = config.aliases.get(key)
+        hops.append({"kind": "local", "mailbox": key, "exists": mailbox_exists(key),
+                     "alias_for": list(target) if target else None})
+    for route in decision.chosen:
+        if route.via == "smarthost":
+            host, port = route.host, route.port
+            addresses = await resolver.addresses(host)
+            hops.append({"kind": "smarthost", "route": route.match, "host": host, "port": port,
+                         "tls": route.tls, "auth": route.username or None,
+                         "addresses": [] if isinstance(addresses, DnsError) else
+                         list(addresses),
+                         "error": _error(addresses) if isinstance(addresses, DnsError)
+                         else None})
+        else:
+            mx = await resolver.mx(decision.domain)
+            hops.append({"kind": "mx", "route": route.match, "port": config.delivery.mx_port,
+                         **_mx_json(mx)})
+    out["next_hops"] = hops
+    out["outcome"] = _outcome(out)
+    return out
+
+
+def _outcome(e: dict[str, Any]) -> str:
+    if not e["mail"]["accept"]:
+        return f"refused at MAIL FROM: {e['mail']['reply']}"
+    if not e["rcpt"]["accept"]:
+        return f"refused at RCPT TO: {e['rcpt']['reply']} ({e['rcpt']['reason']})"
+    hops = e["next_hops"]
+    if not hops:
+        return "accepted, then returned: no address space covers the domain"
+    hop = hops[0]
+    if hop["kind"] == "local":
+        if hop["alias_for"]:
+            return f"accepted; the alias expands to {', '.join(hop['alias_for'])}"
+        return f"accepted and delivered to the mailbox {hop['mailbox']}"
+    if hop["kind"] == "smarthost":
+        if hop["error"]:
+            return f"accepted; delivery will wait: {hop['error']['text']}"
+        return (f"accepted and forwarded to the smart host {hop['host']}:{hop['port']} "
+                f"({', '.join(hop['addresses'])}), TLS {hop['tls']}"
+                + (f", AUTH as {hop['auth']}" if hop["auth"] else ""))
+    if hop["null_mx"]:
+        return "accepted, then returned at once: the domain accepts no mail (null MX, 5.1.10)"
+    if hop["error"]:
+        kind = hop["error"]["kind"]
+        if kind in ("NXDOMAIN", "NODATA"):
+            return f"accepted, then returned: {hop['error']['text']} (5.1.2)"
+        return f"accepted; delivery waits and retries: {hop['error']['text']} (4.4.3)"
+    first = hop["mx"][0]
+    return (f"accepted and sent to {first['host']} "
+            f"({', '.join(first['addresses']) or 'no address'}) port {hop['port']}, "
+            f"the first of {len(hop['mx'])} MX hosts")

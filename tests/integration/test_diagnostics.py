@@ -1,0 +1,158 @@
+"""postroom dns, probe and explain against real peers: dnsmasq, Postroom itself, and a
+private Postfix playing the seed case's smart host that refuses to relay."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import UNTRUSTED, ServerProcess
+from tests.integration.dnsmasq import run_dnsmasq
+from tests.integration.peers import postfix
+
+RECORDS = [
+    "--mx-host=far.test,mx1.far.test,10", "--mx-host=far.test,mx2.far.test,20",
+    "--host-record=mx1.far.test,127.0.0.9", "--host-record=mx2.far.test,127.0.0.10",
+    "--txt-record=far.test,v=spf1 -all", "--txt-record=_dmarc.far.test,v=DMARC1; p=reject",
+    "--mx-host=nullmx.test,.,0",
+    "--host-record=bare.test,127.0.0.11",
+]
+
+
+@pytest.fixture(scope="module")
+def dns_port() -> Iterator[int]:
+    with run_dnsmasq(RECORDS) as port:
+        yield port
+
+
+def run_json(sp: ServerProcess, *args: str, code: int = 0, stdin: str | None = None) -> Any:
+    cp = sp.cli(*args, "--json", check=False, input=stdin)
+    assert cp.returncode == code, cp.stderr
+    return json.loads(cp.stdout)
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_dns_shows_mx_addresses_and_policy_records(server_factory, dns_port) -> None:  # type: ignore[no-untyped-def]
+    sp: ServerProcess = server_factory(f'[dns]\nnameservers = ["127.0.0.1:{dns_port}"]')
+    d = run_json(sp, "dns", "far.test")
+    assert [(h["preference"], h["host"], h["addresses"]) for h in d["mx"]] == [
+        (10, "mx1.far.test", ["127.0.0.9"]), (20, "mx2.far.test", ["127.0.0.10"])]
+    assert d["spf"] == {"present": True, "record": "v=spf1 -all", "error": None}
+    assert d["dmarc"]["present"] and not d["mta_sts"]["present"]
+    assert run_json(sp, "dns", "nullmx.test")["null_mx"] is True
+    bare = run_json(sp, "dns", "bare.test")
+    assert bare["implicit"] and bare["mx"][0]["addresses"] == ["127.0.0.11"]
+    missing = run_json(sp, "dns", "nosuch.test")
+    assert missing["error"]["kind"] == "NXDOMAIN" and missing["mx"] == []
+    text = sp.cli("dns", "far.test").stdout
+    assert "MX  10 mx1.far.test: 127.0.0.9" in text and "SPF      v=spf1 -all" in text
+
+
+def test_dns_names_a_dead_server_as_a_timeout_or_failure(server_factory) -> None:  # type: ignore[no-untyped-def]
+    sp: ServerProcess = server_factory()               # nameservers: a port nobody answers
+    d = run_json(sp, "dns", "far.test")
+    assert d["error"]["kind"] in ("TIMEOUT", "SERVFAIL")
+
+
+def test_explain_shows_the_relay_decision_and_the_route(server_factory, dns_port) -> None:  # type: ignore[no-untyped-def]
+    sp: ServerProcess = server_factory(f"""
+        [dns]
+        nameservers = ["127.0.0.1:{dns_port}"]
+        [[route]]
+        match = "*"
+        via = "mx"
+        [[route]]
+        match = "partner.test"
+        via = "smarthost"
+        host = "127.0.0.20:2626"
+        """)
+    # the seed case from the client side: an untrusted client without AUTH
+    e = run_json(sp, "explain", "--from", "x@example.test", "--to", "bob@far.test",
+                 "--client-ip", UNTRUSTED)
+    assert not e["rcpt"]["accept"]
+    assert e["rcpt"]["reply"].startswith("550 5.7.1 Relaying mail to <bob@far.test> is not")
+    assert UNTRUSTED in e["rcpt"]["reason"]
+    # the same from a trusted network: the catch-all MX route and its hosts
+    e = run_json(sp, "explain", "--from", "alice@example.test", "--to", "bob@far.test")
+    assert e["rcpt"]["accept"]
+    chosen = [c for c in e["routing"]["candidates"] if c["chosen"]]
+    assert [c["match"] for c in chosen] == ["*"]
+    (hop,) = e["next_hops"]
+    assert hop["kind"] == "mx" and hop["mx"][0]["host"] == "mx1.far.test"
+    assert "mx1.far.test" in e["outcome"]
+    # an authenticated user to the partner: the smart host wins on specificity
+    e = run_json(sp, "explain", "--from", "alice@example.test", "--to", "eve@partner.test",
+                 "--client-ip", "192.0.2.1", "--auth", "alice@example.test",
+                 "--listener", "submission")
+    assert e["rcpt"]["accept"] and e["next_hops"][0]["kind"] == "smarthost"
+    assert e["next_hops"][0]["addresses"] == ["127.0.0.20"]
+    # a local mailbox
+    e = run_json(sp, "explain", "--from", "x@far.test", "--to", "alice@example.test",
+                 "--client-ip", UNTRUSTED)
+    assert e["next_hops"] == [{"kind": "local", "mailbox": "alice@example.test",
+                               "exists": True, "alias_for": None}]
+    text = sp.cli("explain", "--from", "a@example.test", "--to", "bob@nullmx.test").stdout
+    assert "null MX" in text and "Outcome:" in text
+
+
+def test_probe_a_server_that_accepts_with_starttls_and_auth(server_factory) -> None:  # type: ignore[no-untyped-def]
+    remote: ServerProcess = server_factory(users=("bob@far.test",), domains=("far.test",))
+    sp: ServerProcess = server_factory()
+    d = run_json(sp, "probe", f"127.0.0.1:{remote.mx_port}", "--from", "a@example.test",
+                 "--to", "bob@far.test", "--starttls")
+    assert d["verdict"] == "accepts" and d["rcpt"].startswith("250")
+    assert "STARTTLS" in d["extensions"] and d["banner"].startswith("220")
+    assert d["tls"]["protocol"].startswith("TLS") and d["tls"]["verified"] is False
+    assert "mx.example.test" in d["tls"]["subject"]            # the self-signed certificate
+    assert "RSET" in d["transcript"] and "DATA" not in d["transcript"]
+    # AUTH on the submission port: wrong, then right
+    d = run_json(sp, "probe", f"127.0.0.1:{remote.sub_port}", "--starttls", "--auth",
+                 "bob@far.test", "--password-stdin", stdin="wrong\n", code=1)
+    assert d["verdict"] == "auth-failed" and "535" in d["reply"]
+    d = run_json(sp, "probe", f"127.0.0.1:{remote.sub_port}", "--starttls", "--auth",
+                 "bob@far.test", "--password-stdin", "--from", "bob@far.test", "--to",
+                 "carol@elsewhere.test", stdin="s3cret\n")
+    # authenticated: the remote relays for bob (its catch-all route)
+    assert d["auth"].startswith("235") and d["verdict"] == "accepts"
+    assert "s3cret" not in d["transcript"]
+    d = run_json(sp, "probe", f"127.0.0.1:{remote.sub_port}", "--from", "bob@far.test",
+                 code=1)
+    assert d["verdict"] == "auth-required" and "530" in d["reply"]
+
+
+def test_probe_names_the_seed_case_smart_host_that_refuses_to_relay(  # type: ignore[no-untyped-def]
+        server_factory, tmp_path: Path) -> None:
+    sp: ServerProcess = server_factory()
+    with postfix(tmp_path / "isp", "127.0.0.20", """
+            mynetworks = 127.0.0.99/32
+            smtpd_relay_restrictions = permit_mynetworks permit_sasl_authenticated reject_unauth_destination
+            """) as isp:
+        cp = sp.cli("probe", f"{isp.address}:{isp.port}", "--from", "alice@example.test",
+                    "--to", "bob@far.test", check=False)
+    assert cp.returncode == 1
+    assert "Verdict: relay-denied: 554 5.7.1 <bob@far.test>: Relay access denied" in \
+        cp.stdout or "Verdict: relay-denied: 550 5.7.1" in cp.stdout, cp.stdout
+    assert "RCPT TO:<bob@far.test>" in cp.stdout
+
+
+def test_probe_of_a_closed_port_and_of_a_missing_host(server_factory, dns_port) -> None:  # type: ignore[no-untyped-def]
+    sp: ServerProcess = server_factory(f'[dns]\nnameservers = ["127.0.0.1:{dns_port}"]')
+    d = run_json(sp, "probe", f"127.0.0.1:{closed_port()}", code=1)
+    assert d["verdict"] == "unreachable" and "refused" in d["reply"].lower()
+    d = run_json(sp, "probe", "nosuch.test", code=1)
+    assert d["verdict"] == "unreachable" and "NXDOMAIN" in d["reply"]
+    # STARTTLS asked of a server without it: the sink-like Postroom MX without TLS is not
+    # available, so a TLS failure is shown against a port that speaks no TLS at all
+    remote: ServerProcess = server_factory(users=("bob@far.test",), domains=("far.test",))
+    d = run_json(sp, "probe", f"127.0.0.1:{remote.subs_port}", code=1)
+    assert d["verdict"] in ("unreachable", "tls-failed")

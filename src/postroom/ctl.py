@@ -514,6 +514,52 @@ def add_diagnostics(sub: Any, with_config: Callable[[argparse.ArgumentParser],
         return _diag(a, work, _print_explain)
     e.set_defaults(fn=run_explain)
 
+    dr = with_config(sub.add_parser("doctor", help="the seed case's nine steps against the "
+                                                   "running server; names the cause"))
+    dr.add_argument("--to", dest="rcpt", help="a destination address to test")
+    dr.add_argument("--from", dest="sender", help="the sender (default: the postmaster)")
+    dr.add_argument("--client-ip", default="127.0.0.1",
+                    help="the sending client's address, for the relay decision")
+    dr.add_argument("--auth", help="as if the client authenticated as this user")
+    dr.add_argument("--stuck-after", default="1h", help="a queue older than this is stuck")
+    dr.add_argument("--json", action="store_true")
+
+    def run_doctor(a: argparse.Namespace) -> int:
+        import asyncio
+
+        from .config import parse_duration
+        from .users import UserStore
+
+        def work(c: Config, r: Any) -> Any:
+            try:
+                client: ApiClient | None = ApiClient(c)
+            except AdminApiError:
+                client = None
+
+            async def fetch(path: str) -> Any:
+                if client is None:
+                    raise OSError("no admin token: has the server been started?")
+                try:
+                    return await asyncio.to_thread(client.call, "GET", path)
+                except AdminApiError as exc:
+                    raise OSError(str(exc)) from None
+            exists: Callable[[str], bool] = (UserStore(c.users_path).exists
+                                             if c.users_path.exists() else lambda _: False)
+            return diagnostics().doctor(c, r, exists, fetch, rcpt=a.rcpt, sender=a.sender,
+                                        client_ip=a.client_ip, auth_user=a.auth,
+                                        stuck_after=parse_duration(a.stuck_after))
+        return _diag(a, work, _print_doctor, ok=lambda d: d["verdict"] == "ok")
+    dr.set_defaults(fn=run_doctor)
+
+
+def _print_doctor(d: dict[str, Any]) -> None:
+    marks = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL", "skip": "skip"}
+    for s in d["steps"]:
+        print(f"{s['step']}. {s['name']:18} [{marks[s['status']]}] {s['finding']}")
+        if s["fix"] and s["status"] in ("warn", "fail"):
+            print(f"   fix: {s['fix']}")
+    print(f"Verdict: {d['verdict']}")
+
 
 # --- sendmail ------------------------------------------------------------------------
 SENDMAIL_USAGE = """usage: postroom sendmail [-t] [-f SENDER] [-i | -oi] [-c CONFIG] [RECIPIENT ...]

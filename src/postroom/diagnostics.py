@@ -22,7 +22,7 @@ from .policy import RelaySettings, SessionSnapshot, check_mail, check_rcpt
 from .routing import choose_route
 from .smtp.client import Client, HopError, Transcript
 
-__all__ = ["PROBE_VERDICTS", "dns_report", "explain", "probe"]
+__all__ = ["PROBE_VERDICTS", "VERDICTS", "dns_report", "doctor", "explain", "probe"]
 
 
 def _error(err: DnsError | None) -> dict[str, Any] | None:
@@ -321,3 +321,228 @@ def _outcome(e: dict[str, Any]) -> str:
     return (f"accepted and sent to {first['host']} "
             f"({', '.join(first['addresses']) or 'no address'}) port {hop['port']}, "
             f"the first of {len(hop['mx'])} MX hosts")
+
+
+# --- doctor ---------------------------------------------------------------------------
+VERDICTS = ("ok", "service-down", "no-route", "client-relay-denied", "nexthop-relay-denied",
+            "nexthop-auth-required", "nexthop-auth-failed", "nexthop-unreachable",
+            "nexthop-tls-failed", "dns-nxdomain", "dns-no-address", "dns-failure", "null-mx",
+            "queue-stuck", "open-relay")
+# which failing step decides, first to last: the cause before its symptoms
+_PRECEDENCE = (1, 2, 6, 7, 4, 9)
+_PROBE_VERDICT = {"relay-denied": "nexthop-relay-denied", "auth-required":
+                  "nexthop-auth-required", "auth-failed": "nexthop-auth-failed",
+                  "unreachable": "nexthop-unreachable", "tls-failed": "nexthop-tls-failed",
+                  "refused": "nexthop-relay-denied"}
+
+
+def _step(n: int, name: str, status: str, finding: str, detail: Any = None, fix: str = "",
+          verdict: str = "") -> dict[str, Any]:
+    return {"step": n, "name": name, "status": status, "finding": finding, "detail": detail,
+            "fix": fix, "verdict": verdict}
+
+
+def _dns_verdict(err: dict[str, Any] | None, null_mx: bool) -> str:
+    if null_mx:
+        return "null-mx"
+    if err is None:
+        return ""
+    return {"NXDOMAIN": "dns-nxdomain", "NODATA": "dns-no-address"}.get(err["kind"],
+                                                                          "dns-failure")
+
+
+async def doctor(config: Config, resolver: Resolver, mailbox_exists: Callable[[str], bool],
+                 fetch: Callable[[str], Any], *, rcpt: str | None = None,
+                 sender: str | None = None, client_ip: str = "127.0.0.1",
+                 auth_user: str | None = None, stuck_after: float = 3600.0) -> dict[str, Any]:
+    """The seed article's nine steps against the running server and its next hops.
+
+    ``fetch(path)`` calls the admin API (an awaitable of its JSON, or raises OSError when
+    the server cannot be reached). Each step is ok, warn, fail or skip; the verdict is
+    the first failing step's, in the order cause before symptom (_PRECEDENCE).
+    """
+    from .bounce import explain as explain_failure
+
+    steps: list[dict[str, Any]] = []
+    sender = sender or f"postmaster@{config.local_domains[0]}"
+    # 1. services
+    try:
+        status = await fetch("/api/status")
+        down = [c for c in status["components"] if c["state"] not in ("running", "disabled")]
+        steps.append(_step(1, "services", "fail" if down else "ok",
+                           f"stopped: {', '.join(c['name'] for c in down)}" if down else
+                           "every component is running", status["components"],
+                           "postroom start " + " && postroom start ".join(
+                               c["name"] for c in down) if down else "",
+                           "service-down" if down else ""))
+        server_up = True
+    except (OSError, ValueError) as exc:
+        steps.append(_step(1, "services", "fail", f"the server does not answer: {exc}", None,
+                           "start it: postroom serve (check postroom.log for why it stopped)",
+                           "service-down"))
+        server_up = False
+    # 2. address space (and, with a client address, the relay decision)
+    has_catch_all = any(r.match == "*" for r in config.routes)
+    explained: dict[str, Any] | None = None
+    if rcpt:
+        explained = await explain(config, resolver, mailbox_exists, sender=sender, rcpt=rcpt,
+                                  client_ip=client_ip, auth_user=auth_user)
+        r = explained["rcpt"]
+        if not r["accept"] and "5.7.1" in r["reply"]:
+            steps.append(_step(2, "address space", "fail", r["reply"], explained,
+                               "the sending client must authenticate (submission port, "
+                               "587) or be in [relay] trusted_networks; " + r["reason"],
+                               "client-relay-denied"))
+        elif not explained["routing"]["local"] and not explained["next_hops"]:
+            steps.append(_step(2, "address space", "fail",
+                               f"no address space covers {explained['routing']['domain']}",
+                               explained, "add a [[route]] for it, or a catch-all "
+                               "match = \"*\" (via = \"mx\" or a smart host)", "no-route"))
+        else:
+            steps.append(_step(2, "address space", "ok" if has_catch_all else "warn",
+                               explained["routing"]["reason"], explained,
+                               "" if has_catch_all else "no catch-all [[route]] match = \"*\": "
+                               "mail for other domains has no route"))
+    else:
+        steps.append(_step(2, "address space", "ok" if has_catch_all else "warn",
+                           "a catch-all route exists" if has_catch_all else
+                           "no [[route]] with match = \"*\"", [r.match for r in config.routes],
+                           "" if has_catch_all else "add [[route]] match = \"*\""))
+    # 3. diagnostic logging and recent errors
+    if server_up:
+        levels = await fetch("/api/logging")
+        errors = (await fetch("/api/events?severity=error&since=1h"))["events"]
+        steps.append(_step(3, "logging", "warn" if errors else "ok",
+                           f"{len(errors)} errors in the last hour" if errors else
+                           "no errors in the event log in the last hour",
+                           {"levels": levels, "errors": errors[-10:]},
+                           "read them: postroom events --severity error --since 1h"
+                           if errors else ""))
+    else:
+        steps.append(_step(3, "logging", "skip", "the server does not answer"))
+    # 4. the four queues
+    if server_up:
+        queues = (await fetch("/api/queues"))["queues"]
+        reasons = (await fetch("/api/queues/reasons"))["reasons"]
+        stuck = [q for q in queues if q["oldest_age_seconds"] is not None
+                 and q["oldest_age_seconds"] > stuck_after]
+        top = reasons[0] if reasons else None
+        steps.append(_step(
+            4, "queues", "fail" if stuck else "ok",
+            (f"{', '.join(q['name'] for q in stuck)}: mail older than "
+             f"{int(stuck_after)}s" + (f"; the biggest reason: {top['reply']} via {top['hop']}"
+                                       if top else "")) if stuck else
+            f"{sum(q['messages'] for q in queues)} messages queued, none stuck",
+            {"queues": queues, "reasons": reasons[:5]},
+            "postroom queue reasons shows why; fix the cause, then postroom queue retry "
+            "--reason ID --all" if stuck else "", "queue-stuck" if stuck else ""))
+    else:
+        steps.append(_step(4, "queues", "skip", "the server does not answer"))
+    # 5. a test message (not sent by this version: the probe's RCPT test stands in)
+    steps.append(_step(5, "test message", "skip", "not sent (use postroom probe --send)"))
+    # 6. DNS of the destination and of the smart hosts; 7. probe of the next hop
+    hop_verdict = ""
+    if explained is not None and explained["next_hops"] and not explained["routing"]["local"]:
+        hop = explained["next_hops"][0]
+        if hop["kind"] == "mx":
+            v = _dns_verdict(hop["error"], hop["null_mx"])
+            usable = [h for h in hop["mx"] if h["addresses"]]
+            if not v and not usable:
+                v = "dns-no-address"
+            steps.append(_step(6, "dns", "fail" if v else "ok",
+                               hop["error"]["text"] if hop["error"] else
+                               ("null MX: the domain accepts no mail" if hop["null_mx"] else
+                                f"{len(usable)} of {len(hop['mx'])} MX hosts have addresses"),
+                               hop, _dns_fix(v, hop["domain"]), v))
+            target = (usable[0]["host"], hop["port"]) if usable else None
+            username = password = None
+            tls_required = False
+            hop_name = f"MX of {hop['domain']} (route {hop['route']})"   # as delivery says it
+        else:
+            v = "dns-no-address" if hop["error"] or not hop["addresses"] else ""
+            steps.append(_step(6, "dns", "fail" if v else "ok",
+                               hop["error"]["text"] if hop["error"] else
+                               f"smart host {hop['host']}: {', '.join(hop['addresses'])}",
+                               hop, "fix host = in the [[route]], or its DNS" if v else "", v))
+            target = (hop["host"], hop["port"]) if not v else None
+            route = next(r for r in config.routes if r.match == hop["route"]
+                         and r.via == "smarthost")
+            username, password = route.username or None, route.password or None
+            tls_required = route.tls == "required"
+            hop_name = route.describe()
+        if target is not None:
+            result = await probe(target[0], target[1], resolver=resolver,
+                                 helo=config.hostname, sender=sender, rcpt=rcpt,
+                                 starttls=tls_required or username is not None,
+                                 username=username, password=password)
+            v = "" if result["verdict"] == "accepts" else _PROBE_VERDICT[result["verdict"]]
+            fix = ""
+            if v:
+                why = explain_failure(_status_of(result["reply"]), result["reply"] or "",
+                                      "RCPT" if "relay" in v else "connect",
+                                      hop_name, recipient=rcpt or "",
+                                      remote_host=target[0])
+                fix = f"{why.meaning} {why.action}"
+            steps.append(_step(7, "probe", "fail" if v else "ok",
+                               f"{target[0]}:{target[1]} {result['verdict']}"
+                               + (f": {result['reply']}" if result["reply"] else ""),
+                               result, fix, v))
+            hop_verdict = v
+        else:
+            steps.append(_step(7, "probe", "skip", "no address to connect to"))
+    else:
+        reason = "give --to ADDRESS to test a destination" if not rcpt else \
+            "the destination is local, or has no route"
+        steps.append(_step(6, "dns", "skip", reason))
+        steps.append(_step(7, "probe", "skip", reason))
+    # 8. the other way out
+    if hop_verdict or any(s["step"] == 6 and s["status"] == "fail" for s in steps):
+        kind = explained["next_hops"][0]["kind"] if explained is not None else "mx"
+        others = [r for r in config.routes if r.via != kind]
+        fix = ("deliver directly instead: a [[route]] with via = \"mx\" (this needs outbound "
+               "port 25, which many ISPs block), or fix the smart host as step 7 says"
+               if kind == "smarthost" else
+               "forward through your provider's relay instead: a [[route]] with "
+               "via = \"smarthost\", host, username and password_file")
+        steps.append(_step(8, "alternative route", "warn",
+                           "another kind of route is configured: " + ", ".join(
+                               r.describe() for r in others) if others else
+                           "no other kind of route is configured", None, fix))
+    else:
+        steps.append(_step(8, "alternative route", "skip", "the route in use works"))
+    # 9. config lint
+    warnings = config.warnings()
+    open_relay = [w for w in warnings if "OPEN RELAY" in str(w)]
+    steps.append(_step(9, "configuration", "fail" if open_relay else
+                       ("warn" if warnings else "ok"),
+                       "; ".join(str(w) for w in warnings) or "no warnings",
+                       [str(w) for w in warnings],
+                       "list only your own networks in [relay] trusted_networks"
+                       if open_relay else "", "open-relay" if open_relay else ""))
+    verdict = "ok"
+    for n in _PRECEDENCE:
+        hit = next((s for s in steps if s["step"] == n and s["verdict"]), None)
+        if hit is not None:
+            verdict = hit["verdict"]
+            break
+    for s in steps:
+        del s["verdict"]
+    return {"verdict": verdict, "steps": steps}
+
+
+def _status_of(reply: str | None) -> str:
+    import re
+
+    m = re.search(r"\b([245]\.\d{1,3}\.\d{1,3})\b", reply or "")
+    return m.group(1) if m else ("5.0.0" if (reply or "").startswith("5") else "4.4.1")
+
+
+def _dns_fix(verdict: str, domain: str) -> str:
+    return {
+        "null-mx": f"{domain} publishes a null MX: it takes no mail; check the address",
+        "dns-nxdomain": f"{domain} does not exist: check the address for a typo",
+        "dns-no-address": f"{domain}'s MX hosts have no A/AAAA record: its owner must fix "
+                          "DNS; meanwhile a smart host route may help",
+        "dns-failure": "the nameservers did not answer: check [dns] nameservers and that "
+                       "they are running (postroom dns DOMAIN)",
+    }.get(verdict, "")

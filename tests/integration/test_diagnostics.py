@@ -156,3 +156,91 @@ def test_probe_of_a_closed_port_and_of_a_missing_host(server_factory, dns_port) 
     remote: ServerProcess = server_factory(users=("bob@far.test",), domains=("far.test",))
     d = run_json(sp, "probe", f"127.0.0.1:{remote.subs_port}", code=1)
     assert d["verdict"] in ("unreachable", "tls-failed")
+
+
+def doctor(sp: ServerProcess, *args: str) -> dict[str, Any]:
+    cp = sp.cli("doctor", *args, "--json", check=False)
+    data = json.loads(cp.stdout)
+    assert cp.returncode == (0 if data["verdict"] == "ok" else 1), cp.stderr
+    assert [s["step"] for s in data["steps"]] == list(range(1, 10))
+    return data  # type: ignore[no-any-return]
+
+
+def test_doctor_ok_for_a_working_route(server_factory, dns_port) -> None:  # type: ignore[no-untyped-def]
+    remote: ServerProcess = server_factory(users=("bob@far.test",), domains=("far.test",))
+    sp: ServerProcess = server_factory(f"""
+        [dns]
+        nameservers = ["127.0.0.1:{dns_port}"]
+        [[route]]
+        match = "*"
+        via = "smarthost"
+        host = "127.0.0.1:{remote.mx_port}"
+        tls = "none"
+        """)
+    d = doctor(sp, "--to", "bob@far.test")
+    assert d["verdict"] == "ok", d
+    assert next(s for s in d["steps"] if s["step"] == 7)["status"] == "ok"
+    assert "Verdict: ok" in sp.cli("doctor", "--to", "bob@far.test").stdout
+
+
+def test_doctor_names_each_cause(server_factory, dns_port, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    dns = f'[dns]\nnameservers = ["127.0.0.1:{dns_port}"]\n'
+    sp: ServerProcess = server_factory(dns + f"""
+        [delivery]
+        mx_port = {closed_port()}
+        """)
+    # the sending client is neither trusted nor authenticated: the seed symptom
+    d = doctor(sp, "--to", "bob@far.test", "--client-ip", UNTRUSTED)
+    assert d["verdict"] == "client-relay-denied"
+    assert "trusted_networks" in d["steps"][1]["fix"]
+    # DNS verdicts
+    assert doctor(sp, "--to", "bob@nosuch.test")["verdict"] == "dns-nxdomain"
+    assert doctor(sp, "--to", "bob@nullmx.test")["verdict"] == "null-mx"
+    # the MX answers nowhere
+    d = doctor(sp, "--to", "bob@far.test")
+    assert d["verdict"] == "nexthop-unreachable"
+    assert d["steps"][7]["status"] == "warn"                  # step 8: the other way out
+    # a stopped component comes first
+    sp.cli("stop", "outbound-delivery")
+    d = doctor(sp, "--to", "bob@far.test")
+    assert d["verdict"] == "service-down" and "outbound-delivery" in d["steps"][0]["finding"]
+    sp.cli("start", "outbound-delivery")
+    sp.stop()
+    assert doctor(sp)["verdict"] == "service-down"
+
+
+def test_doctor_names_the_seed_case_smart_host(server_factory, dns_port, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    with postfix(tmp_path / "isp", "127.0.0.20", """
+            mynetworks = 127.0.0.99/32
+            smtpd_relay_restrictions = permit_mynetworks permit_sasl_authenticated reject_unauth_destination
+            """) as isp:
+        sp: ServerProcess = server_factory(f"""
+            [dns]
+            nameservers = ["127.0.0.1:{dns_port}"]
+            [[route]]
+            match = "*"
+            via = "smarthost"
+            host = "{isp.address}:{isp.port}"
+            tls = "none"
+            """)
+        d = doctor(sp, "--to", "bob@far.test")
+        text = sp.cli("doctor", "--to", "bob@far.test", check=False).stdout
+    assert d["verdict"] == "nexthop-relay-denied"
+    probe_step = d["steps"][6]
+    assert "Relay access denied" in probe_step["finding"]
+    assert "username" in probe_step["fix"].lower() or "authent" in probe_step["fix"].lower()
+    assert "Verdict: nexthop-relay-denied" in text
+
+
+def test_doctor_finds_no_route_and_an_open_relay(server_factory, dns_port) -> None:  # type: ignore[no-untyped-def]
+    sp: ServerProcess = server_factory(f"""
+        [dns]
+        nameservers = ["127.0.0.1:{dns_port}"]
+        [[route]]
+        match = "partner.test"
+        via = "smarthost"
+        host = "127.0.0.20:2626"
+        """)
+    assert doctor(sp, "--to", "bob@far.test")["verdict"] == "no-route"
+    open_relay: ServerProcess = server_factory('[relay]\ntrusted_networks = ["0.0.0.0/0"]')
+    assert doctor(open_relay)["verdict"] == "open-relay"

@@ -522,6 +522,8 @@ def add_diagnostics(sub: Any, with_config: Callable[[argparse.ArgumentParser],
                     help="the sending client's address, for the relay decision")
     dr.add_argument("--auth", help="as if the client authenticated as this user")
     dr.add_argument("--stuck-after", default="1h", help="a queue older than this is stuck")
+    dr.add_argument("--send-test", action="store_true",
+                    help="send a real test message to --to and follow it to its fate")
     dr.add_argument("--json", action="store_true")
 
     def run_doctor(a: argparse.Namespace) -> int:
@@ -545,9 +547,21 @@ def add_diagnostics(sub: Any, with_config: Callable[[argparse.ArgumentParser],
                     raise OSError(str(exc)) from None
             exists: Callable[[str], bool] = (UserStore(c.users_path).exists
                                              if c.users_path.exists() else lambda _: False)
+            async def submit(sender: str, rcpt: str, data: bytes) -> Any:
+                import base64
+                import getpass
+                if client is None:
+                    raise OSError("no admin token: has the server been started?")
+                try:
+                    return await asyncio.to_thread(client.call, "POST", "/api/submit", {
+                        "sender": sender, "recipients": [rcpt], "user": getpass.getuser(),
+                        "data": base64.b64encode(data).decode()})
+                except AdminApiError as exc:
+                    raise ValueError(str(exc)) from None
             return diagnostics().doctor(c, r, exists, fetch, rcpt=a.rcpt, sender=a.sender,
                                         client_ip=a.client_ip, auth_user=a.auth,
-                                        stuck_after=parse_duration(a.stuck_after))
+                                        stuck_after=parse_duration(a.stuck_after),
+                                        submit=submit if a.send_test else None)
         return _diag(a, work, _print_doctor, ok=lambda d: d["verdict"] == "ok")
     dr.set_defaults(fn=run_doctor)
 

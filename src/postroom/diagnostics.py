@@ -354,11 +354,15 @@ def _dns_verdict(err: dict[str, Any] | None, null_mx: bool) -> str:
 async def doctor(config: Config, resolver: Resolver, mailbox_exists: Callable[[str], bool],
                  fetch: Callable[[str], Any], *, rcpt: str | None = None,
                  sender: str | None = None, client_ip: str = "127.0.0.1",
-                 auth_user: str | None = None, stuck_after: float = 3600.0) -> dict[str, Any]:
+                 auth_user: str | None = None, stuck_after: float = 3600.0,
+                 submit: Callable[[str, str, bytes], Any] | None = None,
+                 follow_for: float = 30.0) -> dict[str, Any]:
     """The seed article's nine steps against the running server and its next hops.
 
     ``fetch(path)`` calls the admin API (an awaitable of its JSON, or raises OSError when
-    the server cannot be reached). Each step is ok, warn, fail or skip; the verdict is
+    the server cannot be reached). With ``submit(sender, rcpt, data)`` (an awaitable of
+    the API's answer), step 5 sends a real test message and follows it for up to
+    ``follow_for`` seconds. Each step is ok, warn, fail or skip; the verdict is
     the first failing step's, in the order cause before symptom (_PRECEDENCE).
     """
     from .bounce import explain as explain_failure
@@ -438,8 +442,14 @@ async def doctor(config: Config, resolver: Resolver, mailbox_exists: Callable[[s
             "--reason ID --all" if stuck else "", "queue-stuck" if stuck else ""))
     else:
         steps.append(_step(4, "queues", "skip", "the server does not answer"))
-    # 5. a test message (not sent by this version: the probe's RCPT test stands in)
-    steps.append(_step(5, "test message", "skip", "not sent (use postroom probe --send)"))
+    # 5. a real test message through the route in use, followed to its fate
+    if submit is None or not rcpt:
+        steps.append(_step(5, "test message", "skip",
+                           "not sent (--send-test --to ADDRESS sends one)"))
+    elif not server_up:
+        steps.append(_step(5, "test message", "skip", "the server does not answer"))
+    else:
+        steps.append(await _send_test(config, fetch, submit, sender, rcpt, follow_for))
     # 6. DNS of the destination and of the smart hosts; 7. probe of the next hop
     hop_verdict = ""
     if explained is not None and explained["next_hops"] and not explained["routing"]["local"]:
@@ -528,6 +538,38 @@ async def doctor(config: Config, resolver: Resolver, mailbox_exists: Callable[[s
     for s in steps:
         del s["verdict"]
     return {"verdict": verdict, "steps": steps}
+
+
+async def _send_test(config: Config, fetch: Callable[[str], Any],
+                     submit: Callable[[str, str, bytes], Any], sender: str, rcpt: str,
+                     follow_for: float) -> dict[str, Any]:
+    data = (f"From: <{sender}>\r\nTo: <{rcpt}>\r\nSubject: postroom doctor test message\r\n"
+            f"\r\nSent by postroom doctor on {config.hostname} to test delivery to {rcpt}."
+            "\r\n").encode()
+    try:
+        sent = await submit(sender, rcpt, data)
+    except (OSError, ValueError) as exc:
+        return _step(5, "test message", "fail", f"the server refused the test message: {exc}",
+                     None, "see step 2: the address space and relay decision")
+    qid = sent["queue_id"]
+    deadline = time.monotonic() + follow_for
+    story: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        found = (await fetch(f"/api/trace?id={qid}"))["messages"]
+        story = found[0] if found else {}
+        kinds = {e["id"] for e in story.get("events", [])}
+        if story.get("state") in ("delivered", "failed") or 3003 in kinds:
+            break
+        await asyncio.sleep(0.5)
+    events = story.get("events", [])
+    last = next((e for e in reversed(events) if e["id"] in (3002, 3003, 3004)), None)
+    if last is None:
+        return _step(5, "test message", "warn", f"{qid} is still queued after "
+                     f"{int(follow_for)}s", story, f"follow it: postroom trace {qid}")
+    status = {3002: "ok", 3003: "warn", 3004: "fail"}[last["id"]]
+    return _step(5, "test message", status, f"{qid}: {last['text']}", story,
+                 "" if status == "ok" else f"postroom trace {qid} shows every step; "
+                 "steps 6 and 7 below name the cause")
 
 
 def _status_of(reply: str | None) -> str:

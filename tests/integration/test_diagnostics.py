@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 
 from tests.conftest import UNTRUSTED, ServerProcess
 from tests.integration.dnsmasq import run_dnsmasq
-from tests.integration.peers import postfix
+from tests.integration.peers import postfix, sink
 
 RECORDS = [
     "--mx-host=far.test,mx1.far.test,10", "--mx-host=far.test,mx2.far.test,20",
@@ -21,6 +22,7 @@ RECORDS = [
     "--txt-record=far.test,v=spf1 -all", "--txt-record=_dmarc.far.test,v=DMARC1; p=reject",
     "--mx-host=nullmx.test,.,0",
     "--host-record=bare.test,127.0.0.11",
+    "--mx-host=noaddr.test,mx.noaddr.test,10",              # an MX host without an address
 ]
 
 
@@ -177,9 +179,13 @@ def test_doctor_ok_for_a_working_route(server_factory, dns_port) -> None:  # typ
         host = "127.0.0.1:{remote.mx_port}"
         tls = "none"
         """)
-    d = doctor(sp, "--to", "bob@far.test")
+    d = doctor(sp, "--to", "bob@far.test", "--send-test")
     assert d["verdict"] == "ok", d
     assert next(s for s in d["steps"] if s["step"] == 7)["status"] == "ok"
+    test_step = d["steps"][4]
+    assert test_step["status"] == "ok" and "delivered" in test_step["finding"]
+    (got,) = remote.wait_messages("bob@far.test", 1)
+    assert b"Subject: postroom doctor test message" in got
     assert "Verdict: ok" in sp.cli("doctor", "--to", "bob@far.test").stdout
 
 
@@ -196,9 +202,10 @@ def test_doctor_names_each_cause(server_factory, dns_port, tmp_path: Path) -> No
     # DNS verdicts
     assert doctor(sp, "--to", "bob@nosuch.test")["verdict"] == "dns-nxdomain"
     assert doctor(sp, "--to", "bob@nullmx.test")["verdict"] == "null-mx"
-    # the MX answers nowhere
-    d = doctor(sp, "--to", "bob@far.test")
+    # the MX answers nowhere; the test message waits, and says why
+    d = doctor(sp, "--to", "bob@far.test", "--send-test")
     assert d["verdict"] == "nexthop-unreachable"
+    assert d["steps"][4]["status"] == "warn" and "deferred" in d["steps"][4]["finding"]
     assert d["steps"][7]["status"] == "warn"                  # step 8: the other way out
     # a stopped component comes first
     sp.cli("stop", "outbound-delivery")
@@ -244,3 +251,55 @@ def test_doctor_finds_no_route_and_an_open_relay(server_factory, dns_port) -> No
     assert doctor(sp, "--to", "bob@far.test")["verdict"] == "no-route"
     open_relay: ServerProcess = server_factory('[relay]\ntrusted_networks = ["0.0.0.0/0"]')
     assert doctor(open_relay)["verdict"] == "open-relay"
+
+
+def smarthost_route(host: str, port: int, extra: str = "") -> str:
+    return f"""
+        [[route]]
+        match = "*"
+        via = "smarthost"
+        host = "{host}:{port}"
+        """ + extra
+
+
+def test_doctor_names_auth_and_tls_failures_of_the_next_hop(  # type: ignore[no-untyped-def]
+        server_factory, dns_port, tmp_path: Path) -> None:
+    remote: ServerProcess = server_factory(users=("relay@far.test",), domains=("far.test",))
+    dns = f'[dns]\nnameservers = ["127.0.0.1:{dns_port}"]\n'
+    # a submission port without our credentials: AUTH required
+    sp = server_factory(dns + smarthost_route("127.0.0.1", remote.sub_port, 'tls = "none"'))
+    assert doctor(sp, "--to", "bob@far.test")["verdict"] == "nexthop-auth-required"
+    # with a wrong password
+    secret = tmp_path / "secret"
+    secret.write_text("wrong\n")
+    secret.chmod(0o600)
+    sp = server_factory(dns + smarthost_route("127.0.0.1", remote.sub_port, f"""
+        tls = "required"
+        tls_verify = false
+        username = "relay@far.test"
+        password_file = "{secret}"
+        """))
+    d = doctor(sp, "--to", "bob@far.test")
+    assert d["verdict"] == "nexthop-auth-failed", d["steps"][6]
+    assert "535" in d["steps"][6]["finding"]
+    # TLS required of a server that offers none (smtp-sink)
+    with sink("127.0.0.1") as plain:
+        sp = server_factory(dns + smarthost_route("127.0.0.1", plain.port, 'tls = "required"'))
+        d = doctor(sp, "--to", "bob@far.test")
+    assert d["verdict"] == "nexthop-tls-failed" and "STARTTLS" in d["steps"][6]["finding"]
+
+
+def test_doctor_names_dns_trouble_and_a_stuck_queue(server_factory, dns_port) -> None:  # type: ignore[no-untyped-def]
+    sp: ServerProcess = server_factory(f'[dns]\nnameservers = ["127.0.0.1:{dns_port}"]')
+    assert doctor(sp, "--to", "bob@noaddr.test")["verdict"] == "dns-no-address"
+    dead: ServerProcess = server_factory()            # nameservers: nobody answers there
+    assert doctor(dead, "--to", "bob@far.test")["verdict"] == "dns-failure"
+    stuck: ServerProcess = server_factory(smarthost_route("127.0.0.1", closed_port(),
+                                                          'tls = "none"'))
+    with stuck.smtp() as s:
+        s.sendmail("alice@example.test", ["bob@far.test"], b"Subject: stuck\r\n\r\nx\r\n")
+    time.sleep(2.5)
+    d = doctor(stuck, "--stuck-after", "2s")
+    assert d["verdict"] == "queue-stuck"
+    assert "outbound-delivery" in d["steps"][3]["finding"]
+    assert "127.0.0.1" in d["steps"][3]["finding"]        # the biggest reason, named

@@ -100,7 +100,8 @@ def _cert_info(der: bytes | None) -> dict[str, Any]:
 async def probe(host: str, port: int, *, resolver: Resolver, helo: str,
                 sender: str | None = None, rcpt: str | None = None, starttls: bool = False,
                 username: str | None = None, password: str | None = None,
-                send: bool = False, timeout: float = 15.0) -> dict[str, Any]:
+                send: bool = False, timeout: float = 15.0,
+                source: str | None = None) -> dict[str, Any]:
     """Talk to one SMTP server the way delivery would, and say what it would do.
 
     Never sends DATA unless ``send``; ends with RSET and QUIT. The verdict is one of
@@ -121,7 +122,7 @@ async def probe(host: str, port: int, *, resolver: Resolver, helo: str,
             client = Client(helo_name=helo, command_timeout=timeout, transcript=transcript)
             started = time.monotonic()
             try:
-                banner = await client.connect(ip, port, timeout)
+                banner = await client.connect(ip, port, timeout, source)
             except HopError as exc:
                 out.setdefault("attempts", []).append(f"{ip}: {exc.detail}")
                 client = None
@@ -508,27 +509,25 @@ async def doctor(config: Config, resolver: Resolver, mailbox_exists: Callable[[s
     # 8. the other way out
     if hop_verdict or any(s["step"] == 6 and s["status"] == "fail" for s in steps):
         kind = explained["next_hops"][0]["kind"] if explained is not None else "mx"
-        others = [r for r in config.routes if r.via != kind]
-        fix = ("deliver directly instead: a [[route]] with via = \"mx\" (this needs outbound "
-               "port 25, which many ISPs block), or fix the smart host as step 7 says"
-               if kind == "smarthost" else
-               "forward through your provider's relay instead: a [[route]] with "
-               "via = \"smarthost\", host, username and password_file")
-        steps.append(_step(8, "alternative route", "warn",
-                           "another kind of route is configured: " + ", ".join(
-                               r.describe() for r in others) if others else
-                           "no other kind of route is configured", None, fix))
+        steps.append(await _alternative(config, resolver, kind, sender, rcpt))
     else:
         steps.append(_step(8, "alternative route", "skip", "the route in use works"))
     # 9. config lint
     warnings = config.warnings()
     open_relay = [w for w in warnings if "OPEN RELAY" in str(w)]
+    detail: dict[str, Any] = {"warnings": [str(w) for w in warnings]}
+    finding = "; ".join(str(w) for w in warnings) or "no warnings"
+    if open_relay and server_up and config.smtp.listen:
+        test = await _relay_self_test(config, resolver)
+        detail["relay_self_test"] = test
+        finding += (f"; the relay self-test from [{test.get('source')}] was "
+                    f"{'ACCEPTED' if test['verdict'] == 'accepts' else 'refused'}: "
+                    f"{test.get('reply')}")
     steps.append(_step(9, "configuration", "fail" if open_relay else
-                       ("warn" if warnings else "ok"),
-                       "; ".join(str(w) for w in warnings) or "no warnings",
-                       [str(w) for w in warnings],
-                       "list only your own networks in [relay] trusted_networks"
-                       if open_relay else "", "open-relay" if open_relay else ""))
+                       ("warn" if warnings else "ok"), finding, detail,
+                       "list only your own networks in [relay] trusted_networks, then "
+                       "postroom reload" if open_relay else "",
+                       "open-relay" if open_relay else ""))
     verdict = "ok"
     for n in _PRECEDENCE:
         hit = next((s for s in steps if s["step"] == n and s["verdict"]), None)
@@ -570,6 +569,62 @@ async def _send_test(config: Config, fetch: Callable[[str], Any],
     return _step(5, "test message", status, f"{qid}: {last['text']}", story,
                  "" if status == "ok" else f"postroom trace {qid} shows every step; "
                  "steps 6 and 7 below name the cause")
+
+
+async def _alternative(config: Config, resolver: Resolver, kind: str, sender: str,
+                       rcpt: str | None) -> dict[str, Any]:
+    """Step 8: would the other kind of route work (an MX route for a refusing smart host,
+    a smart host for a failing MX route)? Probes it when one is configured."""
+    others = [r for r in config.routes if r.via != kind]
+    fix = ("deliver directly instead: a [[route]] with via = \"mx\" (this needs outbound "
+           "port 25, which many ISPs block), or fix the smart host as step 7 says"
+           if kind == "smarthost" else
+           "forward through your provider's relay instead: a [[route]] with "
+           "via = \"smarthost\", host, username and password_file")
+    if not others or not rcpt:
+        return _step(8, "alternative route", "warn", "no other kind of route is configured",
+                     None, fix)
+    route = others[0]
+    if route.via == "smarthost":
+        host, port = route.host, route.port
+    else:
+        mx = await resolver.mx(rcpt.rpartition("@")[2])
+        usable = [h for h in mx.hosts if h.addresses]
+        if not usable:
+            return _step(8, "alternative route", "warn", f"{route.describe()} would not work "
+                         f"either: {mx.error.describe() if mx.error else 'no MX address'}",
+                         _mx_json(mx), fix)
+        host, port = usable[0].name, config.delivery.mx_port
+    result = await probe(host, port, resolver=resolver, helo=config.hostname, sender=sender,
+                         rcpt=rcpt, starttls=route.tls == "required" or bool(route.username),
+                         username=route.username or None, password=route.password or None)
+    works = result["verdict"] == "accepts"
+    return _step(8, "alternative route", "warn",
+                 f"{route.describe()} would {'work' if works else 'not work either'}: "
+                 f"{host}:{port} {result['verdict']}"
+                 + (f" ({result['reply']})" if result.get("reply") else ""), result,
+                 f"make it the route for this destination (a more specific [[route]] "
+                 f"with via = \"{route.via}\")" if works else fix)
+
+
+async def _relay_self_test(config: Config, resolver: Resolver) -> dict[str, Any]:
+    """Step 9 for an open relay: from an address outside the trusted networks when one
+    can be had (a loopback address on this machine), ask our own MX listener to relay."""
+    host, port = config.smtp.listen[0]
+    target = "127.0.0.1" if host in ("0.0.0.0", "127.0.0.1") else host
+    source = None
+    if target.startswith("127."):
+        for last in range(66, 250):
+            candidate = ipaddress.ip_address(f"127.0.0.{last}")
+            if not any(candidate in net for net in config.trusted_networks
+                       if net.prefixlen > 0):
+                source = str(candidate)
+                break
+    result = await probe(target, port, resolver=resolver, helo=config.hostname,
+                         sender="relay-test@relay-test.invalid",
+                         rcpt="relay-test@relay-test.invalid", source=source)
+    result["source"] = source or "this host"
+    return result
 
 
 def _status_of(reply: str | None) -> str:

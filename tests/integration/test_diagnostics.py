@@ -250,7 +250,39 @@ def test_doctor_finds_no_route_and_an_open_relay(server_factory, dns_port) -> No
         """)
     assert doctor(sp, "--to", "bob@far.test")["verdict"] == "no-route"
     open_relay: ServerProcess = server_factory('[relay]\ntrusted_networks = ["0.0.0.0/0"]')
-    assert doctor(open_relay)["verdict"] == "open-relay"
+    d = doctor(open_relay)
+    assert d["verdict"] == "open-relay"
+    lint = d["steps"][8]
+    # the self-test came from an address the config does not list on its own, and relayed
+    test = lint["detail"]["relay_self_test"]
+    assert test["source"] not in ("127.0.0.1", "this host")
+    assert test["verdict"] == "accepts" and "ACCEPTED" in lint["finding"]
+    # a safe config refuses the same test (and doctor does not run it)
+    assert doctor(sp)["steps"][8]["status"] == "ok"
+
+
+def test_doctor_tries_the_other_kind_of_route(server_factory, dns_port) -> None:  # type: ignore[no-untyped-def]
+    remote: ServerProcess = server_factory(users=("bob@far.test",), domains=("far.test",))
+    sp: ServerProcess = server_factory(f"""
+        [dns]
+        nameservers = ["127.0.0.1:{dns_port}"]
+        [delivery]
+        mx_port = {closed_port()}
+        [[route]]
+        match = "*"
+        via = "mx"
+        [[route]]
+        match = "partner.test"
+        via = "smarthost"
+        host = "127.0.0.1:{remote.mx_port}"
+        tls = "none"
+        """)
+    d = doctor(sp, "--to", "bob@far.test")
+    assert d["verdict"] == "nexthop-unreachable"
+    alternative = d["steps"][7]
+    assert f"127.0.0.1:{remote.mx_port}" in alternative["finding"]
+    assert "would work" in alternative["finding"]
+    assert "more specific [[route]]" in alternative["fix"]
 
 
 def smarthost_route(host: str, port: int, extra: str = "") -> str:

@@ -184,11 +184,13 @@ class Client:
         self.peer = ""
 
     # --- plumbing ------------------------------------------------------------------
-    async def connect(self, ip: str, port: int, timeout: float) -> Reply:
+    async def connect(self, ip: str, port: int, timeout: float,
+                      source: str | None = None) -> Reply:
         self.peer = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
         try:
             self.reader, self.writer = await asyncio.wait_for(
-                asyncio.open_connection(ip, port, limit=1 << 20), timeout)
+                asyncio.open_connection(ip, port, limit=1 << 20,
+                                        local_addr=(source, 0) if source else None), timeout)
         except TimeoutError:
             raise HopError("connect", f"connection to {self.peer} timed out after "
                            f"{timeout:g}s") from None

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""Refresh the command output in docs/operations.md from a run of scripts/ops-demo.sh.
+"""Refresh the command output in a doc from a run of its demo script.
 
 Usage: scripts/ops-demo.sh > /tmp/ops.txt && scripts/ops-doc.py /tmp/ops.txt
+       python3 scripts/seed-demo.py > /tmp/seed.txt &&
+           scripts/ops-doc.py /tmp/seed.txt docs/troubleshooting.md
 Each fenced block in the doc that starts with "$ <command>" is replaced by the block of
 the same command (the same occurrence of it) from the demo's output; the prose stays.
 """
@@ -29,12 +31,14 @@ def commands(output: str) -> list[tuple[str, str]]:
 
 def key(line: str) -> str:
     """A command line with its queue ids and reason ids blanked, to match runs."""
+    line = re.sub(r"127\.0\.0\.20:\d+", "127.0.0.20:PORT", line)    # the seed demo's Postfix
     return re.sub(r"--reason \S+", "--reason R", QUEUE_ID.sub("ID", line))
 
 
 def main() -> int:
     found = commands(Path(sys.argv[1]).read_text())
-    doc = DOC.read_text()
+    target = Path(sys.argv[2]) if len(sys.argv) > 2 else DOC
+    doc = target.read_text()
     used: dict[str, int] = {}
 
     def replace(m: re.Match[str]) -> str:
@@ -46,7 +50,7 @@ def main() -> int:
         used[k] = n + 1
         return f"```\n{matches[n]}\n```\n"
 
-    DOC.write_text(re.sub(r"```\n(\$ [^\n]*)\n.*?```\n", replace, doc, flags=re.S))
+    target.write_text(re.sub(r"```\n(\$ [^\n]*)\n.*?```\n", replace, doc, flags=re.S))
     return 0
 
 

@@ -426,6 +426,9 @@ def _print_explain(e: dict[str, Any]) -> None:
     print(f"MAIL: {'accepted' if e['mail']['accept'] else 'refused'} ({e['mail']['reason']})")
     print(f"RCPT: {'accepted' if e['rcpt']['accept'] else 'refused: ' + e['rcpt']['reply']}")
     print(f"      {e['rcpt']['reason']}")
+    if e["rcpt"].get("fix"):
+        print(f"      {e['rcpt']['meaning']}")
+        print(f"      Fix: {e['rcpt']['fix']}")
     r = e["routing"]
     print(f"Routing: {r['reason']}")
     for c in r["candidates"]:

@@ -267,6 +267,12 @@ async def explain(config: Config, resolver: Resolver, mailbox_exists: Callable[[
                                     "chosen": c.route in decision.chosen}
                                    for c in decision.candidates]},
     }
+    if not verdict.accept:
+        from .bounce import explain as explain_failure
+        # no step and no hop: the catalogue's entries for this server's own refusals
+        words = explain_failure(verdict.reply.enhanced or "5.0.0", str(verdict.reply), "", "",
+                                recipient=env_rcpt.key)
+        out["rcpt"]["meaning"], out["rcpt"]["fix"] = words.meaning, words.action
     hops: list[dict[str, Any]] = []
     if decision.local:
         key = env_rcpt.key
@@ -394,10 +400,8 @@ async def doctor(config: Config, resolver: Resolver, mailbox_exists: Callable[[s
                                   client_ip=client_ip, auth_user=auth_user)
         r = explained["rcpt"]
         if not r["accept"] and "5.7.1" in r["reply"]:
-            steps.append(_step(2, "address space", "fail", r["reply"], explained,
-                               "the sending client must authenticate (submission port, "
-                               "587) or be in [relay] trusted_networks; " + r["reason"],
-                               "client-relay-denied"))
+            steps.append(_step(2, "address space", "fail", f"{r['reply']} ({r['reason']})",
+                               explained, r["fix"], "client-relay-denied"))
         elif not explained["routing"]["local"] and not explained["next_hops"]:
             steps.append(_step(2, "address space", "fail",
                                f"no address space covers {explained['routing']['domain']}",

@@ -84,6 +84,7 @@ def test_explain_shows_the_relay_decision_and_the_route(server_factory, dns_port
     assert not e["rcpt"]["accept"]
     assert e["rcpt"]["reply"].startswith("550 5.7.1 Relaying mail to <bob@far.test> is not")
     assert UNTRUSTED in e["rcpt"]["reason"]
+    assert "submission port" in e["rcpt"]["fix"]              # the shared catalogue's fix
     # the same from a trusted network: the catch-all MX route and its hosts
     e = run_json(sp, "explain", "--from", "alice@example.test", "--to", "bob@far.test")
     assert e["rcpt"]["accept"]

@@ -69,13 +69,21 @@ class ServerProcess:
             "example.test", "localhost")) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
+        self.config = workdir / "postroom.toml"
+        self.data = workdir / "data"
+        self._extra, self._domains = extra, domains
+        self._started_once = False
+        self._write_config()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = workdir / "server.out"
+
+    def _write_config(self) -> None:
+        """A config on four free ports (chosen again if a port was taken meanwhile)."""
         self.mx_port = free_port()
         self.sub_port = free_port()
         self.subs_port = free_port()
         self.admin_port = free_port()
-        self.config = workdir / "postroom.toml"
-        self.data = workdir / "data"
-        dom = ", ".join(f'"{d}"' for d in domains)
+        dom = ", ".join(f'"{d}"' for d in self._domains)
         base = textwrap.dedent(f"""\
             hostname = "mx.example.test"
             data_dir = "data"
@@ -92,9 +100,7 @@ class ServerProcess:
             [admin]
             listen = "127.0.0.1:{self.admin_port}"
             """)
-        self.config.write_text(merge_toml(base, extra))
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = workdir / "server.out"
+        self.config.write_text(merge_toml(base, self._extra))
 
     def cli(self, *args: str, input: str | None = None, check: bool = True
             ) -> subprocess.CompletedProcess[str]:
@@ -106,16 +112,27 @@ class ServerProcess:
         return cp
 
     def start(self) -> ServerProcess:
-        out = self.log.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "postroom.cli", "serve", "-c", str(self.config)],
-            stdout=out, stderr=subprocess.STDOUT, cwd=self.workdir)
-        try:
-            wait_port(self.mx_port)
-        except TimeoutError:
+        for attempt in range(3):
+            out = self.log.open("ab")
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "postroom.cli", "serve", "-c", str(self.config)],
+                stdout=out, stderr=subprocess.STDOUT, cwd=self.workdir)
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                try:
+                    wait_port(self.mx_port, timeout=0.2)
+                    self._started_once = True
+                    return self
+                except TimeoutError:
+                    pass
+            # A free port can be taken between choosing it and binding it (by another
+            # socket's ephemeral port): on a first start, choose new ports and try again.
+            taken = "Address already in use" in self.log.read_text(errors="replace")
             self.stop()
-            raise AssertionError("server did not start:\n" + self.log.read_text()) from None
-        return self
+            if not (taken and not self._started_once and attempt < 2):
+                break
+            self._write_config()
+        raise AssertionError("server did not start:\n" + self.log.read_text())
 
     def stop(self, sig: int = signal.SIGTERM) -> int | None:
         if self.proc is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -111,3 +112,20 @@ def test_sigterm_the_moment_the_port_opens_still_stops_cleanly(server_factory) -
     for _ in range(3):
         sp: ServerProcess = server_factory("[smtp]\nprocesses = 2")
         assert sp.stop(signal.SIGTERM) == 0
+
+
+def test_the_harness_chooses_new_ports_when_one_was_taken(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # the harness's own retry: a port chosen free can be taken before the server binds it
+    sp = ServerProcess(tmp_path / "srv")
+    squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    squatter.bind(("127.0.0.1", sp.admin_port))
+    squatter.listen(1)
+    first = sp.admin_port
+    try:
+        sp.start()
+        assert sp.admin_port != first
+        assert "Address already in use" in sp.log.read_text()
+    finally:
+        sp.stop()
+        squatter.close()

@@ -105,9 +105,7 @@ def make_app(backend: AdminBackend, token: str) -> Starlette:
                                    "content of <data_dir>/admin.token>)")
             try:
                 return await handler(request)
-            except (queueops.QueueError, ComponentError, ValueError) as exc:
-                return _error(400, str(exc))
-            except ConfigError as exc:
+            except (queueops.QueueError, ComponentError, ConfigError, ValueError) as exc:
                 return _error(400, str(exc))
         return run
 

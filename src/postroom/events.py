@@ -306,6 +306,10 @@ def connect_events(path: Path) -> sqlite3.Connection:
     if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
         conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
+    # keep the WAL small (checkpoint every 100 pages, truncate to 512 KiB): left at
+    # SQLite's default it grows to 4 MiB, which on a small disk takes the space mail needs
+    conn.execute("PRAGMA wal_autocheckpoint=100")
+    conn.execute("PRAGMA journal_size_limit=524288")
     conn.executescript(SCHEMA)
     if fresh:
         os.chmod(path, 0o600)
@@ -330,6 +334,7 @@ class EventLog:
         self.clock = clock
         self._queue: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
         self._conn = connect_events(path)
+        self._failing = False
         self._thread = threading.Thread(target=self._writer, name="event-writer", daemon=True)
         self._thread.start()
 
@@ -422,8 +427,12 @@ class EventLog:
                     "fields) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     [(at, kind, sev, cat, text, qid, peer, doc) for
                      (at, kind, sev, cat, text, qid, peer, _), doc in zip(rows, docs, strict=True)])
+            self._failing = False
         except sqlite3.Error as exc:
-            log.warning("could not record %d events in %s: %s", len(rows), self.path, exc)
+            if not self._failing:            # once until it works again (a full disk)
+                self._failing = True
+                log.warning("could not record %d events in %s: %s; events are lost until "
+                            "it can be written", len(rows), self.path, exc)
 
     def flush(self, timeout: float = 5.0) -> None:
         """Wait until everything emitted so far is written (for tests and shutdown)."""

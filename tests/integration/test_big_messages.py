@@ -56,6 +56,19 @@ def send(sp: ServerProcess, rcpt: str, message: bytes) -> str:
     return text.decode().split("queued as ")[1].split()[0]
 
 
+def relaying_pair(server_factory) -> tuple[ServerProcess, ServerProcess]:  # type: ignore[no-untyped-def]
+    """A remote Postroom for far.test (mailbox bob), and a server routing far.test to it."""
+    remote: ServerProcess = server_factory(users=("bob@far.test",), domains=("far.test",))
+    sp: ServerProcess = server_factory(f"""
+        [[route]]
+        match = "far.test"
+        via = "smarthost"
+        host = "127.0.0.1:{remote.mx_port}"
+        tls = "none"
+        """)
+    return remote, sp
+
+
 def peak_rss_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -104,14 +117,7 @@ def test_a_queued_big_message_lives_in_its_own_file_and_survives_kill_9(server_f
 
 
 def test_a_big_message_is_relayed_byte_for_byte(server_factory) -> None:  # type: ignore[no-untyped-def]
-    remote: ServerProcess = server_factory(users=("bob@far.test",), domains=("far.test",))
-    sp: ServerProcess = server_factory(f"""
-        [[route]]
-        match = "far.test"
-        via = "smarthost"
-        host = "127.0.0.1:{remote.mx_port}"
-        tls = "none"
-        """)
+    remote, sp = relaying_pair(server_factory)
     msg = big_message(3 * MB, "relayed")
     send(sp, "bob@far.test", msg)
     (got,) = remote.wait_messages("bob@far.test", 1, timeout=30)
@@ -170,14 +176,7 @@ def test_a_file_left_by_a_crash_mid_data_is_removed_at_start(server_factory) -> 
 
 
 def test_a_big_message_that_bounces_returns_only_its_headers(server_factory) -> None:  # type: ignore[no-untyped-def]
-    remote: ServerProcess = server_factory(users=("bob@far.test",), domains=("far.test",))
-    sp: ServerProcess = server_factory(f"""
-        [[route]]
-        match = "far.test"
-        via = "smarthost"
-        host = "127.0.0.1:{remote.mx_port}"
-        tls = "none"
-        """)
+    remote, sp = relaying_pair(server_factory)
     msg = big_message(2 * MB, "bounced")
     send(sp, "nobody@far.test", msg)
     (ndr,) = sp.wait_messages("alice@example.test", 1, timeout=30)

@@ -18,15 +18,13 @@ from pathlib import Path
 
 from . import __version__
 from .config import (
-    Config,
     ConfigError,
     default_config_text,
     default_hostname,
     ensure_token,
     load,
-    parse_config,
 )
-from .ctl import add_commands, add_diagnostics, sendmail_main
+from .ctl import add_commands, add_diagnostics, load_or_defaults, sendmail_main
 from .users import UserError, UserStore
 
 DEFAULT_CONFIG = "postroom.toml"
@@ -35,13 +33,6 @@ DEFAULT_CONFIG = "postroom.toml"
 def _fail(message: str) -> int:
     print(f"postroom: {message}", file=sys.stderr)
     return 1
-
-
-def _load_or_defaults(path: Path) -> Config:
-    """The config at ``path``; when it does not exist, the defaults ``serve`` would write."""
-    if path.exists():
-        return load(path)
-    return parse_config({}, path.resolve().parent, f"{path} (not found: defaults)")
 
 
 # --- serve / check -------------------------------------------------------------------
@@ -182,7 +173,7 @@ def _read_password(args: argparse.Namespace) -> str:
 
 def cmd_users(args: argparse.Namespace) -> int:
     try:
-        config = _load_or_defaults(Path(args.config))
+        config = load_or_defaults(Path(args.config))
     except ConfigError as exc:
         return _fail(str(exc))
     store = UserStore(config.users_path)

@@ -20,7 +20,8 @@ from typing import Any
 
 from .config import Config, ConfigError, load, parse_config
 
-__all__ = ["AdminApiError", "ApiClient", "add_commands", "add_diagnostics", "sendmail_main"]
+__all__ = ["AdminApiError", "ApiClient", "add_commands", "add_diagnostics", "load_or_defaults",
+           "sendmail_main"]
 
 
 class AdminApiError(Exception):
@@ -213,11 +214,15 @@ def _print_trace(data: dict[str, Any]) -> None:
 
 
 # --- commands ------------------------------------------------------------------------
-def _config(args: argparse.Namespace) -> Config:
-    path = Path(args.config)
+def load_or_defaults(path: Path) -> Config:
+    """The config at ``path``; when it does not exist, the defaults ``serve`` would write."""
     if path.exists():
         return load(path)
     return parse_config({}, path.resolve().parent, f"{path} (not found: defaults)")
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_or_defaults(Path(args.config))
 
 
 def _run(args: argparse.Namespace, call: Callable[[ApiClient], Any],

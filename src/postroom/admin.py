@@ -13,14 +13,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import contextlib
 import hmac
 import logging
+import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from pathlib import Path
 from typing import Any, Protocol
 
+import httpx
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -28,12 +32,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import queueops
-from .config import ConfigError, parse_duration
+from . import configedit, queueops
+from .config import Config, ConfigError, parse_duration
 from .events import EventLog, connect_events, find_messages, query_events, timeline
 from .metrics import Metrics
 from .model import ComponentError
 from .spool import SqliteSpool, load_body
+from .users import UserError, UserStore, add_mailbox
 
 __all__ = ["AdminBackend", "AdminServer", "make_app"]
 
@@ -44,6 +49,8 @@ class AdminBackend(Protocol):
     spool: SqliteSpool
     metrics: Metrics
     events: EventLog
+    users: UserStore
+    config: Config
 
     async def set_logging(self, category: str, level: str, peer: str = "",
                           domain: str = "") -> dict[str, Any]: ...
@@ -55,8 +62,103 @@ class AdminBackend(Protocol):
     def retry_now(self) -> None: ...
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _error(status: int, message: str, **more: Any) -> JSONResponse:
+    return JSONResponse({"error": message, **more}, status_code=status)
+
+
+# The counters the console charts, summed over their labels.
+HISTORY_SERIES = {"received": "postroom_messages_received_total",
+                  "delivered": "postroom_recipients_delivered_total",
+                  "deferred": "postroom_recipients_deferred_total",
+                  "bounced": "postroom_recipients_bounced_total",
+                  "relay_refusals": "postroom_relay_refusals_total"}
+HISTORY_EVERY = 10.0          # seconds between samples
+HISTORY_MINUTES = 60
+
+
+class History:
+    """Samples of the charted counters, every HISTORY_EVERY seconds for the last hour,
+    kept in memory (a restart starts a new hour)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.samples: collections.deque[tuple[float, dict[str, float]]] = collections.deque(
+            maxlen=int(HISTORY_MINUTES * 60 / HISTORY_EVERY) + 12)
+
+    def totals(self) -> dict[str, float]:
+        snap = self.metrics.snapshot()
+        return {k: sum(s["value"] for s in snap.get(name, ()))
+                for k, name in HISTORY_SERIES.items()}
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            with contextlib.suppress(Exception):     # a sample missed is a gap, not an error
+                self.samples.append((time.time(), await loop.run_in_executor(None, self.totals)))
+            await asyncio.sleep(HISTORY_EVERY)
+
+    def per_minute(self, now: float, current: dict[str, float] | None = None
+                   ) -> dict[str, Any]:
+        """Counts per minute for the last hour; None where the server was not running.
+        ``current`` (the totals now) makes the last minute exact."""
+        first_minute = int(now // 60) - HISTORY_MINUTES + 1
+        series: dict[str, list[float | None]] = {
+            k: [None] * HISTORY_MINUTES for k in HISTORY_SERIES}
+        prev: dict[str, float] | None = None
+        samples = list(self.samples) + ([(now, current)] if current is not None else [])
+        for t, values in samples:
+            i = int(t // 60) - first_minute
+            if prev is not None and 0 <= i < HISTORY_MINUTES:
+                for k, v in values.items():
+                    delta = v - prev[k]
+                    series[k][i] = (series[k][i] or 0) + (delta if delta >= 0 else v)
+            elif prev is None and 0 <= i < HISTORY_MINUTES:
+                for k in series:
+                    series[k][i] = series[k][i] or 0
+            prev = values
+        started = samples[0][0] if samples else now
+        for k in series:         # minutes since the first sample with nothing counted are 0
+            for i in range(HISTORY_MINUTES):
+                if series[k][i] is None and (first_minute + i) * 60 + 60 > started:
+                    series[k][i] = 0
+        return {"start": first_minute * 60, "minute": 60, "series": series,
+                "totals": prev or {k: 0.0 for k in HISTORY_SERIES}}
+
+
+class DoctorRuns:
+    """Doctor runs started through the API: their steps appear as each one completes."""
+
+    KEEP = 20
+
+    def __init__(self) -> None:
+        self.runs: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def start(self, request: dict[str, Any],
+              work: Callable[[Callable[[dict[str, Any]], None]],
+                             Coroutine[Any, Any, dict[str, Any]]]) -> dict[str, Any]:
+        run: dict[str, Any] = {"id": secrets.token_hex(6), "started": time.time(),
+                               "request": request, "done": False, "steps": [],
+                               "verdict": None, "error": None}
+        self.runs[run["id"]] = run
+        while len(self.runs) > self.KEEP:
+            self.runs.popitem(last=False)
+
+        async def go() -> None:
+            try:
+                result = await work(run["steps"].append)
+                run["steps"][:] = result["steps"]
+                run["verdict"] = result["verdict"]
+            except Exception as exc:          # shown to the administrator, with its kind
+                log.exception("doctor run %s failed", run["id"])
+                run["error"] = f"{exc.__class__.__name__}: {exc}"
+            finally:
+                run["done"] = True
+                run["finished"] = time.time()
+        task = asyncio.get_running_loop().create_task(go(), name="doctor")
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return run
 
 
 def _filters(q: dict[str, Any]) -> queueops.Filters:
@@ -105,7 +207,8 @@ def make_app(backend: AdminBackend, token: str) -> Starlette:
                                    "content of <data_dir>/admin.token>)")
             try:
                 return await handler(request)
-            except (queueops.QueueError, ComponentError, ConfigError, ValueError) as exc:
+            except (queueops.QueueError, ComponentError, ConfigError, UserError,
+                    ValueError) as exc:
                 return _error(400, str(exc))
         return run
 
@@ -249,6 +352,157 @@ def make_app(backend: AdminBackend, token: str) -> Starlette:
                                                  backend.metrics.exposition)
         return Response(data, media_type=CONTENT_TYPE_LATEST)
 
+    # --- the counters' last hour (the console's charts) -------------------------------
+    history = History(backend.metrics)
+
+    async def stats_history(request: Request) -> Response:
+        current = await loop_read().run_in_executor(None, history.totals)
+        return JSONResponse(history.per_minute(time.time(), current))
+
+    # --- mailboxes and admin accounts ---------------------------------------------------
+    async def users_list(request: Request) -> Response:
+        found = await loop_read().run_in_executor(None, backend.users.list)
+        return JSONResponse({"users": [{"address": u.address, "created": u.created,
+                                        "admin": u.admin} for u in found],
+                             "local_domains": list(backend.config.local_domains)})
+
+    async def json_body(request: Request) -> dict[str, Any]:
+        body = await request.json()
+        if not isinstance(body, dict):
+            raise ValueError("send a JSON object")
+        return body
+
+    async def user_add(request: Request) -> Response:
+        body = await json_body(request)
+        config = backend.config
+        key, maildir, warning = await loop_read().run_in_executor(
+            None, lambda: add_mailbox(backend.users, config, str(body.get("address", "")),
+                                      str(body.get("password", "")),
+                                      admin=bool(body.get("admin"))))
+        backend.events.emit(1008, f"mailbox {key} added" + (" (admin)" if body.get("admin")
+                                                            else "") + _by(body))
+        return JSONResponse({"added": key, "maildir": str(maildir), "warning": warning})
+
+    async def user_remove(request: Request) -> Response:
+        body = await json_body(request)
+        key = await loop_read().run_in_executor(
+            None, backend.users.remove, request.path_params["address"])
+        backend.events.emit(1008, f"mailbox {key} removed (its Maildir is kept)" + _by(body))
+        return JSONResponse({"removed": key})
+
+    async def user_password(request: Request) -> Response:
+        body = await json_body(request)
+        key = await loop_read().run_in_executor(
+            None, backend.users.set_password, request.path_params["address"],
+            str(body.get("password", "")))
+        backend.events.emit(1008, f"password of {key} reset" + _by(body))
+        return JSONResponse({"changed": key})
+
+    async def user_verify(request: Request) -> Response:
+        """For the console's login: is this an admin account with this password?"""
+        body = await json_body(request)
+        store = backend.users
+        key = await loop_read().run_in_executor(None, store.verify, str(body.get("address", "")),
+                                                str(body.get("password", "")))
+        admin = key is not None and any(u.admin for u in await loop_read().run_in_executor(
+            None, store.list) if u.address == key)
+        return JSONResponse({"ok": key is not None, "address": key, "admin": admin})
+
+    # --- address spaces and relay settings ----------------------------------------------
+    async def routing_get(request: Request) -> Response:
+        path = Path(backend.config.source)
+        view = await loop_read().run_in_executor(None, configedit.read, path)
+        view["warnings"] = [str(w) for w in backend.config.warnings()]
+        return JSONResponse(view)
+
+    async def routing_set(request: Request) -> Response:
+        body = await json_body(request)
+        path = Path(backend.config.source)
+        routes = body.get("routes")
+        if not isinstance(routes, list) or not all(isinstance(r, dict) for r in routes):
+            raise ValueError("routes must be a list of objects")
+
+        def strings(name: str) -> list[str]:
+            value = body.get(name)
+            if not isinstance(value, list):
+                raise ValueError(f"{name} must be a list")
+            return [str(v) for v in value]
+        check_only = bool(body.get("check_only"))
+        try:
+            new, _ = await loop_read().run_in_executor(None, lambda: configedit.write(
+                path, routes, strings("trusted_networks"), strings("local_domains"),
+                str(body.get("version", "")), check_only=check_only))
+        except configedit.EditConflict as exc:
+            return _error(409, str(exc))
+        except ConfigError as exc:
+            return _error(400, str(exc), problems=[{"key": p.key, "message": p.message}
+                                                   for p in exc.problems])
+        warnings = [str(w) for w in new.warnings()]
+        if check_only:
+            return JSONResponse({"valid": True, "warnings": warnings, "written": None})
+        backend.events.emit(1007, f"address spaces and relay settings written to {path}"
+                            + _by(body))
+        try:
+            result = await backend.reload()
+        except ConfigError as exc:           # changed under us between write and reload
+            await loop_read().run_in_executor(None, configedit.restore, path)
+            return _error(400, f"the reload refused the new file, so the previous one is "
+                               f"back: {exc}")
+        return JSONResponse({"valid": True, "warnings": warnings, "written": str(path),
+                             "backup": str(path.with_name(path.name + ".bak")),
+                             "reload": result})
+
+    # --- doctor, run by the server (the console watches its steps arrive) ---------------
+    doctor_runs = DoctorRuns()
+
+    async def self_call(method: str, path: str, body: Any = None) -> Any:
+        """This API, called in-process as any client would call it."""
+        r = await self_client.request(method, path, json=body)
+        data = r.json()
+        if r.status_code >= 400:
+            raise OSError(data.get("error") or f"the admin API answered {r.status_code}")
+        return data
+
+    async def doctor_start(request: Request) -> Response:
+        body = await json_body(request)
+        from . import diagnostics
+        from .dns import Resolver
+        config = backend.config
+        rcpt = str(body.get("to") or "") or None
+        sender = str(body.get("from") or "") or None
+        client_ip = str(body.get("client_ip") or "127.0.0.1")
+        auth_user = str(body.get("auth") or "") or None
+        stuck_after = parse_duration(body.get("stuck_after") or "1h")
+        send_test = bool(body.get("send_test"))
+        who = str(body.get("who") or "the administrator")[:100]
+
+        async def fetch(path: str) -> Any:
+            return await self_call("GET", path)
+
+        async def submit(s: str, r: str, data: bytes) -> Any:
+            try:
+                return await self_call("POST", "/api/submit", {
+                    "sender": s, "recipients": [r], "user": who,
+                    "data": base64.b64encode(data).decode()})
+            except OSError as exc:
+                raise ValueError(str(exc)) from None
+
+        async def work(progress: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+            return await diagnostics.doctor(
+                config, Resolver(config.nameservers), backend.users.exists, fetch,
+                rcpt=rcpt, sender=sender, client_ip=client_ip, auth_user=auth_user,
+                stuck_after=stuck_after, submit=submit if send_test else None,
+                progress=progress)
+        run = doctor_runs.start({"to": rcpt, "from": sender, "client_ip": client_ip,
+                                 "auth": auth_user, "send_test": send_test}, work)
+        return JSONResponse(run, status_code=202)
+
+    async def doctor_get(request: Request) -> Response:
+        run = doctor_runs.runs.get(request.path_params["id"])
+        if run is None:
+            return _error(404, "no such doctor run (only the last 20 are kept)")
+        return JSONResponse(run)
+
     routes = [
         Route("/api/status", guarded(status)),
         Route("/api/components/{name}/{action}", guarded(component), methods=["POST"]),
@@ -264,9 +518,30 @@ def make_app(backend: AdminBackend, token: str) -> Starlette:
         Route("/api/events", guarded(events)),
         Route("/api/trace", guarded(trace)),
         Route("/api/submit", guarded(submit), methods=["POST"]),
+        Route("/api/stats/history", guarded(stats_history)),
+        Route("/api/users", guarded(users_list)),
+        Route("/api/users", guarded(user_add), methods=["POST"]),
+        Route("/api/users/verify", guarded(user_verify), methods=["POST"]),
+        Route("/api/users/{address}/remove", guarded(user_remove), methods=["POST"]),
+        Route("/api/users/{address}/password", guarded(user_password), methods=["POST"]),
+        Route("/api/config/routing", guarded(routing_get)),
+        Route("/api/config/routing", guarded(routing_set), methods=["POST"]),
+        Route("/api/doctor", guarded(doctor_start), methods=["POST"]),
+        Route("/api/doctor/{id}", guarded(doctor_get)),
         Route("/metrics", guarded(metrics)),
     ]
-    return Starlette(routes=routes)
+    app = Starlette(routes=routes)
+    self_client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                    base_url="http://postroom-admin", timeout=120,
+                                    headers={"Authorization": f"Bearer {token}"})
+    app.state.background = [history.run]
+    app.state.history = history
+    return app
+
+
+def _by(body: dict[str, Any]) -> str:
+    who = str(body.get("who") or "")[:100]
+    return f" by {who}" if who else ""
 
 
 class _Uvicorn(uvicorn.Server):
@@ -281,6 +556,8 @@ class AdminServer:
 
     def __init__(self, app: Starlette, sock: socket.socket) -> None:
         self.sock = sock
+        self.app = app
+        self.background: list[asyncio.Task[None]] = []
         config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=2)
         self.server = _Uvicorn(config)
@@ -288,12 +565,16 @@ class AdminServer:
 
     def start(self) -> None:
         self.server.should_exit = False
-        self.task = asyncio.get_running_loop().create_task(
-            self.server.serve(sockets=[self.sock]), name="admin")
+        loop = asyncio.get_running_loop()
+        self.task = loop.create_task(self.server.serve(sockets=[self.sock]), name="admin")
+        self.background = [loop.create_task(fn(), name="admin-background")
+                           for fn in getattr(self.app.state, "background", ())]
 
     async def stop(self) -> None:
         if self.task is None:
             return
+        for t in self.background:
+            t.cancel()
         self.server.should_exit = True
         with contextlib.suppress(Exception):
             await self.task

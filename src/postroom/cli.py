@@ -25,7 +25,7 @@ from .config import (
     load,
 )
 from .ctl import add_commands, add_diagnostics, load_or_defaults, sendmail_main
-from .users import UserError, UserStore
+from .users import UserError, UserStore, add_mailbox
 
 DEFAULT_CONFIG = "postroom.toml"
 
@@ -179,14 +179,11 @@ def cmd_users(args: argparse.Namespace) -> int:
     store = UserStore(config.users_path)
     try:
         if args.action == "add":
-            key = store.add(args.address, _read_password(args), admin=args.admin)
-            from .store import MaildirStore
-            local, _, domain = key.rpartition("@")
-            maildir = MaildirStore(config.mail_dir, config.hostname).create(local, domain)
+            key, maildir, warning = add_mailbox(store, config, args.address,
+                                                _read_password(args), admin=args.admin)
             print(f"added {key} (mailbox {maildir})")
-            if domain not in config.local_domains:
-                print(f"postroom: WARNING {domain} is not a local domain: mail for {key} "
-                      f"will not be accepted until [domains] local lists it", file=sys.stderr)
+            if warning:
+                print(f"postroom: WARNING {warning}", file=sys.stderr)
         elif args.action == "remove":
             print(f"removed {store.remove(args.address)} (its Maildir is kept)")
         elif args.action == "passwd":

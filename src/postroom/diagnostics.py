@@ -343,6 +343,19 @@ _PROBE_VERDICT = {"relay-denied": "nexthop-relay-denied", "auth-required":
                   "refused": "nexthop-relay-denied"}
 
 
+class _Steps(list[dict[str, Any]]):
+    """The steps so far; tells ``progress`` of each one as it is added."""
+
+    def __init__(self, progress: Callable[[dict[str, Any]], None] | None) -> None:
+        super().__init__()
+        self.progress = progress
+
+    def append(self, step: dict[str, Any]) -> None:
+        super().append(step)
+        if self.progress is not None:
+            self.progress({k: v for k, v in step.items() if k != "verdict"})
+
+
 def _step(n: int, name: str, status: str, finding: str, detail: Any = None, fix: str = "",
           verdict: str = "") -> dict[str, Any]:
     return {"step": n, "name": name, "status": status, "finding": finding, "detail": detail,
@@ -363,7 +376,8 @@ async def doctor(config: Config, resolver: Resolver, mailbox_exists: Callable[[s
                  sender: str | None = None, client_ip: str = "127.0.0.1",
                  auth_user: str | None = None, stuck_after: float = 3600.0,
                  submit: Callable[[str, str, bytes], Any] | None = None,
-                 follow_for: float = 30.0) -> dict[str, Any]:
+                 follow_for: float = 30.0,
+                 progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """The seed article's nine steps against the running server and its next hops.
 
     ``fetch(path)`` calls the admin API (an awaitable of its JSON, or raises OSError when
@@ -371,10 +385,11 @@ async def doctor(config: Config, resolver: Resolver, mailbox_exists: Callable[[s
     the API's answer), step 5 sends a real test message and follows it for up to
     ``follow_for`` seconds. Each step is ok, warn, fail or skip; the verdict is
     the first failing step's, in the order cause before symptom (_PRECEDENCE).
+    ``progress(step)`` hears each step as it completes (the console shows them so).
     """
     from .bounce import explain as explain_failure
 
-    steps: list[dict[str, Any]] = []
+    steps: list[dict[str, Any]] = _Steps(progress)
     sender = sender or f"postmaster@{config.local_domains[0]}"
     # 1. services
     try:

@@ -144,6 +144,14 @@ CATALOGUE: dict[int, EventKind] = {k.id: k for k in (
     _k(1006, "initialization", "medium", "info", "diagnostic logging changed",
        "An administrator changed the level of a category.",
        "Put it back to minimum when done: maximum writes a lot."),
+    _k(1007, "initialization", "minimum", "warning", "configuration edited",
+       "An administrator changed the address spaces or relay settings in the console: the "
+       "file was validated, written (the previous one kept as <file>.bak) and reloaded.",
+       "Nothing, unless nobody meant to; the .bak file holds the previous version."),
+    _k(1008, "initialization", "minimum", "info", "mailbox changed",
+       "An administrator added or removed a mailbox, or reset its password, through the "
+       "admin API (the console).",
+       "Nothing."),
     _k(2001, "addressing", "minimum", "warning", "relaying refused",
        "A client that is neither trusted nor authenticated asked to send to another "
        "domain: 550 5.7.1 Relaying mail to <address> is not allowed.",
@@ -203,6 +211,14 @@ CATALOGUE: dict[int, EventKind] = {k.id: k for k in (
     _k(4005, "smtp_interface", "medium", "info", "TLS failed or timed out",
        "A TLS handshake failed, or a session timed out.",
        "Check the client's TLS settings and the certificate in [tls]."),
+    _k(4006, "smtp_interface", "minimum", "warning", "console login failed",
+       "A login to the web console failed: a wrong password, or an account that is not "
+       "an admin. The username is in the text, never the password. After repeated "
+       "failures from one address or for one account, logins are refused for a while.",
+       "If it is you: postroom users passwd ADDRESS. If not, someone is guessing."),
+    _k(4007, "smtp_interface", "medium", "info", "console login",
+       "An administrator logged in to the web console, or out.",
+       "Nothing."),
     _k(5001, "internal_processing", "minimum", "error", "storage full",
        "The disk of the data directory is full: acceptance answers 452 4.3.1 and deliveries "
        "wait.",

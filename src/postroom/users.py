@@ -13,11 +13,15 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from .address import AddressError, parse_path
+
+if TYPE_CHECKING:
+    from .config import Config
 
 __all__ = ["User", "UserError", "UserStore", "mailbox_key"]
 
@@ -177,3 +181,16 @@ class UserStore:
         except (VerificationError, InvalidHashError):
             return None
         return key if row else None
+
+
+def add_mailbox(store: UserStore, config: Config, address: str, password: str, *,
+                admin: bool = False) -> tuple[str, Path, str]:
+    """Add a user and make its Maildir. Returns (key, the Maildir, a warning or "")."""
+    from .store import MaildirStore
+    key = store.add(address, password, admin=admin)
+    local, _, domain = key.rpartition("@")
+    maildir = MaildirStore(config.mail_dir, config.hostname).create(local, domain)
+    warning = "" if domain in config.local_domains else (
+        f"{domain} is not a local domain: mail for {key} will not be accepted until "
+        "[domains] local lists it")
+    return key, maildir, warning

@@ -1,0 +1,208 @@
+"""Editing the address spaces and relay settings in the config file, keeping its comments.
+
+The console's routing page (through the admin API) reads the file's ``[[route]]`` tables,
+``[relay] trusted_networks`` and ``[domains] local``, and writes changes back with tomlkit,
+which keeps the administrator's comments and layout. A change is validated by the same
+parser as ``postroom check`` before anything is written; the file is replaced atomically
+(the old one is kept as ``<file>.bak``) and only then reloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import tomlkit
+from tomlkit.items import AoT, Table
+
+from .config import ROUTE_KEYS, Config, ConfigError, Problem, parse_config
+
+__all__ = ["EditConflict", "ROUTE_FIELDS", "apply", "read", "write"]
+
+# every key of a [[route]], in the order the form shows them (a route's password stays
+# in its password_file: the console never sees it)
+ROUTE_FIELDS = ("match", "via", "host", "tls", "tls_verify", "username", "password_file", "cost")
+assert set(ROUTE_FIELDS) == ROUTE_KEYS
+_ROUTE_DEFAULTS: dict[str, Any] = {"via": "mx", "host": "", "tls": "opportunistic",
+                                   "tls_verify": True, "username": "", "password_file": "",
+                                   "cost": 1}
+_DEFAULT_TRUSTED = ["127.0.0.1/32", "::1/128"]
+_DEFAULT_LOCAL = ["localhost"]
+
+
+class EditConflict(ValueError):
+    """The file changed since the editor read it."""
+
+
+def version_of(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _route_view(t: dict[str, Any]) -> dict[str, Any]:
+    return {k: t.get(k, _ROUTE_DEFAULTS.get(k, "")) for k in ROUTE_FIELDS}
+
+
+def read(path: Path) -> dict[str, Any]:
+    """What the editor shows: the routes and relay settings as the file writes them."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        raw = tomllib.loads(text)
+    except FileNotFoundError:
+        raise ConfigError(str(path), [Problem("(file)", "no such file: the server runs on "
+                                              "built-in defaults, so there is nothing to "
+                                              "edit")]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), [Problem("(syntax)", str(exc))]) from None
+    routes = raw.get("route")
+    relay = raw.get("relay")
+    relay = relay if isinstance(relay, dict) else {}
+    domains = raw.get("domains")
+    domains = domains if isinstance(domains, dict) else {}
+    return {
+        "source": str(path), "version": version_of(text),
+        "routes": [_route_view(t) for t in routes if isinstance(t, dict)]
+        if isinstance(routes, list) else [_route_view({"match": "*", "via": "mx"})],
+        "routes_written": isinstance(routes, list),
+        "trusted_networks": list(relay.get("trusted_networks", _DEFAULT_TRUSTED)),
+        "local_domains": list(domains.get("local", _DEFAULT_LOCAL)),
+    }
+
+
+def _clean_route(r: dict[str, Any], i: int) -> dict[str, Any]:
+    """One route from the form, every key present: strings trimmed, cost and tls_verify
+    typed."""
+    out: dict[str, Any] = {}
+    for k in ROUTE_FIELDS:
+        v = r.get(k, _ROUTE_DEFAULTS.get(k, ""))
+        if k == "tls_verify":
+            v = v if isinstance(v, bool) else str(v).lower() in ("1", "true", "on", "yes")
+        elif k == "cost":
+            try:
+                v = int(str(v).strip() or "1")
+            except ValueError:
+                raise ConfigError("the form", [Problem(f"route[{i}].cost",
+                                                       f"{v!r} is not a whole number")]) from None
+        else:
+            v = str(v).strip()
+        out[k] = v
+    return out
+
+
+def _update(table: Table, want: dict[str, Any]) -> None:
+    """Set what changed. A key the file writes stays written (even at its default); a key
+    it leaves out is added only when it differs from the default; an emptied string key
+    is removed."""
+    for k, v in want.items():
+        if k in table:
+            if v == "" and k != "match":
+                del table[k]
+            elif table[k] != v:
+                table[k] = v
+        elif k in ("match", "via") or v != _ROUTE_DEFAULTS.get(k):
+            table[k] = v
+
+
+def apply(text: str, routes: list[dict[str, Any]], trusted_networks: list[str],
+          local_domains: list[str]) -> str:
+    """The file's text with these routes and relay settings; everything else untouched."""
+    doc = tomlkit.parse(text)
+    wanted = [_clean_route(r, i) for i, r in enumerate(routes)]
+
+    relay = doc.get("relay")
+    if not isinstance(relay, Table):
+        relay = tomlkit.table()
+        doc["relay"] = relay
+    relay["trusted_networks"] = [n.strip() for n in trusted_networks if n.strip()]
+    domains = doc.get("domains")
+    if not isinstance(domains, Table):
+        domains = tomlkit.table()
+        doc["domains"] = domains
+    domains["local"] = [d.strip() for d in local_domains if d.strip()]
+
+    existing = doc.get("route")
+    if isinstance(existing, AoT):
+        # update the tables in place (their comments stay), then add or drop at the end
+        for i, want in enumerate(wanted):
+            if i < len(existing):
+                _update(existing[i], want)
+            else:
+                existing.append(_table(want))
+        while len(existing) > len(wanted):
+            del existing[len(existing) - 1]
+        if not wanted:
+            del doc["route"]
+    elif wanted:
+        if existing is not None:
+            del doc["route"]
+        aot = tomlkit.aot()
+        for want in wanted:
+            aot.append(_table(want))
+        doc.append("route", aot)
+    return tomlkit.dumps(doc)
+
+
+def _table(values: dict[str, Any]) -> Table:
+    t = tomlkit.table()
+    _update(t, values)
+    t.add(tomlkit.nl())
+    return t
+
+
+def validate(text: str, path: Path) -> Config:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), [Problem("(syntax)", str(exc))]) from None
+    return parse_config(raw, path.resolve().parent, str(path))
+
+
+def write(path: Path, routes: list[dict[str, Any]], trusted_networks: list[str],
+          local_domains: list[str], version: str, *, check_only: bool = False
+          ) -> tuple[Config, str]:
+    """Validate the change and, unless ``check_only``, write it. Returns the new config
+    and the new text. Raises ConfigError (every problem, by key) or EditConflict."""
+    old = path.read_text(encoding="utf-8")
+    if version and version != version_of(old):
+        raise EditConflict(f"{path} changed since this page was loaded: reload the page "
+                           "and make the change again")
+    for r in routes:
+        unknown = [k for k in r if k not in ROUTE_FIELDS]
+        if unknown:
+            raise ValueError(f"unknown route keys: {', '.join(unknown)}")
+    new = apply(old, routes, trusted_networks, local_domains)
+    config = validate(new, path)
+    if check_only:
+        return config, new
+    backup = path.with_name(path.name + ".bak")
+    _atomic_write(backup, old, path)
+    _atomic_write(path, new, path)
+    return config, new
+
+
+def restore(path: Path) -> None:
+    """Put back the version kept by the last write (after a reload refused it)."""
+    backup = path.with_name(path.name + ".bak")
+    _atomic_write(path, backup.read_text(encoding="utf-8"), path)
+
+
+def _atomic_write(target: Path, text: str, like: Path) -> None:
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    mode = like.stat().st_mode & 0o777
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dfd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

@@ -1,0 +1,651 @@
+"""The web console: server-rendered pages on ``[admin] listen``, beside the admin API.
+
+Every page is a client of the admin API: it calls the same JSON routes as the command
+line does (in-process, over ASGI, with the API's token), so the console and the commands
+can never disagree. What the console adds is its own: login with an admin account
+(``postroom users add ADDRESS --admin``), a server-side session behind an HttpOnly,
+SameSite=Strict cookie, a CSRF token on every form, login throttling, and the pages.
+
+The JavaScript (``static/console.js``) only refreshes parts of a page (charts, the event
+tail, a running doctor) and asks before destructive actions; every page works without it.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.datastructures import FormData
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+
+from ..events import CATALOGUE, CATEGORIES, LEVELS, SEVERITIES, EventLog
+from ..queueops import ACTIONS
+from ..spool import QUEUES
+from . import charts
+
+__all__ = ["install"]
+
+log = logging.getLogger("postroom.console")
+HERE = Path(__file__).parent
+COOKIE = "postroom_console"
+LOGIN_COOKIE = "postroom_login"
+COMPONENT_ACTIONS = ("start", "stop", "restart")
+DOCTOR_STEPS = ("services", "address space", "logging", "queues", "test message", "dns",
+                "probe", "alternative route", "configuration")
+# what each component is, for the dashboard
+COMPONENT_HELP = {
+    "smtp": "the MX listener: mail from the Internet",
+    "submission": "the submission listeners: mail from your users",
+    "conversion": "checks and routes each accepted recipient",
+    "queue-manager": "schedules deliveries and retries",
+    "local-delivery": "writes to the Maildirs",
+    "outbound-delivery": "sends to remote servers and smart hosts",
+    "admin": "this console and the admin API",
+}
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+                               "img-src 'self' data:; connect-src 'self'; form-action 'self'; "
+                               "frame-ancestors 'none'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, data: Any = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.data = data if isinstance(data, dict) else {}
+
+
+@dataclass
+class Session:
+    user: str
+    csrf: str
+    created: float
+    seen: float
+    flash: list[tuple[str, str]] = field(default_factory=list)
+
+
+class Throttle:
+    """Failed logins per client address: after LIMIT failures within WINDOW seconds,
+    logins from that address are refused, even with the right password, until the oldest
+    failure leaves the window. Per address, as Dovecot's auth penalty and Postfix's anvil
+    count: a lock per account would let anyone lock the administrator out."""
+
+    LIMIT = 5
+    WINDOW = 900.0
+
+    def __init__(self) -> None:
+        self.failures: dict[str, collections.deque[float]] = {}
+
+    def _recent(self, key: str, now: float) -> collections.deque[float]:
+        q = self.failures.setdefault(key, collections.deque())
+        while q and q[0] <= now - self.WINDOW:
+            q.popleft()
+        return q
+
+    def wait(self, keys: list[str], now: float) -> float:
+        """Seconds until a login may be tried again (0: now)."""
+        longest = 0.0
+        for key in keys:
+            q = self._recent(key, now)
+            if len(q) >= self.LIMIT:
+                longest = max(longest, q[len(q) - self.LIMIT] + self.WINDOW - now)
+        return longest
+
+    def fail(self, keys: list[str], now: float) -> None:
+        for key in keys:
+            self._recent(key, now).append(now)
+        if len(self.failures) > 10000:           # forget idle keys
+            for key in [k for k, q in self.failures.items() if not q]:
+                del self.failures[key]
+
+    def succeed(self, keys: list[str]) -> None:
+        for key in keys:
+            self.failures.pop(key, None)
+
+
+# --- formatting for the templates ------------------------------------------------------
+def _when(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            rest = s % size
+            sub = {"d": 3600, "h": 60, "m": 1}[unit]
+            return f"{s // size}{unit}" + (f" {rest // sub}{'hms'['dhm'.index(unit)]}"
+                                             if rest // sub else "")
+    return f"{s}s"
+
+
+def _ago(ts: float | None) -> str:
+    return "-" if not ts else _age(max(0.0, time.time() - ts)) + " ago"
+
+
+def _until(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    d = ts - time.time()
+    return "now" if d <= 0 else "in " + _age(d)
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    if n < 1024:
+        return f"{n} B"
+    return f"{n / 1024:.1f} KB" if n < 1024 * 1024 else f"{n / 1048576:.1f} MB"
+
+
+def _problems(problems: dict[str, str]) -> dict[str, Any]:
+    """The validation problems by where the routing form shows them."""
+    fields: dict[str, list[tuple[str, str]]] = {"trusted_networks": [], "local_domains": []}
+    other = []
+    for key, message in problems.items():
+        if key.startswith("relay."):
+            fields["trusted_networks"].append((key, message))
+        elif key.startswith("domains."):
+            fields["local_domains"].append((key, message))
+        elif not key.startswith("route["):
+            other.append((key, message))
+    return {"problems": problems, "field_errors": fields, "other_problems": other}
+
+
+def _safe_next(value: str | None) -> str:
+    """Only a path on this console, never another site (an open redirect)."""
+    if not value or not value.startswith("/") or value.startswith("//") or "\\" in value:
+        return "/"
+    return value
+
+
+class Console:
+    SESSION_IDLE = 3600.0            # an hour without a request ends a session
+    SESSION_MAX = 12 * 3600.0        # and twelve hours in all
+
+    def __init__(self, app: Starlette, token: str, events: EventLog) -> None:
+        self.events = events
+        self.api = httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://postroom-admin", timeout=120,
+                                     headers={"Authorization": f"Bearer {token}"})
+        self.sessions: dict[str, Session] = {}
+        self.throttle = Throttle()
+        self.templates = Jinja2Templates(directory=str(HERE / "templates"))
+        env = self.templates.env
+        env.filters.update(when=_when, age=_age, ago=_ago, until=_until, size=_size)
+        env.globals.update(QUEUES=QUEUES, ACTIONS=ACTIONS, LEVELS=LEVELS,
+                           CATEGORIES=CATEGORIES, SEVERITIES=SEVERITIES,
+                           CATALOGUE=CATALOGUE, COMPONENT_HELP=COMPONENT_HELP)
+
+    # --- the admin API --------------------------------------------------------------
+    async def call(self, method: str, path: str, body: Any = None,
+                   params: dict[str, Any] | None = None) -> Any:
+        if params:
+            params = {k: v for k, v in params.items() if v not in (None, "")}
+        r = await self.api.request(method, path, json=body, params=params)
+        try:
+            data = r.json()
+        except ValueError:
+            data = {"error": r.text}
+        if r.status_code >= 400:
+            raise ApiError(r.status_code, str(data.get("error") or r.status_code), data)
+        return data
+
+    # --- sessions -------------------------------------------------------------------
+    @staticmethod
+    def _key(cookie: str) -> str:
+        return hashlib.sha256(cookie.encode()).hexdigest()
+
+    def session(self, request: Request) -> Session | None:
+        cookie = request.cookies.get(COOKIE, "")
+        if not cookie:
+            return None
+        key = self._key(cookie)
+        s = self.sessions.get(key)
+        now = time.time()
+        if s is None or now - s.seen > self.SESSION_IDLE or now - s.created > self.SESSION_MAX:
+            self.sessions.pop(key, None)
+            return None
+        s.seen = now
+        return s
+
+    def new_session(self, user: str, response: Response, secure: bool) -> None:
+        now = time.time()
+        for k in [k for k, s in self.sessions.items()
+                  if now - s.seen > self.SESSION_IDLE or now - s.created > self.SESSION_MAX]:
+            del self.sessions[k]
+        cookie = secrets.token_urlsafe(32)
+        self.sessions[self._key(cookie)] = Session(user, secrets.token_urlsafe(24), now, now)
+        response.set_cookie(COOKIE, cookie, httponly=True, samesite="strict", secure=secure,
+                            path="/")
+
+    # --- rendering ------------------------------------------------------------------
+    def render(self, request: Request, name: str, context: dict[str, Any],
+               status: int = 200, session: Session | None = None) -> Response:
+        flash = []
+        if session is not None:
+            flash, session.flash = session.flash, []
+        ctx = {"session": session, "flash": flash, "path": request.url.path, **context}
+        response = self.templates.TemplateResponse(request, name, ctx, status_code=status)
+        response.headers.update(SECURITY_HEADERS)
+        return response
+
+    @staticmethod
+    def _same_origin(request: Request) -> bool:
+        origin = request.headers.get("origin")
+        if origin is None:           # not sent: the CSRF token alone decides
+            return True
+        host = request.headers.get("host", "")
+        return origin in (f"http://{host}", f"https://{host}")
+
+    def page(self, handler: Callable[[Request, Session], Awaitable[Response]]
+             ) -> Callable[[Request], Awaitable[Response]]:
+        """A page or an action that needs a logged-in admin (and, to change anything, the
+        session's CSRF token)."""
+        async def run(request: Request) -> Response:
+            s = self.session(request)
+            fragment = request.url.path.startswith("/fragments/")
+            if s is None:
+                if request.method == "GET" and not fragment:
+                    target = request.url.path + (f"?{request.url.query}" if request.url.query
+                                                 else "")
+                    return RedirectResponse("/login?next=" + urllib.parse.quote(target), 303)
+                return self._plain(401, "Your session has ended: log in again.")
+            if request.method == "POST":
+                form = await request.form()
+                given = str(form.get("csrf") or request.headers.get("x-csrf-token") or "")
+                if not given or not hmac.compare_digest(given, s.csrf) or \
+                        not self._same_origin(request):
+                    log.warning("console: %s refused for %s: missing or wrong CSRF token",
+                                request.url.path, s.user)
+                    return self._plain(403, "Refused: this request did not come from a "
+                                            "console page (missing or wrong CSRF token). "
+                                            "Reload the page and try again.")
+                request.state.form = form
+            try:
+                response = await handler(request, s)
+            except ApiError as exc:
+                if request.method == "POST":      # back to the page the form was on
+                    s.flash.append(("error", str(exc)))
+                    referer = urllib.parse.urlsplit(request.headers.get("referer", ""))
+                    back = str(request.state.form.get("back") or "") or (
+                        referer.path + (f"?{referer.query}" if referer.query else "")
+                        if referer.netloc == request.headers.get("host") else "")
+                    return RedirectResponse(_safe_next(back), 303)
+                return self.render(request, "error.html", {"title": "Error",
+                                                           "message": str(exc)},
+                                   status=exc.status if exc.status < 500 else 502, session=s)
+            response.headers.update(SECURITY_HEADERS)
+            return response
+        return run
+
+    @staticmethod
+    def _plain(status: int, text: str) -> Response:
+        r = PlainTextResponse(text, status_code=status)
+        r.headers.update(SECURITY_HEADERS)
+        return r
+
+    @staticmethod
+    def _back(form: FormData, default: str) -> RedirectResponse:
+        return RedirectResponse(_safe_next(str(form.get("back") or default)), 303)
+
+    # --- login and logout -----------------------------------------------------------
+    async def login_page(self, request: Request, error: str = "", status: int = 200,
+                         address: str = "", next_: str = "") -> Response:
+        if request.method == "GET" and self.session(request) is not None:
+            return RedirectResponse(_safe_next(request.query_params.get("next")), 303)
+        users = (await self.call("GET", "/api/users"))["users"]
+        nonce = secrets.token_urlsafe(16)
+        response = self.render(request, "login.html", {
+            "title": "Log in", "error": error, "nonce": nonce, "address": address,
+            "no_admin": not any(u["admin"] for u in users),
+            "next": _safe_next(next_ or request.query_params.get("next"))}, status=status)
+        response.set_cookie(LOGIN_COOKIE, nonce, httponly=True, samesite="strict",
+                            secure=request.url.scheme == "https", path="/login", max_age=3600)
+        return response
+
+    async def login(self, request: Request) -> Response:
+        form = await request.form()
+        address = str(form.get("address") or "").strip()
+        password = str(form.get("password") or "")
+        nonce = request.cookies.get(LOGIN_COOKIE, "")
+        if not nonce or not hmac.compare_digest(nonce, str(form.get("nonce") or "")) or \
+                not self._same_origin(request):
+            return self._plain(403, "Refused: this login did not come from the console's "
+                                    "login page (missing or wrong CSRF token). Reload it "
+                                    "and try again.")
+        peer = request.client.host if request.client else "?"
+        keys = [f"ip:{peer}"]
+        now = time.time()
+        wait = self.throttle.wait(keys, now)
+        if wait > 0:
+            self.events.emit(4006, f"console login for {address!r} from [{peer}] refused: "
+                                   "too many failed logins", peer=peer)
+            response = await self.login_page(
+                request, f"Too many failed logins from your address. "
+                         f"Try again in {_age(wait)}.", 429, address, str(form.get("next") or ""))
+            response.headers["Retry-After"] = str(int(wait) + 1)
+            return response
+        result = await self.call("POST", "/api/users/verify",
+                                 {"address": address, "password": password})
+        if not (result["ok"] and result["admin"]):
+            self.throttle.fail(keys, now)
+            why = "not an admin account" if result["ok"] else "wrong address or password"
+            self.events.emit(4006, f"console login for {address!r} from [{peer}] failed: {why}",
+                             peer=peer)
+            return await self.login_page(
+                request, "Wrong address or password, or not an admin account.", 401, address,
+                str(form.get("next") or ""))
+        self.throttle.succeed(keys)
+        self.events.emit(4007, f"{result['address']} logged in to the console from [{peer}]",
+                         peer=peer)
+        response = RedirectResponse(_safe_next(str(form.get("next") or "/")), 303)
+        self.new_session(result["address"], response, secure=request.url.scheme == "https")
+        response.delete_cookie(LOGIN_COOKIE, path="/login")
+        return response
+
+    async def logout(self, request: Request, s: Session) -> Response:
+        self.sessions.pop(self._key(request.cookies.get(COOKIE, "")), None)
+        self.events.emit(4007, f"{s.user} logged out of the console")
+        response = RedirectResponse("/login", 303)
+        response.delete_cookie(COOKIE, path="/")
+        return response
+
+    # --- dashboard and components ---------------------------------------------------
+    async def dashboard(self, request: Request, s: Session) -> Response:
+        status = await self.call("GET", "/api/status")
+        return self.render(request, "dashboard.html", {
+            "title": "Dashboard", "components": status["components"],
+            **await self._dashboard_live()}, session=s)
+
+    async def _dashboard_live(self) -> dict[str, Any]:
+        queues = (await self.call("GET", "/api/queues"))["queues"]
+        history = await self.call("GET", "/api/stats/history")
+        return {"queues": queues, "charts": charts.render_all(history)}
+
+    async def dashboard_fragment(self, request: Request, s: Session) -> Response:
+        return self.render(request, "_dashboard_live.html", await self._dashboard_live(),
+                           session=s)
+
+    async def component(self, request: Request, s: Session) -> Response:
+        name, action = request.path_params["name"], request.path_params["action"]
+        result = await self.call("POST", f"/api/components/{name}/{action}")
+        s.flash.append(("ok", f"{name}: {action} done, now {result.get('state', '?')}"))
+        return self._back(request.state.form, "/")
+
+    # --- queues ---------------------------------------------------------------------
+    async def queues(self, request: Request, s: Session) -> Response:
+        summary = (await self.call("GET", "/api/queues"))["queues"]
+        reasons = (await self.call("GET", "/api/queues/reasons"))["reasons"]
+        return self.render(request, "queues.html", {"title": "Queues", "queues": summary,
+                                                    "reasons": reasons}, session=s)
+
+    FILTERS = ("domain", "sender", "rcpt", "older_than", "held", "reason")
+
+    async def queue(self, request: Request, s: Session) -> Response:
+        name = request.path_params["queue"]
+        filters = {k: request.query_params.get(k, "") for k in self.FILTERS}
+        listing = await self.call("GET", f"/api/queues/{name}", params={**filters,
+                                                                        "limit": "500"})
+        return self.render(request, "queue.html", {
+            "title": f"Queue {name}", "queue": name, "filters": filters,
+            "listing": listing, "back": str(request.url.path) + (
+                f"?{request.url.query}" if request.url.query else "")}, session=s)
+
+    async def message(self, request: Request, s: Session) -> Response:
+        mid = request.path_params["id"]
+        try:
+            m = await self.call("GET", f"/api/messages/{mid}")
+        except ApiError as exc:
+            if exc.status != 400:
+                raise
+            return self.render(request, "message.html", {"title": f"Message {mid}",
+                                                         "mid": mid, "gone": str(exc)},
+                               status=404, session=s)
+        return self.render(request, "message.html", {"title": f"Message {mid}", "mid": mid,
+                                                     "m": m}, session=s)
+
+    async def queue_action(self, request: Request, s: Session) -> Response:
+        form = request.state.form
+        action = str(form.get("action") or "")
+        body: dict[str, Any] = {"action": action, "who": f"{s.user} (console)"}
+        ids = [str(i) for i in form.getlist("ids") if i]
+        if ids:
+            body["ids"] = ids
+        elif form.get("all"):
+            body["all"] = True
+            for k in self.FILTERS + ("queue",):
+                if form.get(k):
+                    body[k] = str(form.get(k))
+        else:
+            s.flash.append(("error", "Select at least one message (or use the button that "
+                                     "acts on every message the filters match)."))
+            return self._back(form, "/queues")
+        result = await self.call("POST", "/api/queues/actions", body)
+        s.flash.append(("ok", f"{action}: {result['recipients']} recipients of "
+                              f"{result['messages']} messages"))
+        return self._back(form, "/queues")
+
+    # --- tracking and events ----------------------------------------------------------
+    TRACK_BY = {"id": "queue id", "message_id": "Message-ID", "sender": "sender",
+                "rcpt": "recipient"}
+
+    async def track(self, request: Request, s: Session) -> Response:
+        q = request.query_params.get("q", "").strip()
+        by = request.query_params.get("by", "id")
+        by = by if by in self.TRACK_BY else "id"
+        since = request.query_params.get("since", "7d")
+        found = None
+        if q:
+            found = (await self.call("GET", "/api/trace",
+                                     params={by: q, "since": since}))["messages"]
+        return self.render(request, "track.html", {
+            "title": "Message tracking", "q": q, "by": by, "since": since,
+            "track_by": self.TRACK_BY, "found": found}, session=s)
+
+    def _event_filters(self, request: Request) -> dict[str, str]:
+        return {k: request.query_params.get(k, "") for k in ("severity", "category",
+                                                             "queue_id", "since")}
+
+    async def events_page(self, request: Request, s: Session) -> Response:
+        f = self._event_filters(request)
+        found = (await self.call("GET", "/api/events", params={**f, "limit": "200"}))["events"]
+        return self.render(request, "events.html", {
+            "title": "Events", "filters": f, "events": list(reversed(found)),
+            "query": request.url.query}, session=s)
+
+    async def events_fragment(self, request: Request, s: Session) -> Response:
+        f = self._event_filters(request)
+        found = (await self.call("GET", "/api/events", params={**f, "limit": "200"}))["events"]
+        return self.render(request, "_events.html", {"events": list(reversed(found))},
+                           session=s)
+
+    # --- diagnostic logging -----------------------------------------------------------
+    async def logging_page(self, request: Request, s: Session) -> Response:
+        levels = await self.call("GET", "/api/logging")
+        return self.render(request, "logging.html", {"title": "Diagnostic logging",
+                                                     "levels": levels}, session=s)
+
+    async def logging_set(self, request: Request, s: Session) -> Response:
+        form = request.state.form
+        category, level = str(form.get("category") or ""), str(form.get("level") or "")
+        await self.call("POST", "/api/logging", {
+            "category": category, "level": level, "peer": str(form.get("peer") or ""),
+            "domain": str(form.get("domain") or "")})
+        s.flash.append(("ok", f"{category}: {level}, in effect now"))
+        return self._back(form, "/logging")
+
+    # --- doctor -----------------------------------------------------------------------
+    async def doctor_page(self, request: Request, s: Session) -> Response:
+        return self.render(request, "doctor.html", {"title": "Doctor", "run": None,
+                                                    "steps": DOCTOR_STEPS}, session=s)
+
+    async def doctor_start(self, request: Request, s: Session) -> Response:
+        form = request.state.form
+        run = await self.call("POST", "/api/doctor", {
+            "to": str(form.get("to") or "").strip(), "from": str(form.get("from") or "").strip(),
+            "client_ip": str(form.get("client_ip") or "").strip() or "127.0.0.1",
+            "auth": str(form.get("auth") or "").strip(),
+            "send_test": bool(form.get("send_test")), "who": f"{s.user} (console)"})
+        return RedirectResponse(f"/doctor/{run['id']}", 303)
+
+    async def doctor_run(self, request: Request, s: Session) -> Response:
+        run = await self.call("GET", f"/api/doctor/{request.path_params['id']}")
+        name = "_doctor_run.html" if request.url.path.startswith("/fragments/") else "doctor.html"
+        return self.render(request, name, {"title": "Doctor", "run": run,
+                                           "steps": DOCTOR_STEPS}, session=s)
+
+    # --- address spaces and relay settings ----------------------------------------------
+    async def routing(self, request: Request, s: Session) -> Response:
+        view = await self.call("GET", "/api/config/routing")
+        return self.render(request, "routing.html", {"title": "Address spaces and relay",
+                                                     "view": view, **_problems({})}, session=s)
+
+    async def routing_save(self, request: Request, s: Session) -> Response:
+        form = request.state.form
+        routes = []
+        count = int(str(form.get("route_count") or "0"))
+        for i in range(min(count, 200)):
+            if form.get(f"route-{i}-remove") or not str(form.get(f"route-{i}-match") or "").strip() \
+                    and i == count - 1:
+                continue          # removed, or the blank "add a route" row left empty
+            routes.append({k: str(form.get(f"route-{i}-{k}") or "") for k in (
+                "match", "via", "host", "tls", "username", "password_file", "cost")}
+                | {"tls_verify": bool(form.get(f"route-{i}-tls_verify"))})
+        lines = {k: [x.strip() for x in str(form.get(k) or "").splitlines() if x.strip()]
+                 for k in ("trusted_networks", "local_domains")}
+        check_only = form.get("do") == "check"
+        body = {"routes": routes, **lines, "version": str(form.get("version") or ""),
+                "check_only": check_only, "who": f"{s.user} (console)"}
+        try:
+            result = await self.call("POST", "/api/config/routing", body)
+        except ApiError as exc:
+            if exc.status not in (400, 409):
+                raise
+            view = {"source": str(form.get("source") or ""), "version": body["version"],
+                    "routes": [dict(r) for r in routes], **lines, "warnings": []}
+            problems = {p["key"]: p["message"] for p in exc.data.get("problems", [])}
+            return self.render(request, "routing.html", {
+                "title": "Address spaces and relay", "view": view, **_problems(problems),
+                "error": str(exc) if exc.status == 409 or not problems else
+                "Nothing was written: fix the fields marked below."}, status=exc.status,
+                session=s)
+        warn = "; ".join(result["warnings"])
+        if check_only:
+            s.flash.append(("ok", "Valid: nothing written yet." + (f" Warning: {warn}"
+                                                                   if warn else "")))
+            view = {"source": str(form.get("source") or ""), "version": body["version"],
+                    "routes": routes, **lines, "warnings": result["warnings"]}
+            return self.render(request, "routing.html", {
+                "title": "Address spaces and relay", "view": view, **_problems({})}, session=s)
+        needs = result["reload"].get("needs_restart") or []
+        s.flash.append(("ok", f"Saved to {result['written']} (the previous version is "
+                              f"{result['backup']}) and reloaded."
+                        + (f" Needs a restart: {', '.join(needs)}." if needs else "")
+                        + (f" Warning: {warn}" if warn else "")))
+        return RedirectResponse("/routing", 303)
+
+    # --- mailboxes --------------------------------------------------------------------
+    async def mailboxes(self, request: Request, s: Session) -> Response:
+        data = await self.call("GET", "/api/users")
+        return self.render(request, "mailboxes.html", {"title": "Mailboxes", **data},
+                           session=s)
+
+    async def mailbox_action(self, request: Request, s: Session) -> Response:
+        form = request.state.form
+        action = request.path_params["action"]
+        address = str(form.get("address") or "").strip()
+        who = f"{s.user} (console)"
+        if action == "add":
+            r = await self.call("POST", "/api/users", {
+                "address": address, "password": str(form.get("password") or ""),
+                "admin": bool(form.get("admin")), "who": who})
+            s.flash.append(("ok", f"Added {r['added']} (Maildir {r['maildir']})."))
+            if r.get("warning"):
+                s.flash.append(("error", r["warning"]))
+        elif action == "remove":
+            if address == s.user:
+                s.flash.append(("error", "You cannot remove the account you are logged in "
+                                         "with."))
+                return RedirectResponse("/mailboxes", 303)
+            r = await self.call("POST", f"/api/users/{urllib.parse.quote(address)}/remove",
+                                {"who": who})
+            s.flash.append(("ok", f"Removed {r['removed']} (its Maildir is kept)."))
+        elif action == "password":
+            r = await self.call("POST", f"/api/users/{urllib.parse.quote(address)}/password",
+                                {"password": str(form.get("password") or ""), "who": who})
+            s.flash.append(("ok", f"New password set for {r['changed']}."))
+        else:
+            return self._plain(404, "no such action")
+        return RedirectResponse("/mailboxes", 303)
+
+    def routes(self) -> list[Route | Mount]:
+        p = self.page
+        return [
+            Route("/login", self.login_page, methods=["GET"]),
+            Route("/login", self.login, methods=["POST"]),
+            Route("/logout", p(self.logout), methods=["POST"]),
+            Route("/", p(self.dashboard)),
+            Route("/fragments/dashboard", p(self.dashboard_fragment)),
+            Route("/components/{name}/{action}", p(self.component), methods=["POST"]),
+            Route("/queues", p(self.queues)),
+            Route("/queues/actions", p(self.queue_action), methods=["POST"]),
+            Route("/queues/{queue}", p(self.queue)),
+            Route("/messages/{id}", p(self.message)),
+            Route("/track", p(self.track)),
+            Route("/events", p(self.events_page)),
+            Route("/fragments/events", p(self.events_fragment)),
+            Route("/logging", p(self.logging_page)),
+            Route("/logging", p(self.logging_set), methods=["POST"]),
+            Route("/doctor", p(self.doctor_page)),
+            Route("/doctor", p(self.doctor_start), methods=["POST"]),
+            Route("/doctor/{id}", p(self.doctor_run)),
+            Route("/fragments/doctor/{id}", p(self.doctor_run)),
+            Route("/routing", p(self.routing)),
+            Route("/routing", p(self.routing_save), methods=["POST"]),
+            Route("/mailboxes", p(self.mailboxes)),
+            Route("/mailboxes/{action}", p(self.mailbox_action), methods=["POST"]),
+            Mount("/static", app=StaticFiles(directory=str(HERE / "static")), name="static"),
+        ]
+
+
+def install(app: Starlette, token: str, events: EventLog) -> Console:
+    """Add the console's pages to the admin API's application."""
+    console = Console(app, token, events)
+    app.router.routes.extend(console.routes())
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        if request.url.path.startswith(("/api/", "/metrics")):
+            return JSONResponse({"error": "no such API route"}, status_code=404)
+        s = console.session(request)
+        return console.render(request, "error.html", {
+            "title": "Not found", "message": f"There is no page {request.url.path}."},
+            status=404, session=s)
+    app.add_exception_handler(404, not_found)
+    return console
+

@@ -75,7 +75,7 @@ class BoundListener:
     def describe(self) -> str:
         what = {"mx": "SMTP (MX)", "submission": "submission (STARTTLS + AUTH)",
                 "submissions": "submissions (implicit TLS + AUTH)",
-                "admin": "admin API (HTTP, token in data_dir)"}[self.kind]
+                "admin": "admin API and web console (HTTP)"}[self.kind]
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{what:38} {host}:{self.port}"
 

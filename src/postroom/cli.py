@@ -81,6 +81,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                  f"  postroom users add alice@{domain} --password-stdin <<<'s3cret'"]
         if mx is not None:
             lines.append(f"  swaks --server {mx.host}:{mx.port} --to alice@{domain}")
+        admin = next((b for b in listeners if b.kind == "admin"), None)
+        if admin is not None:
+            host = f"[{admin.host}]" if ":" in admin.host else admin.host
+            lines += [f"Web console: http://{host}:{admin.port}/ (log in with an admin account:",
+                      f"  postroom users add you@{domain} --admin --password-stdin)"]
         lines.append("Stop with Ctrl-C (or SIGTERM).")
         # one write, so that log lines from the other thread cannot land inside it
         sys.stdout.write("\n".join(lines) + "\n")

@@ -103,10 +103,10 @@ class Console:
         self.page.fill("#password", password)
         self.submit("form.stack button[type=submit]")
 
-    def shot(self, name: str) -> None:
+    def shot(self, name: str, full_page: bool = True) -> None:
         if SHOTS:
             Path(SHOTS).mkdir(parents=True, exist_ok=True)
-            self.page.screenshot(path=str(Path(SHOTS) / f"{name}.png"), full_page=True)
+            self.page.screenshot(path=str(Path(SHOTS) / f"{name}.png"), full_page=full_page)
 
     def submit(self, target: Any) -> None:
         """Click a button that posts a form, and wait for the page that answers."""
@@ -379,7 +379,7 @@ def test_event_viewer_filters_and_tails_live(ui: Console, console: ServerProcess
     assert "message_transfer" in row.inner_text()
     cats = set(ui.page.locator("#events-tail td:nth-child(4)").all_inner_texts())
     assert cats == {"message_transfer"}
-    ui.shot("events")
+    ui.shot("events", full_page=False)
     # paused, the tail stands still
     ui.page.click("[data-pause]")
     assert ui.page.get_attribute("[data-pause]", "aria-pressed") == "true"

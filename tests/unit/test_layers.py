@@ -11,14 +11,15 @@ LAYERS: dict[str, float] = {
     "model": 0, "replies": 0.5, "address": 0.5,     # 0.5: values built on model
     "config": 1, "observability": 1, "body": 1,
     "routing": 1.5, "policy": 2, "bounce": 2, "conversion": 2,
-    "spool": 3, "store": 3, "events": 3, "dns": 3, "users": 3, "tls": 3,
+    "spool": 3, "store": 3, "events": 3, "dns": 3, "tls": 3,
+    "users": 3.2,                                   # a user and its Maildir (store)
     # the smtp package: the sans-I/O core and the client are protocol libraries; the
     # server is the receiving component
     "smtp": 4, "smtp.protocol": 2.5, "smtp.client": 3, "smtp.server": 4,
     "delivery": 3.5,
     "qmgr": 4, "diagnostics": 4,
     "admin": 4.5, "app": 5, "ctl": 5.5, "queueops": 3.5, "metrics": 1,
-    "cli": 6, "web": 6,
+    "cli": 6, "console": 4.75, "configedit": 1.5,
 }
 PURE = {"model", "replies", "address", "policy", "routing", "bounce", "conversion"}
 IO_MODULES = {"asyncio", "socket", "sqlite3", "ssl", "subprocess", "threading", "os"}

@@ -362,6 +362,8 @@ def make_app(backend: AdminBackend, token: str) -> Starlette:
     # --- mailboxes and admin accounts ---------------------------------------------------
     async def users_list(request: Request) -> Response:
         found = await loop_read().run_in_executor(None, backend.users.list)
+        if request.query_params.get("admin") in ("1", "true", "yes"):
+            found = [u for u in found if u.admin]
         return JSONResponse({"users": [{"address": u.address, "created": u.created,
                                         "admin": u.admin} for u in found],
                              "local_domains": list(backend.config.local_domains)})

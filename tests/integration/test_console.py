@@ -19,11 +19,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import playwright.sync_api as playwright_api  # the test extras install it
 import pytest
 
 from tests.conftest import ServerProcess, wait_until
-
-playwright_api = pytest.importorskip("playwright.sync_api")  # installed by the test extras
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # As root in a container: no sandbox; and nothing that talks to the outside.
@@ -412,8 +411,13 @@ def test_doctor_names_the_broken_smart_host(ui: Console, console: ServerProcess)
     ui.page.fill("#d-to", "someone@far.test")
     ui.submit("form.filters button[type=submit]")
     ui.page.wait_for_url(re.compile(r".*/doctor/[0-9a-f]+$"))
+    # the steps arrive one by one: step 7 has failed while step 8 (an MX lookup against a
+    # nameserver that never answers, 5 s) is still running
+    ui.page.locator('[data-step="7"].step-fail').wait_for(timeout=30000)
+    assert ui.page.locator('[data-step="8"].step-pending').count() == 1
+    assert ui.page.locator("#verdict").count() == 0
     verdict = ui.page.locator("#verdict")
-    verdict.wait_for(timeout=60000)                         # steps arrive one by one
+    verdict.wait_for(timeout=60000)
     assert verdict.inner_text() == "nexthop-unreachable"
     assert "fail" in (ui.page.get_attribute('[data-step="7"]', "class") or "")
     assert "OK" in ui.page.inner_text('[data-step="1"] .mark')

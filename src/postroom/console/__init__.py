@@ -319,11 +319,11 @@ class Console:
                          address: str = "", next_: str = "") -> Response:
         if request.method == "GET" and self.session(request) is not None:
             return RedirectResponse(_safe_next(request.query_params.get("next")), 303)
-        users = (await self.call("GET", "/api/users"))["users"]
+        admins = (await self.call("GET", "/api/users", params={"admin": "1"}))["users"]
         nonce = secrets.token_urlsafe(16)
         response = self.render(request, "login.html", {
             "title": "Log in", "error": error, "nonce": nonce, "address": address,
-            "no_admin": not any(u["admin"] for u in users),
+            "no_admin": not admins,
             "next": _safe_next(next_ or request.query_params.get("next"))}, status=status)
         response.set_cookie(LOGIN_COOKIE, nonce, httponly=True, samesite="strict",
                             secure=request.url.scheme == "https", path="/login", max_age=3600)

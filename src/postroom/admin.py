@@ -14,6 +14,7 @@ import asyncio
 import base64
 import binascii
 import collections
+import concurrent.futures
 import contextlib
 import hmac
 import logging
@@ -24,13 +25,13 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-import httpx
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import configedit, queueops
 from .config import Config, ConfigError, parse_duration
@@ -38,7 +39,7 @@ from .events import EventLog, connect_events, find_messages, query_events, timel
 from .metrics import Metrics
 from .model import ComponentError
 from .spool import SqliteSpool, load_body
-from .users import UserError, UserStore, add_mailbox
+from .users import UserError, UserStore, add_mailbox, mailbox_key
 
 __all__ = ["AdminBackend", "AdminServer", "make_app"]
 
@@ -191,7 +192,24 @@ def _final_state(events: list[dict[str, Any]], waiting: bool) -> str:
     return "finished"
 
 
-def make_app(backend: AdminBackend, token: str) -> Starlette:
+class _Lazy:
+    """An ASGI app built at its first request."""
+
+    def __init__(self, build: Callable[[], ASGIApp]) -> None:
+        self.build = build
+        self.app: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.app is None:
+            self.app = self.build()
+        await self.app(scope, receive, send)
+
+
+def make_app(backend: AdminBackend, token: str,
+             console: Callable[[Starlette], ASGIApp] | None = None) -> Starlette:
+    """The API's routes; ``console(app)``, when given, makes the app that serves every
+    other path (built at the first request for one: the web stack it imports costs
+    the server's main process about 6 MB, which it need not carry until then)."""
     spool = backend.spool
     loop_read = asyncio.get_running_loop
 
@@ -360,6 +378,9 @@ def make_app(backend: AdminBackend, token: str) -> Starlette:
         return JSONResponse(history.per_minute(time.time(), current))
 
     # --- mailboxes and admin accounts ---------------------------------------------------
+    login_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="login")
+    routing_lock = asyncio.Lock()          # one routing change at a time
+
     async def users_list(request: Request) -> Response:
         found = await loop_read().run_in_executor(None, backend.users.list)
         if request.query_params.get("admin") in ("1", "true", "yes"):
@@ -387,8 +408,16 @@ def make_app(backend: AdminBackend, token: str) -> Starlette:
 
     async def user_remove(request: Request) -> Response:
         body = await json_body(request)
-        key = await loop_read().run_in_executor(
-            None, backend.users.remove, request.path_params["address"])
+        store = backend.users
+
+        def remove(address: str) -> str:
+            admins = [u.address for u in store.list() if u.admin]
+            if admins == [mailbox_key(address)]:
+                raise UserError(f"{admins[0]} is the last admin account: add another "
+                                "(--admin) before removing it, or nobody could log in to "
+                                "the console")
+            return store.remove(address)
+        key = await loop_read().run_in_executor(None, remove, request.path_params["address"])
         backend.events.emit(1008, f"mailbox {key} removed (its Maildir is kept)" + _by(body))
         return JSONResponse({"removed": key})
 
@@ -404,7 +433,10 @@ def make_app(backend: AdminBackend, token: str) -> Starlette:
         """For the console's login: is this an admin account with this password?"""
         body = await json_body(request)
         store = backend.users
-        key = await loop_read().run_in_executor(None, store.verify, str(body.get("address", "")),
+        # on a pool of its own: a flood of logins (argon2, about 20 ms each) must not
+        # hold up the threads that serve the API's reads
+        key = await loop_read().run_in_executor(login_pool, store.verify,
+                                                str(body.get("address", "")),
                                                 str(body.get("password", "")))
         admin = key is not None and any(u.admin for u in await loop_read().run_in_executor(
             None, store.list) if u.address == key)
@@ -430,26 +462,27 @@ def make_app(backend: AdminBackend, token: str) -> Starlette:
                 raise ValueError(f"{name} must be a list")
             return [str(v) for v in value]
         check_only = bool(body.get("check_only"))
-        try:
-            new, _ = await loop_read().run_in_executor(None, lambda: configedit.write(
-                path, routes, strings("trusted_networks"), strings("local_domains"),
-                str(body.get("version", "")), check_only=check_only))
-        except configedit.EditConflict as exc:
-            return _error(409, str(exc))
-        except ConfigError as exc:
-            return _error(400, str(exc), problems=[{"key": p.key, "message": p.message}
-                                                   for p in exc.problems])
-        warnings = [str(w) for w in new.warnings()]
-        if check_only:
-            return JSONResponse({"valid": True, "warnings": warnings, "written": None})
-        backend.events.emit(1007, f"address spaces and relay settings written to {path}"
-                            + _by(body))
-        try:
-            result = await backend.reload()
-        except ConfigError as exc:           # changed under us between write and reload
-            await loop_read().run_in_executor(None, configedit.restore, path)
-            return _error(400, f"the reload refused the new file, so the previous one is "
-                               f"back: {exc}")
+        async with routing_lock:
+            try:
+                new, _ = await loop_read().run_in_executor(None, lambda: configedit.write(
+                    path, routes, strings("trusted_networks"), strings("local_domains"),
+                    str(body.get("version", "")), check_only=check_only))
+            except configedit.EditConflict as exc:
+                return _error(409, str(exc))
+            except ConfigError as exc:
+                return _error(400, str(exc), problems=[{"key": p.key, "message": p.message}
+                                                       for p in exc.problems])
+            warnings = [str(w) for w in new.warnings()]
+            if check_only:
+                return JSONResponse({"valid": True, "warnings": warnings, "written": None})
+            backend.events.emit(1007, f"address spaces and relay settings written to {path}"
+                                + _by(body))
+            try:
+                result = await backend.reload()
+            except ConfigError as exc:       # changed under us between write and reload
+                await loop_read().run_in_executor(None, configedit.restore, path)
+                return _error(400, f"the reload refused the new file, so the previous one "
+                                   f"is back: {exc}")
         return JSONResponse({"valid": True, "warnings": warnings, "written": str(path),
                              "backup": str(path.with_name(path.name + ".bak")),
                              "reload": result})
@@ -457,9 +490,16 @@ def make_app(backend: AdminBackend, token: str) -> Starlette:
     # --- doctor, run by the server (the console watches its steps arrive) ---------------
     doctor_runs = DoctorRuns()
 
+    clients: list[Any] = []
+
     async def self_call(method: str, path: str, body: Any = None) -> Any:
         """This API, called in-process as any client would call it."""
-        r = await self_client.request(method, path, json=body)
+        if not clients:          # httpx only when doctor runs: the server need not carry it
+            import httpx
+            clients.append(httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://postroom-admin",
+                timeout=120, headers={"Authorization": f"Bearer {token}"}))
+        r = await clients[0].request(method, path, json=body)
         data = r.json()
         if r.status_code >= 400:
             raise OSError(data.get("error") or f"the admin API answered {r.status_code}")
@@ -505,7 +545,7 @@ def make_app(backend: AdminBackend, token: str) -> Starlette:
             return _error(404, "no such doctor run (only the last 20 are kept)")
         return JSONResponse(run)
 
-    routes = [
+    routes: list[Route | Mount] = [
         Route("/api/status", guarded(status)),
         Route("/api/components/{name}/{action}", guarded(component), methods=["POST"]),
         Route("/api/reload", guarded(reload), methods=["POST"]),
@@ -532,10 +572,9 @@ def make_app(backend: AdminBackend, token: str) -> Starlette:
         Route("/api/doctor/{id}", guarded(doctor_get)),
         Route("/metrics", guarded(metrics)),
     ]
+    if console is not None:           # every other path: the web console's pages
+        routes.append(Mount("", app=_Lazy(lambda: console(app))))
     app = Starlette(routes=routes)
-    self_client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                    base_url="http://postroom-admin", timeout=120,
-                                    headers={"Authorization": f"Bearer {token}"})
     app.state.background = [history.run]
     app.state.history = history
     return app

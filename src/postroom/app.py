@@ -266,11 +266,13 @@ class Postroom:
             if admin_sock is not None:
                 # imported here: the front ends never load the web stack
                 from .admin import AdminServer, make_app
-                from .console import install
                 token = ensure_token(c.token_path)
-                app = make_app(self, token)
-                install(app, token, self.events)         # the web console, on the same port
-                self.admin = AdminServer(app, admin_sock)
+                events = self.events
+
+                def console(api: Any) -> Any:          # the web console, on the same port
+                    from .console import build
+                    return build(api, token, events)
+                self.admin = AdminServer(make_app(self, token, console), admin_sock)
                 self.admin.start()
                 addr = admin_sock.getsockname()
                 self.listeners.append(BoundListener("admin", addr[0], addr[1]))

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import tomlkit
-from tomlkit.items import AoT, Table
+from tomlkit.items import AoT, Comment, Table
 
 from .config import ROUTE_KEYS, Config, ConfigError, Problem, parse_config
 
@@ -46,6 +46,8 @@ def _route_view(t: dict[str, Any]) -> dict[str, Any]:
 
 
 def read(path: Path) -> dict[str, Any]:
+    # each route carries its position in the file ("index"): a change names the tables
+    # it keeps, so removing one never hands its comments to another
     """What the editor shows: the routes and relay settings as the file writes them."""
     try:
         text = path.read_text(encoding="utf-8")
@@ -63,7 +65,8 @@ def read(path: Path) -> dict[str, Any]:
     domains = domains if isinstance(domains, dict) else {}
     return {
         "source": str(path), "version": version_of(text),
-        "routes": [_route_view(t) for t in routes if isinstance(t, dict)]
+        "routes": [_route_view(t) | {"index": i} for i, t in enumerate(routes)
+                   if isinstance(t, dict)]
         if isinstance(routes, list) else [_route_view({"match": "*", "via": "mx"})],
         "routes_written": isinstance(routes, list),
         "trusted_networks": list(relay.get("trusted_networks", _DEFAULT_TRUSTED)),
@@ -105,11 +108,34 @@ def _update(table: Table, want: dict[str, Any]) -> None:
             table[k] = v
 
 
+def _index(r: dict[str, Any]) -> int | None:
+    value = r.get("index")
+    if value in (None, ""):
+        return None
+    try:
+        return int(str(value))
+    except ValueError:
+        raise ValueError(f"route index {value!r} is not a number") from None
+
+
+def _indices(routes: list[dict[str, Any]]) -> list[int | None]:
+    """Each route's table in the file; without any index, by position."""
+    indexed = [_index(r) for r in routes]
+    if not any(i is not None for i in indexed):
+        return list(range(len(routes)))
+    return indexed
+
+
 def apply(text: str, routes: list[dict[str, Any]], trusted_networks: list[str],
           local_domains: list[str]) -> str:
-    """The file's text with these routes and relay settings; everything else untouched."""
+    """The file's text with these routes and relay settings; everything else untouched.
+
+    A route with ``index`` updates that [[route]] table of the file (in place: its
+    comments stay); tables no route names are removed; routes without one are added at
+    the end. Without any index, routes match the file's tables by position."""
     doc = tomlkit.parse(text)
-    wanted = [_clean_route(r, i) for i, r in enumerate(routes)]
+    wanted = [(idx, _clean_route(r, i))
+              for i, (idx, r) in enumerate(zip(_indices(routes), routes, strict=True))]
 
     relay = doc.get("relay")
     if not isinstance(relay, Table):
@@ -124,24 +150,63 @@ def apply(text: str, routes: list[dict[str, Any]], trusted_networks: list[str],
 
     existing = doc.get("route")
     if isinstance(existing, AoT):
-        # update the tables in place (their comments stay), then add or drop at the end
-        for i, want in enumerate(wanted):
-            if i < len(existing):
-                _update(existing[i], want)
+        n = len(existing)
+        kept = [idx for idx, _ in wanted if idx is not None and idx < n]
+        if kept != sorted(set(kept)):
+            raise ValueError("routes must keep the file's order, each at most once")
+        for j in reversed(range(n)):
+            if j not in kept:
+                _keep_trailing_comments(doc, existing, j)
+                del existing[j]
+        # the tables left are the kept ones, in order; routes beyond them are new
+        tables = list(existing)
+        pos = 0
+        for idx, want in wanted:
+            if idx is not None and idx < n:
+                _update(tables[pos], want)
+                pos += 1
             else:
                 existing.append(_table(want))
-        while len(existing) > len(wanted):
-            del existing[len(existing) - 1]
         if not wanted:
             del doc["route"]
-    elif wanted:
-        if existing is not None:
+    else:
+        if existing is not None:           # an inline array, or something else
             del doc["route"]
-        aot = tomlkit.aot()
-        for want in wanted:
-            aot.append(_table(want))
-        doc.append("route", aot)
+        if wanted:
+            aot = tomlkit.aot()
+            for _, want in wanted:
+                aot.append(_table(want))
+            doc.append("route", aot)
     return tomlkit.dumps(doc)
+
+
+def _keep_trailing_comments(doc: Any, aot: AoT, j: int) -> None:
+    """Before table ``j`` is removed: tomlkit keeps the comments written above a table
+    at the end of the table before it, so table j's trailing comments belong to table
+    j + 1. Hand them to what comes before table j, so they stay above their own route.
+    (Comments above the removed table itself stay where they are.)"""
+    body = aot[j].value.body
+    k = len(body)
+    while k > 0 and body[k - 1][0] is None:
+        k -= 1
+    tail = body[k:]
+    if not tail or not any(isinstance(item, Comment) for _, item in tail):
+        return
+    del body[k:]
+    if j > 0:
+        before = aot[j - 1].value.body
+    else:            # the table or keys before the [[route]] array
+        items = doc.body
+        at = next(i for i, (key, item) in enumerate(items) if item is aot)
+        prev = items[at - 1][1] if at > 0 else None
+        if isinstance(prev, Table):
+            before = prev.value.body
+        else:
+            before = items
+            for offset, entry in enumerate(tail):
+                items.insert(at + offset, entry)
+            return
+    before.extend(tail)
 
 
 def _table(values: dict[str, Any]) -> Table:
@@ -149,6 +214,26 @@ def _table(values: dict[str, Any]) -> Table:
     _update(t, values)
     t.add(tomlkit.nl())
     return t
+
+
+def _same_password_files(text: str, routes: list[dict[str, Any]]) -> None:
+    """Refuse to set or change a route's password_file here: whoever may edit routes
+    through the API (the console's admins) could otherwise point a smart host's AUTH at
+    any file the server can read, and send it to a host of their choice. Set it in the
+    file on the server."""
+    raw = tomllib.loads(text).get("route")
+    tables = raw if isinstance(raw, list) else []
+    problems = []
+    for i, (idx, r) in enumerate(zip(_indices(routes), routes, strict=True)):
+        before = ""
+        if idx is not None and 0 <= idx < len(tables) and isinstance(tables[idx], dict):
+            before = str(tables[idx].get("password_file", ""))
+        if str(r.get("password_file", "") or "").strip() != before:
+            problems.append(Problem(f"route[{i}].password_file",
+                                    "can only be set or changed in the config file on the "
+                                    "server (the console never points a route at a file)"))
+    if problems:
+        raise ConfigError("the change", problems)
 
 
 def validate(text: str, path: Path) -> Config:
@@ -169,9 +254,10 @@ def write(path: Path, routes: list[dict[str, Any]], trusted_networks: list[str],
         raise EditConflict(f"{path} changed since this page was loaded: reload the page "
                            "and make the change again")
     for r in routes:
-        unknown = [k for k in r if k not in ROUTE_FIELDS]
+        unknown = [k for k in r if k not in ROUTE_FIELDS and k != "index"]
         if unknown:
             raise ValueError(f"unknown route keys: {', '.join(unknown)}")
+    _same_password_files(old, routes)
     new = apply(old, routes, trusted_networks, local_domains)
     config = validate(new, path)
     if check_only:

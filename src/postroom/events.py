@@ -213,8 +213,9 @@ CATALOGUE: dict[int, EventKind] = {k.id: k for k in (
        "Check the client's TLS settings and the certificate in [tls]."),
     _k(4006, "smtp_interface", "minimum", "warning", "console login failed",
        "A login to the web console failed: a wrong password, or an account that is not "
-       "an admin. The username is in the text, never the password. After repeated "
-       "failures from one address or for one account, logins are refused for a while.",
+       "an admin. The username is in the text, never the password. After five "
+       "failures from one client address within 15 minutes, its logins are refused for a "
+       "while (one event says so).",
        "If it is you: postroom users passwd ADDRESS. If not, someone is guessing."),
     _k(4007, "smtp_interface", "medium", "info", "console login",
        "An administrator logged in to the web console, or out.",

@@ -299,6 +299,15 @@ def test_a_held_message_is_released_and_delivered(ui: Console,
                                               trace.locator(".outcome").inner_text()), 10)
     assert "received" in trace.inner_text()
     ui.shot("tracking")
+    # found as well by its Message-ID (typed without the brackets) and by its recipient
+    ui.goto("/track")
+    ui.page.select_option("#t-by", "message_id")
+    ui.page.fill("#t-q", "held-one@example.test")
+    ui.submit("form.filters button[type=submit]")
+    assert ui.page.locator("[data-trace]").evaluate_all(
+        "els => els.map(e => e.dataset.trace)") == [qid]
+    ui.goto("/track?by=rcpt&q=bob@example.test")
+    assert ui.page.locator(f'[data-trace="{qid}"]').count() == 1
     assert ui.errors == []
 
 
@@ -537,3 +546,58 @@ def test_every_page_fits_and_labels_its_controls(browser: Any, console: ServerPr
         assert c.errors == []
     finally:
         c.close()
+
+
+# --- what a review found ---------------------------------------------------------------
+def test_logins_sent_all_at_once_are_throttled_too(console: ServerProcess) -> None:
+    import concurrent.futures
+    source, port = "127.0.0.78", console.admin_port
+    r = _http(port, "GET", "/login", source)
+    nonce = re.search(r'name="nonce" value="([^"]+)"', r.read().decode()).group(1)  # type: ignore[union-attr]
+    cookie = r.getheader("set-cookie", "").split(";")[0]
+    form = urllib.parse.urlencode({"nonce": nonce, "address": "x" * 5000 + "@example.test",
+                                   "password": "guess", "next": "/"})
+
+    def attempt(_: int) -> int:
+        return _http(port, "POST", "/login", source, form, {
+            "Content-Type": "application/x-www-form-urlencoded", "Cookie": cookie}).status
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        statuses = list(pool.map(attempt, range(20)))
+    assert statuses.count(401) <= 5 and statuses.count(429) >= 15, statuses
+    events = [e for e in cli_json(console, "events", "--since", "5m")["events"]
+              if e["id"] == 4006 and e["peer"] == source]
+    assert len(events) <= 6                       # one per failure, one for the refusals
+    assert all(len(e["text"]) < 400 for e in events)      # the address cut short
+
+
+def test_removing_an_admin_ends_its_sessions(browser: Any, console: ServerProcess) -> None:
+    console.cli("users", "add", "admin2@example.test", "--admin", "--password-stdin",
+                input="second admin pw\n")
+    c = Console(browser, console, DESKTOP)
+    try:
+        c.login("admin2@example.test", "second admin pw")
+        c.page.wait_for_url(c.base + "/")
+        console.cli("users", "remove", "admin2@example.test")
+        assert wait_until(lambda: c.goto("/queues") and "/login" in c.page.url, 10)
+    finally:
+        c.close()
+
+
+def test_console_urls_reach_only_their_own_api_route(ui: Console,
+                                                     console: ServerProcess) -> None:
+    ui.goto("/")
+    token = ui.page.locator("input[name=csrf]").first.get_attribute("value") or ""
+    cookie = next(k for k in ui.context.cookies() if k["name"] == "postroom_console")
+    headers = {"Content-Type": "application/x-www-form-urlencoded",
+               "Cookie": f"postroom_console={cookie['value']}"}
+    reloads = len([e for e in cli_json(console, "events")["events"] if e["id"] == 1003])
+    # a raw "..": the browser would have collapsed it, a script need not
+    r = _http(console.admin_port, "POST", "/components/../reload", "127.0.0.1",
+              f"csrf={token}", headers)
+    assert r.status == 404
+    r = _http(console.admin_port, "POST", "/routing", "127.0.0.1",
+              f"csrf={token}&route_count=abc&do=check", headers)
+    assert r.status < 500                                    # a form, not a traceback
+    time.sleep(0.5)
+    assert len([e for e in cli_json(console, "events")["events"] if e["id"] == 1003]) == reloads
+    assert "Traceback" not in console.log_text()

@@ -124,3 +124,80 @@ def test_chart_says_in_words_what_it_draws() -> None:
     out = str(svg("received", values))
     assert 'aria-label="Received: 8 in the last hour, 5 this minute, at most 5 a minute"' in out
     assert out.count("<rect") == 2 and 'role="img"' in out
+
+
+def test_a_flood_of_refused_logins_is_one_event_per_window() -> None:
+    t = Throttle()
+    keys = ["ip:192.0.2.9"]
+    assert t.note_refusal(keys, 100.0) is True
+    assert [t.note_refusal(keys, 100.0 + i) for i in range(1, 50)] == [False] * 49
+    assert t.note_refusal(keys, 100.0 + Throttle.WINDOW + 1) is True
+
+
+ROUTES_WITH_COMMENTS = '''data_dir = "d"
+[domains]
+local = ["example.org"]
+
+# A: the partner, through its smart host
+[[route]]
+match = "partner.example"   # the partner
+via = "smarthost"
+host = "smtp.partner.example"
+
+# B: everything else by MX
+[[route]]
+match = "*"
+via = "mx"
+'''
+
+
+def test_removing_a_route_takes_its_own_comments_and_no_others(tmp_path: Path) -> None:
+    path = tmp_path / "postroom.toml"
+    path.write_text(ROUTES_WITH_COMMENTS)
+    view = configedit.read(path)
+    assert [r["index"] for r in view["routes"]] == [0, 1]
+    _, text = configedit.write(path, view["routes"][1:], view["trusted_networks"],
+                               view["local_domains"], view["version"])
+    assert "smtp.partner.example" not in text and "# the partner" not in text
+    assert '# B: everything else by MX\n[[route]]\nmatch = "*"' in text
+    # and the other way round: removing B keeps A's comments with A
+    path.write_text(ROUTES_WITH_COMMENTS)
+    view = configedit.read(path)
+    _, text = configedit.write(path, view["routes"][:1], view["trusted_networks"],
+                               view["local_domains"], view["version"])
+    assert '# A: the partner, through its smart host\n[[route]]\nmatch = "partner.example"' \
+        '   # the partner' in text
+    assert "# B" not in text.split("# the partner")[0] and 'match = "*"' not in text
+
+
+def test_routes_written_inline_can_all_be_removed(tmp_path: Path) -> None:
+    path = tmp_path / "postroom.toml"
+    path.write_text('data_dir = "d"\nroute = [{match = "*", via = "smarthost", '
+                    'host = "relay.example"}]\n[domains]\nlocal = ["example.org"]\n')
+    view = configedit.read(path)
+    config, text = configedit.write(path, [], view["trusted_networks"],
+                                    view["local_domains"], view["version"])
+    assert "relay.example" not in text
+    assert [(r.match, r.via) for r in config.routes] == [("*", "mx")]    # the default
+
+
+def test_the_editor_never_sets_or_changes_a_password_file(tmp_path: Path) -> None:
+    path = tmp_path / "postroom.toml"
+    (tmp_path / "secret").write_text("pw\n")
+    path.write_text(ROUTES_WITH_COMMENTS.replace(
+        'host = "smtp.partner.example"', 'host = "smtp.partner.example"\n'
+        'username = "u"\npassword_file = "secret"'))
+    view = configedit.read(path)
+    routes = view["routes"]
+    assert routes[0]["password_file"] == "secret"
+    # kept as it is: fine
+    configedit.write(path, routes, view["trusted_networks"], view["local_domains"],
+                     view["version"], check_only=True)
+    # pointed at another file, or set on a new route: refused, by key
+    for changed in ([routes[0] | {"password_file": "data/admin.token"}, routes[1]],
+                    [*routes, {"match": "x.example", "via": "smarthost", "host": "h",
+                               "username": "u", "password_file": "/etc/shadow"}]):
+        with pytest.raises(ConfigError) as err:
+            configedit.write(path, changed, view["trusted_networks"],
+                             view["local_domains"], view["version"])
+        assert [p.key for p in err.value.problems][0].endswith(".password_file")

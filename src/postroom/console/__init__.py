@@ -37,9 +37,10 @@ from starlette.templating import Jinja2Templates
 from ..events import CATALOGUE, CATEGORIES, LEVELS, SEVERITIES, EventLog
 from ..queueops import ACTIONS
 from ..spool import QUEUES
+from ..users import UserError, mailbox_key
 from . import charts
 
-__all__ = ["install"]
+__all__ = ["build"]
 
 log = logging.getLogger("postroom.console")
 HERE = Path(__file__).parent
@@ -83,6 +84,7 @@ class Session:
     created: float
     seen: float
     flash: list[tuple[str, str]] = field(default_factory=list)
+    checked: float = 0.0          # when the account was last seen to be an admin
 
 
 class Throttle:
@@ -96,6 +98,7 @@ class Throttle:
 
     def __init__(self) -> None:
         self.failures: dict[str, collections.deque[float]] = {}
+        self.refused: dict[str, float] = {}
 
     def _recent(self, key: str, now: float) -> collections.deque[float]:
         q = self.failures.setdefault(key, collections.deque())
@@ -115,13 +118,25 @@ class Throttle:
     def fail(self, keys: list[str], now: float) -> None:
         for key in keys:
             self._recent(key, now).append(now)
-        if len(self.failures) > 10000:           # forget idle keys
-            for key in [k for k, q in self.failures.items() if not q]:
+        if len(self.failures) > 10000:           # forget keys with nothing recent
+            for key in [k for k, q in self.failures.items() if not q or q[-1] <= now - self.WINDOW]:
                 del self.failures[key]
+            for key in [k for k, t in self.refused.items() if t <= now - self.WINDOW]:
+                del self.refused[key]
 
     def succeed(self, keys: list[str]) -> None:
         for key in keys:
             self.failures.pop(key, None)
+            self.refused.pop(key, None)
+
+    def note_refusal(self, keys: list[str], now: float) -> bool:
+        """True the first time a refusal is noted for these keys within the window (so
+        that a flood of refused logins is one event, not one each)."""
+        fresh = [k for k in keys if k not in self.refused
+                 or now - self.refused[k] > self.WINDOW]
+        for k in fresh:
+            self.refused[k] = now
+        return bool(fresh)
 
 
 # --- formatting for the templates ------------------------------------------------------
@@ -163,6 +178,13 @@ def _size(n: int | None) -> str:
     return f"{n / 1024:.1f} KB" if n < 1024 * 1024 else f"{n / 1048576:.1f} MB"
 
 
+def _seg(value: str) -> str:
+    """One path segment of an admin API URL: never a way to another route."""
+    if value in ("", ".", ".."):
+        raise ApiError(404, f"no such item {value!r}")
+    return urllib.parse.quote(value, safe="@")
+
+
 def _problems(problems: dict[str, str]) -> dict[str, Any]:
     """The validation problems by where the routing form shows them."""
     fields: dict[str, list[tuple[str, str]]] = {"trusted_networks": [], "local_domains": []}
@@ -188,9 +210,9 @@ class Console:
     SESSION_IDLE = 3600.0            # an hour without a request ends a session
     SESSION_MAX = 12 * 3600.0        # and twelve hours in all
 
-    def __init__(self, app: Starlette, token: str, events: EventLog) -> None:
+    def __init__(self, api: Starlette, token: str, events: EventLog) -> None:
         self.events = events
-        self.api = httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+        self.api = httpx.AsyncClient(transport=httpx.ASGITransport(app=api),
                                      base_url="http://postroom-admin", timeout=120,
                                      headers={"Authorization": f"Bearer {token}"})
         self.sessions: dict[str, Session] = {}
@@ -234,6 +256,24 @@ class Console:
         s.seen = now
         return s
 
+    CHECK_EVERY = 5.0
+
+    async def _still_admin(self, s: Session) -> bool:
+        """Whether the session's account still exists and is an admin (asked at most
+        every CHECK_EVERY seconds; removing or demoting an account ends its sessions)."""
+        now = time.time()
+        if now - s.checked < self.CHECK_EVERY:
+            return True
+        admins = (await self.call("GET", "/api/users", params={"admin": "1"}))["users"]
+        if any(u["address"] == s.user for u in admins):
+            s.checked = now
+            return True
+        return False
+
+    def end_sessions(self, user: str, keep: Session | None = None) -> None:
+        for k in [k for k, s in self.sessions.items() if s.user == user and s is not keep]:
+            del self.sessions[k]
+
     def new_session(self, user: str, response: Response, secure: bool) -> None:
         now = time.time()
         for k in [k for k, s in self.sessions.items()
@@ -276,6 +316,11 @@ class Console:
                                                  else "")
                     return RedirectResponse("/login?next=" + urllib.parse.quote(target), 303)
                 return self._plain(401, "Your session has ended: log in again.")
+            if not await self._still_admin(s):
+                self.end_sessions(s.user)
+                if request.method == "GET" and not fragment:
+                    return RedirectResponse("/login", 303)
+                return self._plain(401, "Your account is no longer an admin account.")
             if request.method == "POST":
                 form = await request.form()
                 given = str(form.get("csrf") or request.headers.get("x-csrf-token") or "")
@@ -319,7 +364,10 @@ class Console:
                          address: str = "", next_: str = "") -> Response:
         if request.method == "GET" and self.session(request) is not None:
             return RedirectResponse(_safe_next(request.query_params.get("next")), 303)
-        admins = (await self.call("GET", "/api/users", params={"admin": "1"}))["users"]
+        try:
+            admins = (await self.call("GET", "/api/users", params={"admin": "1"}))["users"]
+        except ApiError:
+            admins = [None]              # unknown: do not claim there is none
         nonce = secrets.token_urlsafe(16)
         response = self.render(request, "login.html", {
             "title": "Log in", "error": error, "nonce": nonce, "address": address,
@@ -342,21 +390,26 @@ class Console:
         peer = request.client.host if request.client else "?"
         keys = [f"ip:{peer}"]
         now = time.time()
+        shown = repr(address[:100]) + ("…" if len(address) > 100 else "")   # for the log
         wait = self.throttle.wait(keys, now)
         if wait > 0:
-            self.events.emit(4006, f"console login for {address!r} from [{peer}] refused: "
-                                   "too many failed logins", peer=peer)
+            if self.throttle.note_refusal(keys, now):      # once per address and window
+                self.events.emit(4006, f"console logins from [{peer}] refused for "
+                                       f"{int(wait)}s: too many failed logins (the last for "
+                                       f"{shown})", peer=peer)
             response = await self.login_page(
                 request, f"Too many failed logins from your address. "
                          f"Try again in {_age(wait)}.", 429, address, str(form.get("next") or ""))
             response.headers["Retry-After"] = str(int(wait) + 1)
             return response
+        # Counted as a failure before the (slow) check, so that logins sent all at once
+        # cannot each pass the throttle; forgiven if it succeeds.
+        self.throttle.fail(keys, now)
         result = await self.call("POST", "/api/users/verify",
-                                 {"address": address, "password": password})
+                                 {"address": address[:320], "password": password})
         if not (result["ok"] and result["admin"]):
-            self.throttle.fail(keys, now)
             why = "not an admin account" if result["ok"] else "wrong address or password"
-            self.events.emit(4006, f"console login for {address!r} from [{peer}] failed: {why}",
+            self.events.emit(4006, f"console login for {shown} from [{peer}] failed: {why}",
                              peer=peer)
             return await self.login_page(
                 request, "Wrong address or password, or not an admin account.", 401, address,
@@ -394,7 +447,9 @@ class Console:
 
     async def component(self, request: Request, s: Session) -> Response:
         name, action = request.path_params["name"], request.path_params["action"]
-        result = await self.call("POST", f"/api/components/{name}/{action}")
+        if action not in COMPONENT_ACTIONS or name not in COMPONENT_HELP:
+            return self._plain(404, "no such component or action")
+        result = await self.call("POST", f"/api/components/{_seg(name)}/{action}")
         s.flash.append(("ok", f"{name}: {action} done, now {result.get('state', '?')}"))
         return self._back(request.state.form, "/")
 
@@ -420,7 +475,7 @@ class Console:
     async def message(self, request: Request, s: Session) -> Response:
         mid = request.path_params["id"]
         try:
-            m = await self.call("GET", f"/api/messages/{mid}")
+            m = await self.call("GET", f"/api/messages/{_seg(mid)}")
         except ApiError as exc:
             if exc.status != 400:
                 raise
@@ -515,7 +570,7 @@ class Console:
         return RedirectResponse(f"/doctor/{run['id']}", 303)
 
     async def doctor_run(self, request: Request, s: Session) -> Response:
-        run = await self.call("GET", f"/api/doctor/{request.path_params['id']}")
+        run = await self.call("GET", f"/api/doctor/{_seg(request.path_params['id'])}")
         name = "_doctor_run.html" if request.url.path.startswith("/fragments/") else "doctor.html"
         return self.render(request, name, {"title": "Doctor", "run": run,
                                            "steps": DOCTOR_STEPS}, session=s)
@@ -529,13 +584,16 @@ class Console:
     async def routing_save(self, request: Request, s: Session) -> Response:
         form = request.state.form
         routes = []
-        count = int(str(form.get("route_count") or "0"))
-        for i in range(min(count, 200)):
+        try:
+            count = max(0, min(int(str(form.get("route_count") or "0")), 200))
+        except ValueError:
+            count = 0
+        for i in range(count):
             if form.get(f"route-{i}-remove") or not str(form.get(f"route-{i}-match") or "").strip() \
                     and i == count - 1:
                 continue          # removed, or the blank "add a route" row left empty
             routes.append({k: str(form.get(f"route-{i}-{k}") or "") for k in (
-                "match", "via", "host", "tls", "username", "password_file", "cost")}
+                "match", "via", "host", "tls", "username", "password_file", "cost", "index")}
                 | {"tls_verify": bool(form.get(f"route-{i}-tls_verify"))})
         lines = {k: [x.strip() for x in str(form.get(k) or "").splitlines() if x.strip()]
                  for k in ("trusted_networks", "local_domains")}
@@ -581,6 +639,12 @@ class Console:
         action = request.path_params["action"]
         address = str(form.get("address") or "").strip()
         who = f"{s.user} (console)"
+        if action != "add":
+            try:
+                address = mailbox_key(address)
+            except UserError as exc:
+                s.flash.append(("error", str(exc)))
+                return RedirectResponse("/mailboxes", 303)
         if action == "add":
             r = await self.call("POST", "/api/users", {
                 "address": address, "password": str(form.get("password") or ""),
@@ -593,12 +657,13 @@ class Console:
                 s.flash.append(("error", "You cannot remove the account you are logged in "
                                          "with."))
                 return RedirectResponse("/mailboxes", 303)
-            r = await self.call("POST", f"/api/users/{urllib.parse.quote(address)}/remove",
-                                {"who": who})
+            r = await self.call("POST", f"/api/users/{_seg(address)}/remove", {"who": who})
+            self.end_sessions(r["removed"])
             s.flash.append(("ok", f"Removed {r['removed']} (its Maildir is kept)."))
         elif action == "password":
-            r = await self.call("POST", f"/api/users/{urllib.parse.quote(address)}/password",
+            r = await self.call("POST", f"/api/users/{_seg(address)}/password",
                                 {"password": str(form.get("password") or ""), "who": who})
+            self.end_sessions(r["changed"], keep=s)    # others logged in as it: out
             s.flash.append(("ok", f"New password set for {r['changed']}."))
         else:
             return self._plain(404, "no such action")
@@ -634,18 +699,18 @@ class Console:
         ]
 
 
-def install(app: Starlette, token: str, events: EventLog) -> Console:
-    """Add the console's pages to the admin API's application."""
-    console = Console(app, token, events)
-    app.router.routes.extend(console.routes())
+def build(api: Starlette, token: str, events: EventLog) -> Starlette:
+    """The console's application: its pages, calling ``api`` (the admin API's app)."""
+    console = Console(api, token, events)
 
     async def not_found(request: Request, exc: Exception) -> Response:
         if request.url.path.startswith(("/api/", "/metrics")):
-            return JSONResponse({"error": "no such API route"}, status_code=404)
+            return JSONResponse({"error": f"no API route {request.method} "
+                                          f"{request.url.path}"}, status_code=404)
         s = console.session(request)
         return console.render(request, "error.html", {
             "title": "Not found", "message": f"There is no page {request.url.path}."},
             status=404, session=s)
-    app.add_exception_handler(404, not_found)
-    return console
-
+    app = Starlette(routes=console.routes(), exception_handlers={404: not_found})
+    app.state.console = console
+    return app

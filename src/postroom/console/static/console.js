@@ -6,15 +6,18 @@
 function refresh(el) {
   const every = parseInt(el.dataset.every || "5000", 10);
   let timer = null;
+  let last = null;
   async function tick() {
     if (el.dataset.paused === "1") { timer = setTimeout(tick, every); return; }
     try {
       const r = await fetch(el.dataset.refresh, { credentials: "same-origin", headers: { "Accept": "text/html" } });
       if (r.status === 401) { location.reload(); return; }
+      if (r.status === 404) { return; }                    // gone (an old doctor run)
       if (r.ok) {
-        // keep focus and text selection when nothing changed
+        // replaced only when the server's answer changed, so that focus and a text
+        // selection survive the refreshes that change nothing
         const html = await r.text();
-        if (html !== el.innerHTML) { el.innerHTML = html; }
+        if (html !== last) { el.innerHTML = html; last = html; }
         if (el.querySelector("[data-done]")) { return; }   // finished: stop polling
       }
     } catch (e) { /* the server restarts: try again */ }

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ from typing import Any
 import playwright.sync_api as playwright_api  # the test extras install it
 import pytest
 
-from tests.conftest import ServerProcess, wait_until
+from tests.conftest import ServerProcess, closed_port, wait_until
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # As root in a container: no sandbox; and nothing that talks to the outside.
@@ -33,12 +32,6 @@ ADMIN, ADMIN_PW = "admin@example.test", "correct horse battery"
 SHOTS = os.environ.get("POSTROOM_SCREENSHOTS", "")
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -437,6 +430,20 @@ def test_doctor_names_the_broken_smart_host(ui: Console, console: ServerProcess)
     cp = console.cli("doctor", "--to", "someone@far.test", "--json", check=False)
     assert json.loads(cp.stdout)["verdict"] == "nexthop-unreachable"
     ui.shot("doctor")
+    assert ui.errors == []
+
+
+def test_doctor_sends_a_real_test_message_when_asked(ui: Console,
+                                                      console: ServerProcess) -> None:
+    before = len(console.messages("bob@example.test"))
+    ui.goto("/doctor")
+    ui.page.fill("#d-to", "bob@example.test")
+    ui.page.check("#d-send")
+    ui.submit("form.filters button[type=submit]")
+    ui.page.locator("#verdict").wait_for(timeout=60000)
+    assert ui.page.inner_text("#verdict") == "ok"
+    assert "OK" in ui.page.inner_text('[data-step="5"] .mark')
+    assert len(console.wait_messages("bob@example.test", before + 1)) == before + 1
     assert ui.errors == []
 
 

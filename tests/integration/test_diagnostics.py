@@ -4,7 +4,6 @@ private Postfix playing the seed case's smart host that refuses to relay."""
 from __future__ import annotations
 
 import json
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import UNTRUSTED, ServerProcess
+from tests.conftest import UNTRUSTED, ServerProcess, closed_port
 from tests.integration.dnsmasq import run_dnsmasq
 from tests.integration.peers import postfix, sink
 
@@ -36,12 +35,6 @@ def run_json(sp: ServerProcess, *args: str, code: int = 0, stdin: str | None = N
     cp = sp.cli(*args, "--json", check=False, input=stdin)
     assert cp.returncode == code, cp.stderr
     return json.loads(cp.stdout)
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_dns_shows_mx_addresses_and_policy_records(server_factory, dns_port) -> None:  # type: ignore[no-untyped-def]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import smtplib
-import socket
 import stat
 import threading
 import time
@@ -16,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import UNTRUSTED, ServerProcess, wait_until
+from tests.conftest import UNTRUSTED, ServerProcess, closed_port, wait_until
 from tests.integration.peers import sink
 
 COMPONENTS = ["smtp", "submission", "conversion", "queue-manager", "local-delivery",
@@ -37,12 +36,6 @@ def send(sp: ServerProcess, rcpt: str, subject: str, source: str = "127.0.0.1") 
                             f"body of {subject}\r\n".encode())
     assert code == 250, text
     return text.decode().split("queued as ")[1].split()[0]
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def smarthost(port: int) -> str:

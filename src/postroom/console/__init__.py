@@ -30,7 +30,7 @@ from starlette.applications import Starlette
 from starlette.datastructures import FormData
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
-from starlette.routing import Mount, Route
+from starlette.routing import Match, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
@@ -705,6 +705,11 @@ def build(api: Starlette, token: str, events: EventLog) -> Starlette:
 
     async def not_found(request: Request, exc: Exception) -> Response:
         if request.url.path.startswith(("/api/", "/metrics")):
+            # every path the API does not take comes here, a wrong method included
+            if any(isinstance(r, Route) and r.matches(request.scope)[0] == Match.PARTIAL
+                   for r in api.routes):
+                return JSONResponse({"error": f"{request.method} is not allowed on "
+                                              f"{request.url.path}"}, status_code=405)
             return JSONResponse({"error": f"no API route {request.method} "
                                           f"{request.url.path}"}, status_code=404)
         s = console.session(request)

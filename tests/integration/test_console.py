@@ -608,3 +608,16 @@ def test_console_urls_reach_only_their_own_api_route(ui: Console,
     time.sleep(0.5)
     assert len([e for e in cli_json(console, "events")["events"] if e["id"] == 1003]) == reloads
     assert "Traceback" not in console.log_text()
+
+
+def test_the_api_keeps_its_own_answers_beside_the_console(console: ServerProcess) -> None:
+    token = (console.data / "admin.token").read_text().strip()
+    auth = {"Authorization": f"Bearer {token}"}
+    r = _http(console.admin_port, "POST", "/api/status", "127.0.0.1", "", auth)
+    assert r.status == 405 and "not allowed" in json.loads(r.read())["error"]
+    r = _http(console.admin_port, "GET", "/api/nothing-here", "127.0.0.1", "", auth)
+    assert r.status == 404 and r.getheader("content-type") == "application/json"
+    r = _http(console.admin_port, "GET", "/api/status", "127.0.0.1")      # no token
+    assert r.status == 401
+    r = _http(console.admin_port, "GET", "/", "127.0.0.1")                # the console
+    assert r.status == 303 and r.getheader("location") == "/login?next=/"

@@ -234,6 +234,7 @@ def test_a_request_without_the_csrf_token_is_refused(ui: Console,
     for form, headers in (
             ({"category": "addressing", "level": "maximum"}, {}),
             ({"category": "addressing", "level": "maximum", "csrf": "forged"}, {}),
+            ({"category": "addressing", "level": "maximum", "csrf": "fälscht"}, {}),
     ):
         r = req.post(ui.base + "/logging", form=form, headers=headers, max_redirects=0)
         assert r.status == 403, r.status
@@ -253,6 +254,9 @@ def test_a_request_without_the_csrf_token_is_refused(ui: Console,
     # and the login form has its own token
     r = req.post(ui.base + "/login", form={"address": ADMIN, "password": ADMIN_PW},
                  max_redirects=0)
+    assert r.status == 403
+    r = req.post(ui.base + "/login", form={"address": ADMIN, "password": ADMIN_PW,
+                                           "nonce": "näh"}, max_redirects=0)
     assert r.status == 403
 
 

@@ -324,7 +324,7 @@ class Console:
             if request.method == "POST":
                 form = await request.form()
                 given = str(form.get("csrf") or request.headers.get("x-csrf-token") or "")
-                if not given or not hmac.compare_digest(given, s.csrf) or \
+                if not given or not hmac.compare_digest(given.encode(), s.csrf.encode()) or \
                         not self._same_origin(request):
                     log.warning("console: %s refused for %s: missing or wrong CSRF token",
                                 request.url.path, s.user)
@@ -382,7 +382,8 @@ class Console:
         address = str(form.get("address") or "").strip()
         password = str(form.get("password") or "")
         nonce = request.cookies.get(LOGIN_COOKIE, "")
-        if not nonce or not hmac.compare_digest(nonce, str(form.get("nonce") or "")) or \
+        if not nonce or not hmac.compare_digest(nonce.encode(),
+                                                str(form.get("nonce") or "").encode()) or \
                 not self._same_origin(request):
             return self._plain(403, "Refused: this login did not come from the console's "
                                     "login page (missing or wrong CSRF token). Reload it "

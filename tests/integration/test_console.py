@@ -625,3 +625,13 @@ def test_the_api_keeps_its_own_answers_beside_the_console(console: ServerProcess
     assert r.status == 401
     r = _http(console.admin_port, "GET", "/", "127.0.0.1")                # the console
     assert r.status == 303 and r.getheader("location") == "/login?next=/"
+
+
+def test_a_wrong_address_in_the_console_is_a_page_that_says_so(ui: Console) -> None:
+    for path, status in (("/queues/reasons", 404), ("/queues/nope", 404),
+                         ("/messages/NOSUCHID", 404), ("/doctor/ffff", 404),
+                         ("/events?since=soon", 400), ("/no/such/page", 404)):
+        response = ui.goto(path)
+        assert response.status == status, path
+        assert ui.page.locator(".flash-error, .flash").count() >= 1, path
+    assert ui.errors == []

@@ -465,6 +465,8 @@ class Console:
 
     async def queue(self, request: Request, s: Session) -> Response:
         name = request.path_params["queue"]
+        if name not in QUEUES:
+            raise ApiError(404, f"no queue {name!r}: the queues are {', '.join(QUEUES)}")
         filters = {k: request.query_params.get(k, "") for k in self.FILTERS}
         listing = await self.call("GET", f"/api/queues/{name}", params={**filters,
                                                                         "limit": "500"})
@@ -524,22 +526,15 @@ class Console:
             "title": "Message tracking", "q": q, "by": by, "since": since,
             "track_by": self.TRACK_BY, "found": found}, session=s)
 
-    def _event_filters(self, request: Request) -> dict[str, str]:
-        return {k: request.query_params.get(k, "") for k in ("severity", "category",
-                                                             "queue_id", "since")}
-
     async def events_page(self, request: Request, s: Session) -> Response:
-        f = self._event_filters(request)
+        """The page, or (as /fragments/events) only its table, for the live tail."""
+        f = {k: request.query_params.get(k, "") for k in ("severity", "category",
+                                                          "queue_id", "since")}
         found = (await self.call("GET", "/api/events", params={**f, "limit": "200"}))["events"]
-        return self.render(request, "events.html", {
+        name = "_events.html" if request.url.path.startswith("/fragments/") else "events.html"
+        return self.render(request, name, {
             "title": "Events", "filters": f, "events": list(reversed(found)),
             "query": request.url.query}, session=s)
-
-    async def events_fragment(self, request: Request, s: Session) -> Response:
-        f = self._event_filters(request)
-        found = (await self.call("GET", "/api/events", params={**f, "limit": "200"}))["events"]
-        return self.render(request, "_events.html", {"events": list(reversed(found))},
-                           session=s)
 
     # --- diagnostic logging -----------------------------------------------------------
     async def logging_page(self, request: Request, s: Session) -> Response:
@@ -685,7 +680,7 @@ class Console:
             Route("/messages/{id}", p(self.message)),
             Route("/track", p(self.track)),
             Route("/events", p(self.events_page)),
-            Route("/fragments/events", p(self.events_fragment)),
+            Route("/fragments/events", p(self.events_page)),
             Route("/logging", p(self.logging_page)),
             Route("/logging", p(self.logging_set), methods=["POST"]),
             Route("/doctor", p(self.doctor_page)),

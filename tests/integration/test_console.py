@@ -469,6 +469,11 @@ def test_routing_edits_are_validated_then_saved_and_reloaded(
     assert new.locator("input[name$=-match]").input_value() == "partner.example"
     new.locator("input[name$=-host]").fill("127.0.0.1:2526")
     new.locator("select[name$=-tls]").select_option("none")
+    ui.submit("button[value=check]")                          # valid, and nothing written
+    assert "Valid: nothing written yet" in ui.flash()
+    assert console.config.read_text() == before
+    new = ui.page.locator("fieldset.route").nth(-2)
+    assert new.locator("input[name$=-host]").input_value() == "127.0.0.1:2526"
     ui.submit("button[value=save]")
     assert "and reloaded" in ui.flash()
     text = console.config.read_text()

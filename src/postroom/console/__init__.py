@@ -572,10 +572,15 @@ class Console:
                                            "steps": DOCTOR_STEPS}, session=s)
 
     # --- address spaces and relay settings ----------------------------------------------
+    def _routing_page(self, request: Request, s: Session, view: dict[str, Any],
+                      problems: dict[str, str] | None = None, error: str = "",
+                      status: int = 200) -> Response:
+        return self.render(request, "routing.html", {
+            "title": "Address spaces and relay", "view": view, "error": error,
+            **_problems(problems or {})}, status=status, session=s)
+
     async def routing(self, request: Request, s: Session) -> Response:
-        view = await self.call("GET", "/api/config/routing")
-        return self.render(request, "routing.html", {"title": "Address spaces and relay",
-                                                     "view": view, **_problems({})}, session=s)
+        return self._routing_page(request, s, await self.call("GET", "/api/config/routing"))
 
     async def routing_save(self, request: Request, s: Session) -> Response:
         form = request.state.form
@@ -596,27 +601,24 @@ class Console:
         check_only = form.get("do") == "check"
         body = {"routes": routes, **lines, "version": str(form.get("version") or ""),
                 "check_only": check_only, "who": f"{s.user} (console)"}
+        # the form as sent, to show again after a check or a refusal
+        view = {"source": str(form.get("source") or ""), "version": body["version"],
+                "routes": routes, **lines}
         try:
             result = await self.call("POST", "/api/config/routing", body)
         except ApiError as exc:
             if exc.status not in (400, 409):
                 raise
-            view = {"source": str(form.get("source") or ""), "version": body["version"],
-                    "routes": [dict(r) for r in routes], **lines, "warnings": []}
             problems = {p["key"]: p["message"] for p in exc.data.get("problems", [])}
-            return self.render(request, "routing.html", {
-                "title": "Address spaces and relay", "view": view, **_problems(problems),
-                "error": str(exc) if exc.status == 409 or not problems else
-                "Nothing was written: fix the fields marked below."}, status=exc.status,
-                session=s)
+            return self._routing_page(
+                request, s, view | {"warnings": []}, problems,
+                str(exc) if exc.status == 409 or not problems else
+                "Nothing was written: fix the fields marked below.", exc.status)
         warn = "; ".join(result["warnings"])
         if check_only:
             s.flash.append(("ok", "Valid: nothing written yet." + (f" Warning: {warn}"
                                                                    if warn else "")))
-            view = {"source": str(form.get("source") or ""), "version": body["version"],
-                    "routes": routes, **lines, "warnings": result["warnings"]}
-            return self.render(request, "routing.html", {
-                "title": "Address spaces and relay", "view": view, **_problems({})}, session=s)
+            return self._routing_page(request, s, view | {"warnings": result["warnings"]})
         needs = result["reload"].get("needs_restart") or []
         s.flash.append(("ok", f"Saved to {result['written']} (the previous version is "
                               f"{result['backup']}) and reloaded."

@@ -288,9 +288,11 @@ def make_app(backend: AdminBackend, token: str,
         backend.events.emit(3007, f"queue {name} by {user}: {result['recipients']} recipients "
                             f"of {result['messages']} messages", action=name)
         done = "returned to the sender" if name == "bounce" else "deleted (no report)"
-        for mid, address in result.pop("finished"):
+        for mid, address, direction in result.pop("finished"):
             backend.events.emit(3004, f"<{address}> {done} by {user}", queue_id=mid,
                                 rcpt=address, domain=address.rpartition("@")[2])
+            if name == "bounce":         # failed for good, as the queue manager counts it
+                backend.metrics.bounced.labels(direction).inc()
         return JSONResponse(result)
 
     async def logging_get(request: Request) -> Response:

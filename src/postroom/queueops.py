@@ -244,10 +244,10 @@ def act(conn: sqlite3.Connection, action: str, rids: Iterable[int], now: float,
     rids = list(rids)
     messages: set[str] = set()
     changed = 0
-    finished: list[tuple[str, str]] = []     # (queue id, address) deleted or returned
+    finished: list[tuple[str, str, str]] = []   # (queue id, address, direction) deleted or returned
     for rid in rids:
-        row = conn.execute("SELECT message, state, address FROM recipients WHERE id = ?",
-                           (rid,)).fetchone()
+        row = conn.execute("SELECT message, state, address, direction FROM recipients "
+                           "WHERE id = ?", (rid,)).fetchone()
         if row is None or row[1] not in ("conversion", "delivery"):
             continue
         mid = row[0]
@@ -275,7 +275,7 @@ def act(conn: sqlite3.Connection, action: str, rids: Iterable[int], now: float,
                 (f"554 5.3.0 returned to the sender by {who} before delivery", detail, now, rid))
         changed += cur.rowcount
         if cur.rowcount and action in ("delete", "bounce"):
-            finished.append((mid, row[2]))
+            finished.append((mid, row[2], row[3]))
     if action in ("delete", "bounce"):
         finish_messages(conn, messages)
     return {"action": action, "recipients": changed, "messages": len(messages),

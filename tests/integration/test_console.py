@@ -329,9 +329,14 @@ def test_reasons_and_actions_on_a_selection(ui: Console, console: ServerProcess)
     held = {m["id"] for m in listed if m["recipients"][0]["held"]}
     assert held >= {ids[0], ids[1]} and ids[2] not in held
     # return one to its sender with an NDR (the confirm dialog is accepted)
+    def bounced() -> int:
+        stats = cli_json(console, "stats")["metrics"]
+        return int(sum(x["value"] for x in stats.get("postroom_recipients_bounced_total", [])))
+    before = bounced()
     ui.page.check(f"#sel-{ids[2]}")
     ui.submit("#selection button[value=bounce]")
     assert "bounce: 1 recipients of 1 messages" in ui.flash()
+    assert bounced() == before + 1                # counted as failed for good
     assert wait_until(lambda: any(b"x2@far.test" in m for m in
                                   console.messages("alice@example.test")), 15)
     # delete the held two

@@ -559,11 +559,11 @@ def test_every_page_fits_and_labels_its_controls(browser: Any, console: ServerPr
                 !(el.tagName === 'BUTTON' && el.innerText.trim())).map(el => el.outerHTML)""")
             assert unlabelled == [], (path, unlabelled)
             assert response.headers["content-security-policy"].startswith("default-src 'none'")
+            if viewport is PHONE and path in ("/", "/queues", "/doctor"):
+                c.shot("phone-" + (path.strip("/") or "dashboard"))
             # keyboard: the skip link is the first stop and leads to the content
             c.page.keyboard.press("Tab")
             assert c.page.evaluate("document.activeElement.className") == "skip", path
-            if viewport is PHONE and path in ("/", "/queues", "/doctor"):
-                c.shot("phone-" + (path.strip("/") or "dashboard"))
         assert c.errors == []
     finally:
         c.close()

@@ -73,6 +73,15 @@ class SmtpConfig:
     auth_failure_limit: int = 5
     auth_failure_window: float = 600.0
     processes: int = 1
+    # free space the data directory must keep for MAIL to be accepted (452 4.3.1 below
+    # it); None: 1.5 × max_message_size, Postfix's rule
+    min_free_space: int | None = None
+
+    @property
+    def free_space_needed(self) -> int:
+        if self.min_free_space is not None:
+            return self.min_free_space
+        return self.max_message_size * 3 // 2
 
 
 @dataclass(frozen=True)
@@ -300,6 +309,12 @@ def _schedule(value: object) -> tuple[float, ...]:
     return tuple(_positive_duration(v) for v in value)
 
 
+def _min_free(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError("give a number of bytes, 0 or more (0: no reserve)")
+    return value
+
+
 def _processes(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
         raise ValueError(f"must be a number of processes from 1 to 64, not {value!r}")
@@ -444,6 +459,7 @@ SMTP_KEYS = {
     "listen", "submission", "submissions", "max_message_size", "max_recipients",
     "command_timeout", "data_timeout", "max_connections", "max_connections_per_peer",
     "max_errors", "auth_on_mx", "auth_failure_limit", "auth_failure_window", "processes",
+    "min_free_space",
 }
 
 
@@ -484,6 +500,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: str) -> Config:
         auth_failure_window=r.convert(
             s, "smtp.", "auth_failure_window", _positive_duration, d.auth_failure_window),
         processes=r.convert(s, "smtp.", "processes", _processes, d.processes),
+        min_free_space=r.convert(s, "smtp.", "min_free_space", _min_free, d.min_free_space),
     )
     if not (smtp.listen or smtp.submission or smtp.submissions):
         r.problems.append(Problem("smtp.listen", "no listener at all: give at least one address"))
@@ -669,6 +686,9 @@ auth_on_mx = false
 # Failed AUTH attempts from one address within the window before AUTH is refused.
 auth_failure_limit = 5
 auth_failure_window = "10m"
+# Free space (bytes) the data directory keeps: below it, MAIL gets "452 4.3.1" so that
+# queued mail can still be delivered and recorded. Default: 1.5 × max_message_size.
+# min_free_space = 39321600
 
 [tls]
 # PEM files. Empty: a self-signed certificate is made in data_dir on first start.

@@ -418,7 +418,19 @@ class QueueManager:
             if o.path is not None and failed[o.path.parent] is not None:
                 outcomes[i] = _Outcome(o.due, False, True, "451 4.3.0 Maildir delivery failed: "
                                        f"{failed[o.path.parent]}", "4.3.0", o.detail)
-        await self.spool.run(lambda conn: self._record(conn, outcomes))
+        try:
+            await self.spool.run(lambda conn: self._record(conn, outcomes))
+        except StorageFull:
+            # Not recorded, so these recipients will be delivered again: take back this
+            # round's copies. Kept, they are duplicates, and on a full disk each retry's
+            # copies ate the space freed for the spool's own commit, so it never got it.
+            for o in outcomes:
+                if o.path is not None:
+                    try:
+                        o.path.unlink()
+                    except OSError as exc:
+                        log.warning("could not take back %s: %s", o.path, exc)
+            raise
         return len(due)
 
     def _deliver_one(self, due: _Due, body: Body) -> _Outcome:

@@ -257,3 +257,30 @@ def test_deliveries_are_recorded_only_after_their_folder_is_synced(
     rows = spool.read(lambda c: c.execute("SELECT state, last_reply FROM recipients").fetchall())
     assert [r[0] for r in rows] == ["delivery"] * 3                     # not recorded as delivered
     assert all(r[1].startswith("451 4.3.0") for r in rows)
+
+
+def test_a_delivery_that_cannot_be_recorded_takes_back_its_copy(
+        spool: SqliteSpool, tmp_path: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch
+        ) -> None:
+    """Disk full at the result's commit: the Maildir copy is removed (it will be delivered
+    again), instead of piling up a duplicate per retry that eats the space freed."""
+    q = make_qmgr(spool, MaildirStore(tmp_path / "mail", "t"), clock)
+    new = tmp_path / "mail" / "example.test" / "a" / "new"
+    real_record = q._record
+
+    def full(conn: sqlite3.Connection, outcomes: list[object]) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    async def main() -> None:
+        await spool.enqueue(message(("a@example.test", "inbound")))
+        await q.convert_batch()
+        monkeypatch.setattr(q, "_record", full)
+        for _ in range(3):
+            with pytest.raises(StorageFull):
+                await q.deliver_batch()
+            assert list(new.iterdir()) == []                 # nothing left behind
+        monkeypatch.setattr(q, "_record", real_record)       # space again
+        assert await q.deliver_batch() == 1
+    asyncio.run(main())
+    assert len(list(new.iterdir())) == 1                      # exactly one copy
+    assert {q.name: q.recipients for q in spool.summary()}["inbound-delivery"] == 0

@@ -413,3 +413,15 @@ def test_default_config_text_documents_the_relay_refusal_and_the_alias_example()
     assert "550 5.7.1 Relaying mail to <address> is not allowed" in text
     assert "0.0.0.0/0" in text
     assert '# "postmaster@example.test" = ["alice@example.test"]' in text
+
+
+def test_min_free_space_defaults_to_one_and_a_half_times_the_message_size(
+        tmp_path: Path) -> None:
+    from postroom.config import ConfigError, parse_config
+    c = parse_config({"smtp": {"max_message_size": 1000}}, tmp_path, "t")
+    assert c.smtp.min_free_space is None and c.smtp.free_space_needed == 1500
+    c = parse_config({"smtp": {"min_free_space": 0}}, tmp_path, "t")
+    assert c.smtp.free_space_needed == 0
+    with pytest.raises(ConfigError) as err:
+        parse_config({"smtp": {"min_free_space": -5}}, tmp_path, "t")
+    assert "smtp.min_free_space" in str(err.value)

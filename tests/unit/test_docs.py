@@ -192,6 +192,7 @@ KNOWN_SECTION_KEYS = {
 NO_LITERAL_DEFAULT = {
     ("", "hostname"),         # the machine's name
     ("route", "match"),       # required: no default
+    ("smtp", "min_free_space"),   # 1.5 × max_message_size
 }
 ROUTE_FUNCTION = "_routes"    # reads each [[route]] table: r.get(t, key, "name", ...)
 

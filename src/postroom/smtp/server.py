@@ -116,6 +116,7 @@ class ServerState:
     events: EventLog | None = None
     # listener kinds whose component an administrator stopped: new connections get 421
     stopped: set[str] = field(default_factory=set)
+    low_space_noted: float = -3600.0    # when a MAIL refused for low space was last logged
 
     def __post_init__(self) -> None:
         c = self.config
@@ -130,6 +131,18 @@ class ServerState:
                                    frozenset(config.aliases), config.routes)
         self.throttle.limit = config.smtp.auth_failure_limit
         self.throttle.window = config.smtp.auth_failure_window
+
+    def space_left(self) -> bool:
+        """Whether the data directory has [smtp] min_free_space free (a statvfs, about a
+        microsecond). Unknown (the call failed) counts as yes: the commit will tell."""
+        need = self.config.smtp.free_space_needed
+        if need <= 0:
+            return True
+        try:
+            st = os.statvfs(self.config.data_dir)
+        except OSError:
+            return True
+        return st.f_bavail * st.f_frsize >= need
 
     def capabilities(self, listener: str) -> Capabilities:
         s = self.config.smtp
@@ -358,6 +371,18 @@ class Session(asyncio.Protocol):
         if isinstance(ev, MailFrom):
             verdict = check_mail(self._snapshot())
             self._decisions = []
+            if verdict.accept and not self.state.space_left():
+                now = time.monotonic()
+                if now - self.state.low_space_noted >= 60:     # said once a minute: the
+                    self.state.low_space_noted = now           # disk is nearly full
+                    need = self.state.config.smtp.free_space_needed
+                    log.warning("session=%s mail from=<%s> refused (452 4.3.1): less than %d "
+                                "bytes free in %s ([smtp] min_free_space)", self.id,
+                                ev.sender, need, self.state.config.data_dir)
+                    self._event(5001, f"less than {need} bytes free in the data directory "
+                                "([smtp] min_free_space): MAIL is answered 452 4.3.1")
+                core.respond(replies.STORAGE_FULL)
+                return
             # an accepted sender is in the "queued" line; a refusal needs its own
             (log.debug if verdict.accept else log.info)(
                 "session=%s mail from=<%s> %s: %s", self.id, ev.sender,

@@ -230,6 +230,12 @@ def make_app(backend: AdminBackend, token: str,
                 return _error(400, str(exc))
         return run
 
+    async def json_body(request: Request) -> dict[str, Any]:
+        body = await request.json()
+        if not isinstance(body, dict):
+            raise ValueError("send a JSON object")
+        return body
+
     async def status(request: Request) -> Response:
         return JSONResponse({"components": backend.status()})
 
@@ -263,9 +269,7 @@ def make_app(backend: AdminBackend, token: str,
         return JSONResponse({"reasons": await read(lambda c: queueops.reasons(c, now))})
 
     async def action(request: Request) -> Response:
-        body = await request.json()
-        if not isinstance(body, dict):
-            raise ValueError("send a JSON object")
+        body = await json_body(request)
         name = str(body.get("action", ""))
         if name not in queueops.ACTIONS:
             raise ValueError(f"unknown action {name!r}: use one of {', '.join(queueops.ACTIONS)}")
@@ -299,9 +303,7 @@ def make_app(backend: AdminBackend, token: str,
         return JSONResponse(backend.events.levels.as_json())
 
     async def logging_set(request: Request) -> Response:
-        body = await request.json()
-        if not isinstance(body, dict):
-            raise ValueError("send a JSON object")
+        body = await json_body(request)
         return JSONResponse(await backend.set_logging(
             str(body.get("category", "")), str(body.get("level", "")),
             peer=str(body.get("peer") or ""), domain=str(body.get("domain") or "")))
@@ -350,9 +352,7 @@ def make_app(backend: AdminBackend, token: str,
         return JSONResponse({"messages": found})
 
     async def submit(request: Request) -> Response:
-        body = await request.json()
-        if not isinstance(body, dict):
-            raise ValueError("send a JSON object")
+        body = await json_body(request)
         try:
             data = base64.b64decode(str(body.get("data", "")), validate=True)
         except (binascii.Error, ValueError):
@@ -384,18 +384,11 @@ def make_app(backend: AdminBackend, token: str,
     routing_lock = asyncio.Lock()          # one routing change at a time
 
     async def users_list(request: Request) -> Response:
-        found = await loop_read().run_in_executor(None, backend.users.list)
-        if request.query_params.get("admin") in ("1", "true", "yes"):
-            found = [u for u in found if u.admin]
+        admins_only = request.query_params.get("admin") in ("1", "true", "yes")
+        found = await loop_read().run_in_executor(None, backend.users.list, admins_only)
         return JSONResponse({"users": [{"address": u.address, "created": u.created,
                                         "admin": u.admin} for u in found],
                              "local_domains": list(backend.config.local_domains)})
-
-    async def json_body(request: Request) -> dict[str, Any]:
-        body = await request.json()
-        if not isinstance(body, dict):
-            raise ValueError("send a JSON object")
-        return body
 
     async def user_add(request: Request) -> Response:
         body = await json_body(request)
@@ -413,7 +406,7 @@ def make_app(backend: AdminBackend, token: str,
         store = backend.users
 
         def remove(address: str) -> str:
-            admins = [u.address for u in store.list() if u.admin]
+            admins = [u.address for u in store.list(admins_only=True)]
             if admins == [mailbox_key(address)]:
                 raise UserError(f"{admins[0]} is the last admin account: add another "
                                 "(--admin) before removing it, or nobody could log in to "
@@ -440,8 +433,8 @@ def make_app(backend: AdminBackend, token: str,
         key = await loop_read().run_in_executor(login_pool, store.verify,
                                                 str(body.get("address", "")),
                                                 str(body.get("password", "")))
-        admin = key is not None and any(u.admin for u in await loop_read().run_in_executor(
-            None, store.list) if u.address == key)
+        admins = await loop_read().run_in_executor(None, store.list, True)
+        admin = key is not None and any(u.address == key for u in admins)
         return JSONResponse({"ok": key is not None, "address": key, "admin": admin})
 
     # --- address spaces and relay settings ----------------------------------------------
@@ -578,7 +571,6 @@ def make_app(backend: AdminBackend, token: str,
         routes.append(Mount("", app=_Lazy(lambda: console(app))))
     app = Starlette(routes=routes)
     app.state.background = [history.run]
-    app.state.history = history
     return app
 
 

@@ -621,13 +621,20 @@ def _optional_endpoint(value: object) -> tuple[str, int] | None:
 def load(path: Path) -> Config:
     """Read and validate a config file."""
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(str(path), [Problem("(file)", "no such file")]) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(str(path), [Problem("(syntax)", str(exc))]) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(str(path), [Problem("(file)", f"cannot read: {exc.__class__.__name__}")]) from None
+    return parse_text(text, path)
+
+
+def parse_text(text: str, path: Path) -> Config:
+    """Validate the text of a config file that is (or will be) at ``path``."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), [Problem("(syntax)", str(exc))]) from None
     return parse_config(raw, path.resolve().parent, str(path))
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import tomlkit
 from tomlkit.items import AoT, Comment, Table
 
-from .config import ROUTE_KEYS, Config, ConfigError, Problem, parse_config
+from .config import ROUTE_KEYS, Config, ConfigError, Problem, parse_text
 
 __all__ = ["EditConflict", "ROUTE_FIELDS", "apply", "read", "write"]
 
@@ -236,14 +236,6 @@ def _same_password_files(text: str, routes: list[dict[str, Any]]) -> None:
         raise ConfigError("the change", problems)
 
 
-def validate(text: str, path: Path) -> Config:
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(str(path), [Problem("(syntax)", str(exc))]) from None
-    return parse_config(raw, path.resolve().parent, str(path))
-
-
 def write(path: Path, routes: list[dict[str, Any]], trusted_networks: list[str],
           local_domains: list[str], version: str, *, check_only: bool = False
           ) -> tuple[Config, str]:
@@ -259,7 +251,7 @@ def write(path: Path, routes: list[dict[str, Any]], trusted_networks: list[str],
             raise ValueError(f"unknown route keys: {', '.join(unknown)}")
     _same_password_files(old, routes)
     new = apply(old, routes, trusted_networks, local_domains)
-    config = validate(new, path)
+    config = parse_text(new, path)
     if check_only:
         return config, new
     backup = path.with_name(path.name + ".bak")

@@ -155,10 +155,11 @@ class UserStore:
             raise UserError(f"{key} does not exist")
         return key
 
-    def list(self) -> list[User]:
+    def list(self, admins_only: bool = False) -> list[User]:
         with self._lock:
             rows = self._conn.execute(
-                "SELECT address, created, admin FROM users ORDER BY address").fetchall()
+                "SELECT address, created, admin FROM users"
+                + (" WHERE admin = 1" if admins_only else "") + " ORDER BY address").fetchall()
         return [User(a, c, bool(adm)) for a, c, adm in rows]
 
     def verify(self, username: str, password: str) -> str | None:

@@ -714,6 +714,4 @@ def build(api: Starlette, token: str, events: EventLog) -> Starlette:
         return console.render(request, "error.html", {
             "title": "Not found", "message": f"There is no page {request.url.path}."},
             status=404, session=s)
-    app = Starlette(routes=console.routes(), exception_handlers={404: not_found})
-    app.state.console = console
-    return app
+    return Starlette(routes=console.routes(), exception_handlers={404: not_found})

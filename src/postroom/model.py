@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 __all__ = [
     "Address",
     "ComponentError",
+    "DeliveryResult",
     "Envelope",
     "Reply",
     "SmtpError",
@@ -116,3 +117,46 @@ class Envelope:
 
 class ComponentError(Exception):
     """A component action that cannot be done (unknown name, or not allowed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryResult:
+    """What happened to one recipient in one delivery attempt, whatever delivered it.
+
+    The one shape of a result: a delivery agent makes it, the queue manager decides what
+    it means for the schedule, the spool records it (``as_detail``) and the NDR reads it
+    back. ``reply`` is the hop's reply, or the reply we made up for a failure of our own
+    (a refused connection, a DNS error); ``status`` is the RFC 3463 code the DSN reports,
+    which differs from the reply's own only where a 5xx reply is retried (a smart host's
+    535: our configuration, so deferred, reported as 4.x.x).
+    """
+
+    recipient: int                   # the spool's recipient id
+    ok: bool
+    transient: bool
+    reply: Reply
+    step: str                        # connect, greeting, EHLO, STARTTLS, AUTH, MAIL, RCPT, DATA,
+                                     # dns, local, LHLO, routing, ...
+    status: str = ""                 # the DSN status; "" means the reply's own
+    hop: str = ""                    # which hop: "local mailbox", "MX of x (route *)", ...
+    remote_host: str | None = None
+    remote_ip: str | None = None
+    transcript: str = ""
+    dsn_capable: bool = False        # the next hop took over DSN duties (RFC 3461 4.1)
+    hop_failure: bool = False        # the whole destination failed, not this recipient
+    stored: str = ""                 # a local copy that stands only if this is recorded
+
+    @property
+    def dsn_status(self) -> str:
+        if self.status:
+            return self.status
+        if self.reply.enhanced:
+            return self.reply.enhanced
+        return f"{str(self.reply.code)[0]}.0.0"
+
+    def as_detail(self) -> dict[str, object]:
+        """The result as the spool keeps it (JSON), and as ``queue show`` reads it."""
+        return {"status": self.dsn_status, "step": self.step, "remote_host": self.remote_host,
+                "remote_ip": self.remote_ip, "hop": self.hop,
+                "reply": [self.reply.code, self.reply.enhanced, self.reply.text],
+                "transcript": self.transcript[-8000:]}

@@ -3,7 +3,7 @@
 A destination is a route plus, for MX routes, the recipient domain. The agent
 resolves the next hop (MX records by preference, or the smart host's addresses),
 connects to each address in turn until one greets with 220, then sends every message
-of the batch over that one connection. It returns one :class:`RecipientResult` per
+of the batch over that one connection. It returns one :class:`~postroom.model.DeliveryResult` per
 recipient: delivered, transient or permanent, with the remote reply, the step, the
 server's name and IP, and the transcript of the attempt.
 
@@ -20,79 +20,21 @@ Policy per route:
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import ssl
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
-from .body import Body
-from .config import DeliveryConfig, Route
-from .dns import MxResult, Resolver
-from .model import Reply
-from .smtp.client import Client, HopError, Transcript, wire_chunks
+from ..config import DeliveryConfig, Route
+from ..dns import MxResult, Resolver
+from ..model import DeliveryResult, Reply
+from ..smtp.client import Client, HopError, Transcript, wire_chunks
+from . import Destination, OutboundMessage, OutboundRecipient
 
-__all__ = ["Destination", "OutboundMessage", "OutboundRecipient", "RecipientResult",
-           "SmtpDeliveryAgent"]
+__all__ = ["SmtpDeliveryAgent"]
 
 log = logging.getLogger("postroom.delivery")
-
-
-@dataclass(frozen=True, slots=True)
-class Destination:
-    """Where a group of recipients goes: a route, and the domain for MX routes."""
-
-    route: Route
-    domain: str            # for smart hosts: "" (every domain shares the connection)
-
-    @property
-    def ref(self) -> str:
-        """How the spool records it: the route's place in the table, and the domain."""
-        return f"{self.route.index}|{self.domain}"
-
-    @property
-    def key(self) -> str:
-        return f"smarthost:{self.route.next_hop}" if self.route.via == "smarthost" \
-            else f"mx:{self.domain}"
-
-    def describe(self) -> str:
-        if self.route.via == "smarthost":
-            return self.route.describe()
-        return f"MX of {self.domain} (route {self.route.match})"
-
-
-@dataclass(frozen=True, slots=True)
-class OutboundRecipient:
-    id: int
-    address: str
-    params: dict[str, str]
-
-
-@dataclass(slots=True)
-class OutboundMessage:
-    queue_id: str
-    sender: str
-    mail_params: dict[str, str]
-    data: Body
-    recipients: list[OutboundRecipient]
-
-
-@dataclass(slots=True)
-class RecipientResult:
-    recipient: OutboundRecipient
-    queue_id: str
-    ok: bool
-    transient: bool
-    reply: str                       # "250 2.0.0 Ok: queued as X" or what failed, as a line
-    status: str                      # enhanced status, e.g. "5.7.1"
-    step: str                        # connect, greeting, EHLO, STARTTLS, AUTH, MAIL, RCPT, DATA...
-    remote_host: str | None = None
-    remote_ip: str | None = None
-    hop: str = ""
-    transcript: str = ""
-    dsn_capable: bool = False        # the next hop took over DSN duties
-    hop_failure: bool = False        # the whole destination failed, not this recipient
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 def _status(reply: Reply | None, default: str) -> str:
@@ -120,7 +62,7 @@ class SmtpDeliveryAgent:
         self._noverify = self._may
 
     # --- next hop ------------------------------------------------------------------
-    async def _hosts(self, dest: Destination) -> list[tuple[str, str, int]] | RecipientResult:
+    async def _hosts(self, dest: Destination) -> list[tuple[str, str, int]] | DeliveryResult:
         """(name, ip, port) to try in order, or a result that applies to every recipient."""
         route = dest.route
         if route.via == "smarthost":
@@ -152,20 +94,20 @@ class SmtpDeliveryAgent:
         return hosts
 
     def _dns_failure(self, dest: Destination, text: str, status: str, permanent: bool
-                     ) -> RecipientResult:
+                     ) -> DeliveryResult:
         code = 550 if permanent else 451
-        return RecipientResult(OutboundRecipient(0, "", {}), "", False, not permanent,
-                               f"{code} {status} {text}", status, "dns", hop=dest.describe(),
-                               hop_failure=not permanent)
+        return DeliveryResult(0, False, not permanent, Reply(code, status, text), "dns",
+                              status, hop=dest.describe(), hop_failure=not permanent)
 
     # --- delivery ------------------------------------------------------------------
     async def deliver(self, dest: Destination, messages: Sequence[OutboundMessage]
-                      ) -> list[RecipientResult]:
+                      ) -> list[DeliveryResult]:
         hosts = await self._hosts(dest)
-        if isinstance(hosts, RecipientResult):
-            return [self._copy(hosts, m, r) for m in messages for r in m.recipients]
+        if isinstance(hosts, DeliveryResult):
+            return [dataclasses.replace(hosts, recipient=r.id)
+                    for m in messages for r in m.recipients]
         pending = list(messages)
-        results: list[RecipientResult] = []
+        results: list[DeliveryResult] = []
         failures: list[str] = []
         last_error: HopError | None = None
         last_host: tuple[str, str] | None = None
@@ -222,7 +164,9 @@ class SmtpDeliveryAgent:
                     res = self._hop_result(last_error, last_host[0], last_host[1], dest,
                                            transcript, m, r)
                     if len(failures) > 1:
-                        res.reply = f"{res.reply} (all next hops failed: {summary})"
+                        res = dataclasses.replace(res, reply=dataclasses.replace(
+                            res.reply, text=f"{res.reply.text} (all next hops failed: "
+                            f"{summary})"))
                     results.append(res)
         return results
 
@@ -248,16 +192,16 @@ class SmtpDeliveryAgent:
             await client.auth(route.username, route.password)
 
     async def _send(self, client: Client, message: OutboundMessage, dest: Destination,
-                    name: str, ip: str, transcript: Transcript) -> list[RecipientResult]:
+                    name: str, ip: str, transcript: Transcript) -> list[DeliveryResult]:
         size = client.size_limit
         if needs_smtputf8(message) and not client.offers("SMTPUTF8"):
-            return [self._result(message, r, False, False, f"554 5.6.7 {name} [{ip}] does not "
-                                 "support SMTPUTF8, which this message needs", "5.6.7", "MAIL",
+            return [self._result(r, False, False, Reply(554, "5.6.7", f"{name} [{ip}] does "
+                                 "not support SMTPUTF8, which this message needs"), "MAIL",
                                  name, ip, dest, transcript) for r in message.recipients]
         if size is not None and len(message.data) > size:
-            return [self._result(message, r, False, False, f"552 5.3.4 message size "
+            return [self._result(r, False, False, Reply(552, "5.3.4", f"message size "
                                  f"{len(message.data)} exceeds the size limit {size} of "
-                                 f"{name} [{ip}]", "5.3.4", "MAIL", name, ip, dest, transcript)
+                                 f"{name} [{ip}]"), "MAIL", name, ip, dest, transcript)
                     for r in message.recipients]
         params = ""
         if client.offers("SIZE"):
@@ -290,51 +234,43 @@ class SmtpDeliveryAgent:
             elif not rcpt_reply.is_positive:
                 reply, step = rcpt_reply, "RCPT"
             elif tx.data is None:
-                out.append(self._result(message, r, False, True,
-                                        "451 4.5.0 the server accepted no recipient, so DATA "
-                                        "was not sent", "4.5.0", "DATA", name, ip, dest,
-                                        transcript))
+                out.append(self._result(r, False, True,
+                                        Reply(451, "4.5.0", "the server accepted no "
+                                              "recipient, so DATA was not sent"), "DATA",
+                                        name, ip, dest, transcript))
                 continue
             else:
                 reply, step = tx.data, "DATA"
             ok = reply.is_positive and step == "DATA"
-            res = self._result(message, r, ok, reply.is_transient,
-                               str(reply), _status(reply, "2.0.0" if ok else "5.0.0"), step,
-                               name, ip, dest, transcript)
-            res.dsn_capable = dsn
-            out.append(res)
-        for res in out:
+            out.append(self._result(r, ok, reply.is_transient, reply, step, name, ip, dest,
+                                    transcript, dsn_capable=dsn))
+        for r, res in zip(message.recipients, out, strict=True):
             log.info("queue_id=%s to=<%s> relay=%s[%s] status=%s step=%s (%s)",
-                     res.queue_id, res.recipient.address, name, ip,
+                     message.queue_id, r.address, name, ip,
                      "sent" if res.ok else ("deferred" if res.transient else "bounced"),
                      res.step, res.reply)
         return out
 
-    def _result(self, message: OutboundMessage, r: OutboundRecipient, ok: bool,
-                transient: bool, reply: str, status: str, step: str, name: str, ip: str,
-                dest: Destination, transcript: Transcript) -> RecipientResult:
-        return RecipientResult(r, message.queue_id, ok, transient and not ok, reply, status,
-                               step, name, ip, dest.describe(), transcript.text())
+    @staticmethod
+    def _result(r: OutboundRecipient, ok: bool, transient: bool, reply: Reply, step: str,
+                name: str, ip: str, dest: Destination, transcript: Transcript,
+                dsn_capable: bool = False) -> DeliveryResult:
+        return DeliveryResult(r.id, ok, transient and not ok, reply, step,
+                              _status(reply, "2.0.0" if ok else "5.0.0"), dest.describe(),
+                              name, ip, transcript.text(), dsn_capable=dsn_capable)
 
     def _hop_result(self, exc: HopError, name: str, ip: str, dest: Destination,
                     transcript: Transcript, message: OutboundMessage, r: OutboundRecipient,
-                    hop_failure: bool = True) -> RecipientResult:
+                    hop_failure: bool = True) -> DeliveryResult:
         if exc.reply is not None:
-            reply = str(exc.reply)
+            reply = exc.reply
             status = _status(exc.reply, "4.4.0")
         else:
             status = {"connect": "4.4.1", "greeting": "4.4.2", "STARTTLS": "4.7.5",
                       "AUTH": "4.7.0"}.get(exc.step, "4.4.2")
-            reply = f"451 {status} {exc.detail}"
+            reply = Reply(451, status, exc.detail)
         if exc.transient and status.startswith("5."):
             status = "4" + status[1:]          # a deferral reports a transient status
-        return RecipientResult(r, message.queue_id, False, exc.transient, reply, status,
-                               exc.step, name, ip, dest.describe(), transcript.text(),
-                               hop_failure=hop_failure and exc.transient)
-
-    @staticmethod
-    def _copy(template: RecipientResult, m: OutboundMessage, r: OutboundRecipient
-              ) -> RecipientResult:
-        return RecipientResult(r, m.queue_id, False, template.transient, template.reply,
-                               template.status, template.step, hop=template.hop,
-                               hop_failure=template.hop_failure)
+        return DeliveryResult(r.id, False, exc.transient, reply, exc.step, status,
+                              dest.describe(), name, ip, transcript.text(),
+                              hop_failure=hop_failure and exc.transient)

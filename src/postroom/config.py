@@ -111,23 +111,28 @@ class Route:
     """
 
     match: str
-    via: str = "mx"                       # "mx" | "smarthost"
-    host: str = ""                        # smarthost: a name or an IP address
-    port: int = 25
-    tls: str = "opportunistic"            # "none" | "opportunistic" | "required"
+    via: str = "mx"                       # "mx" | "smarthost" | "lmtp"
+    host: str = ""                        # smarthost, lmtp: a name or an IP address
+    port: int = 25                        # lmtp: 24 unless host says otherwise
+    tls: str = "opportunistic"            # "none" | "opportunistic" | "required"; lmtp: "none"
     tls_verify: bool = True               # with tls = "required": verify the certificate
     username: str = ""
     password: str = field(default="", repr=False)
     cost: int = 1
     index: int = 0                        # position in the config, for messages
+    path: str = ""                        # lmtp: a Unix socket instead of host
 
     def describe(self) -> str:
         if self.via == "smarthost":
             return f"smart host {self.next_hop} (route {self.match})"
+        if self.via == "lmtp":
+            return f"LMTP {self.next_hop} (route {self.match})"
         return f"MX lookup (route {self.match})"
 
     @property
     def next_hop(self) -> str:
+        if self.path:
+            return f"unix:{self.path}"
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 
@@ -390,25 +395,38 @@ def _routes(r: _Reader, raw: object, base_dir: Path) -> tuple[Route, ...]:
             r.problems.append(Problem(key + "match", f"{match!r} is not \"*\", a domain or "
                                       "\"*.domain\""))
         via = r.get(t, key, "via", str, "mx")
-        if via not in ("mx", "smarthost"):
-            r.problems.append(Problem(key + "via", f"{via!r}: use \"mx\" or \"smarthost\""))
+        if via not in ("mx", "smarthost", "lmtp"):
+            r.problems.append(Problem(key + "via", f"{via!r}: use \"mx\", \"smarthost\" or "
+                                      "\"lmtp\""))
         host, port = "", 25
         host_raw = r.get(t, key, "host", str, "")
-        if via == "smarthost":
+        sock = _socket_path(r, t, key, via, base_dir)
+        if via == "smarthost" or (via == "lmtp" and not sock):
             if not host_raw:
                 r.problems.append(Problem(key + "host", "a smarthost route needs host = "
-                                          "\"name-or-ip[:port]\""))
+                                          "\"name-or-ip[:port]\"" if via == "smarthost" else
+                                          "an lmtp route needs host = \"name-or-ip[:port]\" "
+                                          "(port 24 by default) or path = \"/unix/socket\""))
             else:
                 try:
-                    host, port = _host_port(host_raw, 25)
+                    host, port = _host_port(host_raw, 25 if via == "smarthost" else 24)
                 except ValueError as exc:
                     r.problems.append(Problem(key + "host", str(exc)))
+        elif via == "lmtp" and host_raw:
+            r.problems.append(Problem(key + "host", "give either host or path, not both"))
         elif host_raw:
-            r.problems.append(Problem(key + "host", "only smarthost routes take a host"))
-        tls = r.get(t, key, "tls", str, "opportunistic")
+            r.problems.append(Problem(key + "host", "only smarthost and lmtp routes take a "
+                                      "host"))
+        if via == "lmtp" and sock:
+            port = 0
+        tls = r.get(t, key, "tls", str, "none" if via == "lmtp" else "opportunistic")
         if tls not in ("none", "opportunistic", "required"):
             r.problems.append(Problem(key + "tls", f"{tls!r}: use \"none\", "
                                       "\"opportunistic\" or \"required\""))
+        elif via == "lmtp" and tls != "none":
+            r.problems.append(Problem(key + "tls", f"{tls!r}: lmtp routes do not use TLS "
+                                      "(LMTP belongs on this machine or a trusted network); "
+                                      "leave tls out or set \"none\""))
         username = r.get(t, key, "username", str, "")
         password = ""
         pw_file = r.get(t, key, "password_file", str, "")
@@ -424,12 +442,42 @@ def _routes(r: _Reader, raw: object, base_dir: Path) -> tuple[Route, ...]:
                                           f"cannot read {path}: {exc.strerror or exc}"))
         if username and via != "smarthost":
             r.problems.append(Problem(key + "username", "AUTH is only for smarthost routes"))
+        elif pw_file and via == "lmtp":
+            r.problems.append(Problem(key + "password_file", "lmtp routes do not log in: "
+                                      "remove password_file"))
         cost = r.get(t, key, "cost", int, 1)
         if cost < 0:
             r.problems.append(Problem(key + "cost", "must be zero or more"))
         routes.append(Route(match.lower(), via, host, port, tls,
-                            r.get(t, key, "tls_verify", bool, True), username, password, cost, i))
+                            r.get(t, key, "tls_verify", bool, True), username, password, cost, i,
+                            sock))
     return tuple(routes)
+
+
+# sockaddr_un.sun_path holds 108 bytes on Linux, the final NUL included
+_MAX_SOCKET_PATH = 107
+
+
+def _socket_path(r: _Reader, t: dict[str, Any], key: str, via: str, base_dir: Path) -> str:
+    """An lmtp route's ``path``: the Unix socket, relative to the config file's folder."""
+    if "path" not in t:
+        return ""
+    raw = r.get(t, key, "path", str, None)
+    if raw is None:                       # not a string: already a problem
+        return ""
+    if via != "lmtp":
+        r.problems.append(Problem(key + "path", "only lmtp routes take a path (a Unix socket)"))
+        return ""
+    if not raw:
+        r.problems.append(Problem(key + "path", "must be the Unix socket of the LMTP server, "
+                                  "such as \"/run/dovecot/lmtp\""))
+        return ""
+    path = str(Path(raw) if Path(raw).is_absolute() else base_dir / raw)
+    if "\0" in path or len(os.fsencode(path)) > _MAX_SOCKET_PATH:
+        r.problems.append(Problem(key + "path", f"{path!r} cannot be a Unix socket address "
+                                  f"(at most {_MAX_SOCKET_PATH} bytes, no NUL)"))
+        return ""
+    return path
 
 
 def _domain(value: object) -> str:
@@ -453,7 +501,8 @@ LOGGING_KEYS = {*LOG_CATEGORIES, "retention", "archive_days"}
 DELIVERY_KEYS = {"retry", "mx_port", "max_queue_lifetime", "delay_warning", "max_connections",
                  "max_connections_per_destination", "connect_timeout", "command_timeout",
                  "max_return_size"}
-ROUTE_KEYS = {"match", "via", "host", "tls", "tls_verify", "username", "password_file", "cost"}
+ROUTE_KEYS = {"match", "via", "host", "path", "tls", "tls_verify", "username", "password_file",
+              "cost"}
 _PATTERN = re.compile(r"(?:\*|(?:\*\.)?[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?)\Z")
 SMTP_KEYS = {
     "listen", "submission", "submissions", "max_message_size", "max_recipients",
@@ -733,6 +782,14 @@ via = "mx"
 # username = "relayuser"            # AUTH to the smart host (only over TLS)
 # password_file = "secrets/partner" # the password, alone in a file (mode 0600)
 # cost = 1
+
+# Final delivery for a local domain by LMTP, to a mail store such as Dovecot or Cyrus,
+# instead of into data_dir's Maildirs (uncomment and adapt):
+# [[route]]
+# match = "example.org"             # a local domain ("*" for all of them)
+# via = "lmtp"
+# host = "127.0.0.1:24"             # name or IP, optional :port (default 24); or instead
+# path = "/run/dovecot/lmtp"        # the LMTP server's Unix socket
 
 [dns]
 # DNS servers for MX lookups, as "address:port". Empty: the system resolver.

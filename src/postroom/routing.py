@@ -4,7 +4,13 @@ An address space (``[[route]]``) matches ``*``, one exact domain, or ``*.domain`
 subdomains). The most specific match wins: an exact match beats any wildcard, a longer
 wildcard beats a shorter one, and ``*`` comes last. Among equally specific matches the
 lowest cost wins, and routes of equal cost share the load. Local domains never leave
-the machine.
+the machine: :func:`choose_route` never routes them.
+
+A local domain's final delivery goes into this server's Maildirs, unless an ``lmtp``
+route covers it: :func:`lmtp_route` names that route (as Postfix's
+``virtual_transport = lmtp:...``), and the queue manager hands the domain's recipients
+to the LMTP agent instead. An ``lmtp`` route that covers a non-local domain is an
+ordinary address space: :func:`choose_route` may pick it to relay to an LMTP server.
 
 :func:`choose_route` returns every route it considered with the reason it matched or
 not. The SMTP policy and the queue manager both call it, and the diagnostic tools
@@ -18,7 +24,7 @@ from dataclasses import dataclass
 
 from .config import Route
 
-__all__ = ["Candidate", "RouteDecision", "choose_route", "specificity"]
+__all__ = ["Candidate", "RouteDecision", "choose_route", "lmtp_route", "specificity"]
 
 
 def specificity(pattern: str, domain: str) -> tuple[int, int] | None:
@@ -84,3 +90,26 @@ def choose_route(domain: str, routes: Sequence[Route], local_domains: frozenset[
         why += f"; {len(chosen)} routes of equal cost share the load"
     return RouteDecision(domain, False, tuple(candidates), chosen,
                          f"{why}: {', '.join(r.describe() for r in chosen)}")
+
+
+def lmtp_route(domain: str, routes: Sequence[Route]) -> Route | None:
+    """The ``lmtp`` route that takes final delivery for a local ``domain``, if any.
+
+    Only ``via = "lmtp"`` routes count. The most specific match wins (an exact domain,
+    then the longest ``*.domain``, then ``*``), then the lowest cost; among routes still
+    equal, the first in the file. None: the domain's mail goes into the local Maildirs.
+    The caller decides that ``domain`` is local; this function does not know the list.
+    """
+    domain = domain.lower()
+    best: tuple[tuple[int, int], int, int] | None = None
+    chosen: Route | None = None
+    for position, route in enumerate(routes):
+        if route.via != "lmtp":
+            continue
+        score = specificity(route.match, domain)
+        if score is None:
+            continue
+        rank = (score, -route.cost, -position)
+        if best is None or rank > best:
+            best, chosen = rank, route
+    return chosen

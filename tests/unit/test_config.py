@@ -179,10 +179,40 @@ ERROR_CASES = [
     ("mx_port_zero", "[delivery]\nmx_port = 0", "delivery.mx_port", "port number"),
     ("route_not_tables", 'route = "x"', "route", "[[route]]"),
     ("route_without_match", '[[route]]\nvia = "mx"', "route[0].match", "required"),
-    ("route_bad_via", '[[route]]\nmatch = "*"\nvia = "uucp"', "route[0].via", "uucp"),
+    ("route_bad_via", '[[route]]\nmatch = "*"\nvia = "uucp"', "route[0].via",
+     "'uucp': use \"mx\", \"smarthost\" or \"lmtp\""),
     ("route_unknown_key", '[[route]]\nmatch = "*"\nhots = "x"', "route[0].hots", "unknown key"),
     ("smarthost_without_host", '[[route]]\nmatch = "*"\nvia = "smarthost"', "route[0].host",
      "needs host"),
+    ("lmtp_without_host_or_path", '[[route]]\nmatch = "*"\nvia = "lmtp"', "route[0].host",
+     "needs host = \"name-or-ip[:port]\" (port 24 by default) or path"),
+    ("lmtp_with_host_and_path",
+     '[[route]]\nmatch = "*"\nvia = "lmtp"\nhost = "127.0.0.1"\npath = "/run/lmtp"',
+     "route[0].host", "either host or path, not both"),
+    ("lmtp_empty_path", '[[route]]\nmatch = "*"\nvia = "lmtp"\npath = ""', "route[0].path",
+     "must be the Unix socket"),
+    ("lmtp_path_not_a_string", '[[route]]\nmatch = "*"\nvia = "lmtp"\npath = 24',
+     "route[0].path", "must be a str"),
+    ("lmtp_path_too_long", f'[[route]]\nmatch = "*"\nvia = "lmtp"\npath = "/{"x" * 107}"',
+     "route[0].path", "at most 107 bytes"),
+    ("lmtp_bad_host", '[[route]]\nmatch = "*"\nvia = "lmtp"\nhost = "127.0.0.1:0"',
+     "route[0].host", "port 0 out of range"),
+    ("lmtp_tls_required", '[[route]]\nmatch = "*"\nvia = "lmtp"\nhost = "::1"\ntls = "required"',
+     "route[0].tls", "lmtp routes do not use TLS"),
+    ("lmtp_tls_opportunistic",
+     '[[route]]\nmatch = "*"\nvia = "lmtp"\nhost = "::1"\ntls = "opportunistic"',
+     "route[0].tls", "leave tls out or set \"none\""),
+    ("lmtp_username", '[[route]]\nmatch = "*"\nvia = "lmtp"\nhost = "::1"\nusername = "u"\n'
+     'password_file = "cert.pem"', "route[0].username", "AUTH is only for smarthost routes"),
+    ("lmtp_password_file", '[[route]]\nmatch = "*"\nvia = "lmtp"\nhost = "::1"\n'
+     'password_file = "cert.pem"', "route[0].password_file", "lmtp routes do not log in"),
+    ("path_on_smarthost",
+     '[[route]]\nmatch = "*"\nvia = "smarthost"\nhost = "::1"\npath = "/run/lmtp"',
+     "route[0].path", "only lmtp routes take a path"),
+    ("path_on_mx", '[[route]]\nmatch = "*"\npath = "/run/lmtp"', "route[0].path",
+     "only lmtp routes take a path"),
+    ("host_on_mx", '[[route]]\nmatch = "*"\nhost = "relay.test"', "route[0].host",
+     "only smarthost and lmtp routes take a host"),
     ("nameservers_not_a_list", '[dns]\nnameservers = "127.0.0.1"', "dns.nameservers",
      "must be a list"),
     ("retry_not_a_list", '[delivery]\nretry = "1m"', "delivery.retry", "non-empty list"),
@@ -425,3 +455,85 @@ def test_min_free_space_defaults_to_one_and_a_half_times_the_message_size(
     with pytest.raises(ConfigError) as err:
         parse_config({"smtp": {"min_free_space": -5}}, tmp_path, "t")
     assert "smtp.min_free_space" in str(err.value)
+
+
+# --- LMTP routes ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("host", "expected_host", "port", "hop"), [
+    ("127.0.0.1", "127.0.0.1", 24, "127.0.0.1:24"),
+    ("127.0.0.1:2424", "127.0.0.1", 2424, "127.0.0.1:2424"),
+    ("Mailstore.Example.ORG", "mailstore.example.org", 24, "mailstore.example.org:24"),
+    ("[::1]:24", "::1", 24, "[::1]:24"),
+    ("::1", "::1", 24, "[::1]:24"),
+])
+def test_an_lmtp_route_over_tcp_defaults_to_port_24_and_no_tls(
+        tmp_path: Path, host: str, expected_host: str, port: int, hop: str) -> None:
+    c = parse(BASE + f"""
+        [[route]]
+        match = "example.org"
+        via = "lmtp"
+        host = "{host}"
+        """, tmp_path)
+    (route,) = c.routes
+    assert (route.via, route.host, route.port, route.path) == ("lmtp", expected_host, port, "")
+    assert route.tls == "none" and not route.username and not route.password
+    assert route.next_hop == hop
+    assert route.describe() == f"LMTP {hop} (route example.org)"
+
+
+def test_an_lmtp_route_over_a_unix_socket(tmp_path: Path) -> None:
+    c = parse(BASE + """
+        [[route]]
+        match = "*.example.org"
+        via = "lmtp"
+        path = "/run/dovecot/lmtp"
+        tls = "none"
+        cost = 3
+
+        [[route]]
+        match = "example.net"
+        via = "lmtp"
+        path = "sockets/lmtp"
+        """, tmp_path)
+    absolute, relative = c.routes
+    assert (absolute.via, absolute.host, absolute.path, absolute.cost) == \
+        ("lmtp", "", "/run/dovecot/lmtp", 3)
+    assert absolute.next_hop == "unix:/run/dovecot/lmtp"
+    assert absolute.describe() == "LMTP unix:/run/dovecot/lmtp (route *.example.org)"
+    # relative, like every other path in the file: to the config file's folder
+    assert relative.path == str(tmp_path / "sockets" / "lmtp")
+    assert relative.describe() == f"LMTP unix:{tmp_path}/sockets/lmtp (route example.net)"
+
+
+def test_the_other_routes_still_describe_themselves_as_before(tmp_path: Path) -> None:
+    c = parse(BASE + """
+        [[route]]
+        match = "*"
+        [[route]]
+        match = "partner.example"
+        via = "smarthost"
+        host = "10.0.0.5"
+        """, tmp_path)
+    mx, smart = c.routes
+    assert mx.describe() == "MX lookup (route *)" and mx.path == "" and mx.tls == "opportunistic"
+    assert smart.describe() == "smart host 10.0.0.5:25 (route partner.example)"
+    assert smart.tls == "opportunistic"
+
+
+def test_the_default_config_text_shows_an_lmtp_route_that_parses(tmp_path: Path) -> None:
+    text = default_config_text("mx.example.test", ["example.org"])
+    assert '# via = "lmtp"' in text
+    # uncomment the LMTP example (with host, without path): a valid route
+    lines = text.splitlines()
+    start = lines.index("# Final delivery for a local domain by LMTP, to a mail store such as "
+                        "Dovecot or Cyrus,")
+    block = []
+    for line in lines[start + 2:]:
+        if not line.startswith("# "):
+            break
+        if not line.startswith("# path"):
+            block.append(line[2:])
+    c = parse_config(tomllib.loads(text + "\n" + "\n".join(block) + "\n"), tmp_path, "t")
+    lmtp = c.routes[-1]
+    assert (lmtp.match, lmtp.via, lmtp.host, lmtp.port) == ("example.org", "lmtp", "127.0.0.1", 24)

@@ -1,11 +1,23 @@
-"""The SMTP client's pure parts: reply parsing and preparing message data for the wire."""
+"""The SMTP client's pure parts (reply parsing, message data for the wire), and its LMTP
+mode against a scripted server on a Unix socket."""
 
 from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from postroom.model import Reply
-from postroom.smtp.client import ProtocolError, ReplyReader, prepare_data
+from postroom.smtp.client import (
+    Client,
+    HopError,
+    ProtocolError,
+    ReplyReader,
+    Transaction,
+    prepare_data,
+)
 
 
 @pytest.mark.parametrize("data, expected", [
@@ -43,3 +55,179 @@ def test_reply_reader_ignores_an_enhanced_code_of_the_wrong_class() -> None:
 def test_reply_reader_refuses_what_is_not_smtp(garbage: bytes) -> None:
     with pytest.raises(ProtocolError):
         ReplyReader().feed(garbage)
+
+
+# --- LMTP mode (RFC 2033) against a scripted server on a Unix socket ------------------------
+
+LHLO_REPLY = b"250-store.test\r\n250-PIPELINING\r\n250-ENHANCEDSTATUSCODES\r\n250 8BITMIME\r\n"
+
+
+def _answers(greeting_reply: bytes = LHLO_REPLY) -> Callable[[str], bytes]:
+    def answer(cmd: str) -> bytes:
+        if cmd.startswith(("LHLO", "EHLO")):
+            return greeting_reply
+        if cmd.startswith("MAIL"):
+            return b"250 2.1.0 OK\r\n"
+        if cmd.startswith("RCPT"):
+            if "nobody" in cmd:
+                return b"550 5.1.1 <nobody@store.test> User doesn't exist: nobody@store.test\r\n"
+            return b"250 2.1.5 OK\r\n"
+        if cmd == "DATA":
+            return b"354 OK\r\n"
+        if cmd == "QUIT":
+            return b"221 2.0.0 Bye\r\n"
+        return b"500 5.5.1 Unknown command\r\n"
+    return answer
+
+
+class FakeStore:
+    """A line-at-a-time server: answers commands with ``answer``, and each final dot with
+    the next of ``after_dot`` (then hangs up if ``hang_up``). Records every byte."""
+
+    def __init__(self, path: Path, answer: Callable[[str], bytes], after_dot: list[bytes],
+                 hang_up: bool = False) -> None:
+        self.path, self.answer, self.after_dot, self.hang_up = path, answer, after_dot, hang_up
+        self.received = bytearray()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 store.test LMTP ready\r\n")
+        in_data = False
+        while line := await reader.readline():
+            self.received += line
+            if in_data:
+                if line == b".\r\n":
+                    in_data = False
+                    writer.write(self.after_dot.pop(0))
+                    if self.hang_up:
+                        break
+                continue
+            cmd = line.decode().rstrip("\r\n")
+            out = self.answer(cmd)
+            in_data = cmd == "DATA" and out.startswith(b"354")
+            writer.write(out)
+            if cmd == "QUIT":
+                break
+        await writer.drain()
+        writer.close()
+
+    async def __aenter__(self) -> FakeStore:
+        self.server = await asyncio.start_unix_server(self.handle, str(self.path))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+
+
+RCPTS = [("alice@store.test", ""), ("nobody@store.test", ""), ("bob@store.test", "")]
+
+
+async def _lmtp_session(store: FakeStore, rcpts: list[tuple[str, str]] = RCPTS,
+                        lmtp: bool = True) -> tuple[Client, Transaction]:
+    client = Client(helo_name="client.test", command_timeout=5, lmtp=lmtp)
+    await client.connect_unix(str(store.path), 5)
+    await client.ehlo()
+    tx = await client.send("s@x.test", "", rcpts, prepare_data(b"Subject: hi\r\n\r\nbody\r\n"))
+    return client, tx
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_lmtp_says_lhlo_and_reads_one_reply_per_accepted_recipient(
+        tmp_path: Path, pipelining: bool) -> None:
+    lhlo = LHLO_REPLY if pipelining else LHLO_REPLY.replace(b"250-PIPELINING\r\n", b"")
+    saved = b"250 2.0.0 <alice@store.test> Saved\r\n"
+    full = b"452 4.2.2 <bob@store.test> Mailbox is full\r\n"
+
+    async def run() -> tuple[Transaction, Transaction, FakeStore, Client]:
+        async with FakeStore(tmp_path / "lmtp", _answers(lhlo), [saved + full, saved]) as store:
+            client, tx = await _lmtp_session(store)
+            # the connection is still in step: the next transaction reads its own replies
+            second = await client.send("s@x.test", "", [("alice@store.test", "")],
+                                       prepare_data(b"two\r\n"))
+            await client.quit()
+            return tx, second, store, client
+
+    tx, second, store, client = asyncio.run(run())
+    assert [r.code for r in tx.rcpts] == [250, 550, 250]
+    assert tx.data_rcpts == [Reply(250, "2.0.0", "<alice@store.test> Saved"), None,
+                             Reply(452, "4.2.2", "<bob@store.test> Mailbox is full")]
+    assert tx.data == tx.data_rcpts[0] and tx.lost is None
+    assert second.data_rcpts == [Reply(250, "2.0.0", "<alice@store.test> Saved")]
+    assert client.peer == f"unix:{tmp_path / 'lmtp'}"
+    assert bytes(store.received) == (
+        b"LHLO client.test\r\nMAIL FROM:<s@x.test>\r\nRCPT TO:<alice@store.test>\r\n"
+        b"RCPT TO:<nobody@store.test>\r\nRCPT TO:<bob@store.test>\r\nDATA\r\n"
+        b"Subject: hi\r\n\r\nbody\r\n.\r\n"
+        b"MAIL FROM:<s@x.test>\r\nRCPT TO:<alice@store.test>\r\nDATA\r\ntwo\r\n.\r\nQUIT\r\n")
+    text = client.transcript.text()
+    assert "C: LHLO client.test" in text and "EHLO" not in text
+    assert "S: 452 4.2.2 <bob@store.test> Mailbox is full" in text
+
+
+def test_the_same_server_in_smtp_mode_gets_ehlo_and_one_reply_for_the_message(
+        tmp_path: Path) -> None:
+    async def run() -> tuple[Transaction, FakeStore]:
+        async with FakeStore(tmp_path / "smtp", _answers(),
+                             [b"250 2.0.0 Ok: queued as X\r\n"]) as store:
+            client, tx = await _lmtp_session(store, lmtp=False)
+            await client.quit()
+            return tx, store
+
+    tx, store = asyncio.run(run())
+    assert tx.data == Reply(250, "2.0.0", "Ok: queued as X")
+    assert tx.data_rcpts == [] and tx.lost is None
+    assert bytes(store.received).startswith(b"EHLO client.test\r\nMAIL FROM:<s@x.test>\r\n")
+
+
+def test_lmtp_has_no_helo_fallback_a_refused_lhlo_is_a_hop_error(tmp_path: Path) -> None:
+    async def run() -> tuple[HopError, FakeStore]:
+        async with FakeStore(tmp_path / "lmtp", _answers(b"500 5.5.1 Unknown command\r\n"),
+                             []) as store:
+            client = Client(helo_name="client.test", command_timeout=5, lmtp=True)
+            await client.connect_unix(str(store.path), 5)
+            with pytest.raises(HopError) as info:
+                await client.ehlo()
+            await client.quit()
+            return info.value, store
+
+    err, store = asyncio.run(run())
+    assert err.step == "LHLO" and err.reply is not None and err.reply.code == 500
+    assert b"HELO" not in bytes(store.received).replace(b"LHLO", b"")
+
+
+def test_lmtp_keeps_the_replies_that_came_before_the_connection_broke(tmp_path: Path) -> None:
+    rcpts = [("alice@store.test", ""), ("bob@store.test", ""), ("carol@store.test", "")]
+
+    async def run() -> Transaction:
+        async with FakeStore(tmp_path / "lmtp", _answers(),
+                             [b"250 2.0.0 <alice@store.test> Saved\r\n"], hang_up=True) as store:
+            client, tx = await _lmtp_session(store, rcpts)
+            client.close()
+            return tx
+
+    tx = asyncio.run(run())
+    assert tx.data_rcpts == [Reply(250, "2.0.0", "<alice@store.test> Saved"), None, None]
+    assert tx.lost is not None and tx.lost.step == "DATA" and tx.lost.transient
+    assert "closed the connection during DATA" in tx.lost.detail
+
+
+def test_lmtp_connection_lost_before_any_reply_to_the_dot_is_a_hop_error(tmp_path: Path) -> None:
+    async def run() -> HopError:
+        async with FakeStore(tmp_path / "lmtp", _answers(), [b""], hang_up=True) as store:
+            with pytest.raises(HopError) as info:
+                await _lmtp_session(store)
+            return info.value
+
+    err = asyncio.run(run())
+    assert err.step == "DATA" and err.transient
+
+
+def test_connect_unix_to_a_missing_socket_is_a_connect_hop_error(tmp_path: Path) -> None:
+    async def run() -> HopError:
+        client = Client(helo_name="client.test", lmtp=True)
+        with pytest.raises(HopError) as info:
+            await client.connect_unix(str(tmp_path / "nothing"), 5)
+        return info.value
+
+    err = asyncio.run(run())
+    assert err.step == "connect" and err.transient
+    assert err.detail == f"cannot connect to unix:{tmp_path / 'nothing'}: No such file or directory"

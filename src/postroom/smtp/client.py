@@ -6,6 +6,12 @@ one connection: greeting, EHLO (HELO as fallback), STARTTLS, AUTH PLAIN/LOGIN, a
 mail transactions, pipelined when the server offers PIPELINING (RFC 2920). Every
 exchange goes into a :class:`Transcript`, with AUTH secrets redacted.
 
+With ``lmtp=True`` the same client speaks LMTP (RFC 2033) to a mail store: LHLO instead
+of EHLO (there is no HELO to fall back to), over TCP or a Unix socket
+(:meth:`Client.connect_unix`), and after the final dot one reply for each recipient the
+server accepted, in RCPT order (§4.2), kept per recipient in
+:attr:`Transaction.data_rcpts`.
+
 Invariants: every line sent ends in CRLF; message data is sent with CRLF line ends only
 (a bare CR or LF is never passed on) and dot-stuffed; a transaction's result is one
 reply per recipient.
@@ -18,8 +24,9 @@ import base64
 import os
 import re
 import ssl
-from collections.abc import Iterable, Iterator
+from collections.abc import Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..model import Reply
 
@@ -158,22 +165,34 @@ def wire_chunks(chunks: Iterable[bytes]) -> Iterator[bytes]:
 @dataclass
 class Transaction:
     """One message's outcome on this connection: the MAIL reply, one reply per RCPT,
-    and the final DATA reply (None when DATA was not reached)."""
+    and the final DATA reply (None when DATA was not reached).
+
+    LMTP, once the message data was sent: ``data_rcpts`` has one entry per recipient,
+    in RCPT order: that recipient's own reply after the final dot, or None for a
+    recipient refused at RCPT, or whose reply never came because the connection failed
+    (``lost`` then holds that failure; the replies before it stand, so those
+    recipients were delivered or refused for good). ``data`` is the first of those
+    replies. SMTP, and LMTP before the final dot, leave ``data_rcpts`` empty: ``data``
+    then applies to every accepted recipient.
+    """
 
     mail: Reply
     rcpts: list[Reply]
     data: Reply | None
     data_step: str = "DATA"
+    data_rcpts: list[Reply | None] = field(default_factory=list)
+    lost: HopError | None = None
 
 
 class Client:
-    """One SMTP client connection."""
+    """One SMTP client connection (LMTP with ``lmtp=True``)."""
 
     def __init__(self, *, helo_name: str, command_timeout: float = 300.0,
-                 transcript: Transcript | None = None) -> None:
+                 transcript: Transcript | None = None, lmtp: bool = False) -> None:
         self.helo_name = helo_name
         self.timeout = command_timeout
         self.transcript = transcript or Transcript()
+        self.lmtp = lmtp
         self.extensions: dict[str, str] = {}
         self.tls = False
         self.reader: asyncio.StreamReader | None = None
@@ -187,10 +206,19 @@ class Client:
     async def connect(self, ip: str, port: int, timeout: float,
                       source: str | None = None) -> Reply:
         self.peer = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+        return await self._open(asyncio.open_connection(
+            ip, port, limit=1 << 20, local_addr=(source, 0) if source else None), timeout)
+
+    async def connect_unix(self, path: str, timeout: float) -> Reply:
+        """Connect to a Unix socket (an LMTP server on this machine) and read the greeting."""
+        self.peer = f"unix:{path}"
+        return await self._open(asyncio.open_unix_connection(path, limit=1 << 20), timeout)
+
+    async def _open(self, opening: Coroutine[Any, Any, tuple[asyncio.StreamReader,
+                                                             asyncio.StreamWriter]],
+                    timeout: float) -> Reply:
         try:
-            self.reader, self.writer = await asyncio.wait_for(
-                asyncio.open_connection(ip, port, limit=1 << 20,
-                                        local_addr=(source, 0) if source else None), timeout)
+            self.reader, self.writer = await asyncio.wait_for(opening, timeout)
         except TimeoutError:
             raise HopError("connect", f"connection to {self.peer} timed out after "
                            f"{timeout:g}s") from None
@@ -255,12 +283,12 @@ class Client:
 
     # --- the session ---------------------------------------------------------------
     async def ehlo(self) -> Reply:
+        """EHLO (HELO as fallback); in LMTP mode, LHLO."""
+        if self.lmtp:
+            return await self.lhlo()
         reply = await self.command(f"EHLO {self.helo_name}", "EHLO")
         if reply.code == 250:
-            self.extensions = {}
-            for line in reply.lines()[1:]:
-                key, _, value = line.partition(" ")
-                self.extensions[key.upper()] = value
+            self._extensions(reply)
             return reply
         if reply.code >= 500 or reply.code == 421:
             if reply.code == 421:
@@ -270,6 +298,20 @@ class Client:
             if reply.code == 250:
                 return reply
         raise HopError("EHLO", f"{self.peer} refused EHLO/HELO", reply)
+
+    async def lhlo(self) -> Reply:
+        """LMTP's greeting (RFC 2033 §4.1). A refusal is a HopError at step LHLO."""
+        reply = await self.command(f"LHLO {self.helo_name}", "LHLO")
+        if reply.code != 250:
+            raise HopError("LHLO", f"{self.peer} refused LHLO", reply)
+        self._extensions(reply)
+        return reply
+
+    def _extensions(self, reply: Reply) -> None:
+        self.extensions = {}
+        for line in reply.lines()[1:]:
+            key, _, value = line.partition(" ")
+            self.extensions[key.upper()] = value
 
     def offers(self, extension: str) -> bool:
         return extension.upper() in self.extensions
@@ -330,6 +372,8 @@ class Client:
         iterable of :func:`wire_chunks`, sent chunk by chunk (a big message).
 
         With PIPELINING, MAIL, every RCPT and DATA go in one write (RFC 2920 §3.1).
+        In LMTP mode the server answers the final dot once per accepted recipient: see
+        :class:`Transaction` for how those replies come back.
         """
         mail_line = f"MAIL FROM:<{sender}>{mail_params}"
         rcpt_lines = [f"RCPT TO:<{addr}>{params}" for addr, params in recipients]
@@ -380,10 +424,35 @@ class Client:
         # RFC 5321 4.5.3.2.6: wait at least 10 minutes for the reply to the final dot
         saved, self.timeout = self.timeout, max(self.timeout, 600.0)
         try:
+            if self.lmtp:
+                return await self._lmtp_replies(mail, rcpts)
             reply = await self.read_reply("DATA")
         finally:
             self.timeout = saved
         return Transaction(mail, rcpts, reply, "end of DATA")
+
+    async def _lmtp_replies(self, mail: Reply, rcpts: list[Reply]) -> Transaction:
+        """RFC 2033 §4.2: one reply after the final dot for each accepted recipient, in
+        the order of their RCPT commands.
+
+        A connection that fails before the first of them raises HopError, as in SMTP (no
+        recipient is known to be delivered). One that fails later returns what came:
+        those recipients have their outcome, the rest ``None`` and ``lost``."""
+        per: list[Reply | None] = [None] * len(rcpts)
+        lost: HopError | None = None
+        first: Reply | None = None
+        for i, rcpt in enumerate(rcpts):
+            if not rcpt.is_positive:
+                continue
+            try:
+                per[i] = reply = await self.read_reply("DATA")
+            except HopError as exc:
+                if first is None:
+                    raise
+                lost = exc
+                break
+            first = first or reply
+        return Transaction(mail, rcpts, first, "end of DATA", per, lost)
 
     async def reset(self) -> None:
         try:

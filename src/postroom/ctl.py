@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, ConfigError, load, parse_config
+from .format import age, when
 
 __all__ = ["AdminApiError", "ApiClient", "add_commands", "add_diagnostics", "load_or_defaults",
            "sendmail_main"]
@@ -73,24 +74,13 @@ class ApiClient:
         return json.loads(raw)
 
 
-# --- formatting ----------------------------------------------------------------------
+# --- formatting: the shared helpers (postroom.format), in the command line's style -------
 def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = int(seconds)
-    if s >= 86400:
-        return f"{s // 86400}d{(s % 86400) // 3600}h"
-    if s >= 3600:
-        return f"{s // 3600}h{(s % 3600) // 60}m"
-    if s >= 60:
-        return f"{s // 60}m{s % 60}s"
-    return f"{s}s"
+    return age(seconds, compact=True)          # '2d3h', '5m0s': fits the columns
 
 
 def _when(ts: float | None) -> str:
-    if ts is None:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+    return when(ts, local=True)                # local time, no zone
 
 
 def _print_status(data: dict[str, Any]) -> None:

@@ -12,7 +12,8 @@ import pytest
 from postroom import configedit
 from postroom.admin import HISTORY_SERIES, History
 from postroom.config import ConfigError, default_config_text
-from postroom.console import Throttle, _safe_next
+from postroom.console.auth import Throttle
+from postroom.console.auth import safe_next as _safe_next
 from postroom.console.charts import svg
 
 

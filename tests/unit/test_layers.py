@@ -9,7 +9,7 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "postroom"
 
 LAYERS: dict[str, float] = {
     "model": 0, "replies": 0.5, "address": 0.5,     # 0.5: values built on model
-    "config": 1, "observability": 1, "body": 1,
+    "config": 1, "observability": 1, "body": 1, "format": 1,
     "routing": 1.5, "policy": 2, "bounce": 2, "conversion": 2,
     "spool": 3, "store": 3, "events": 3, "dns": 3, "tls": 3,
     "users": 3.2,                                   # a user and its Maildir (store)

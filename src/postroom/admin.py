@@ -33,12 +33,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import configedit, queueops
+from . import configedit
 from .config import Config, ConfigError, parse_duration
 from .events import EventLog, connect_events, find_messages, query_events, timeline
 from .metrics import Metrics
 from .model import ComponentError
-from .spool import SqliteSpool, load_body
+from .spool import ACTIONS, Filters, Spool, views
+from .spool.views import QueueError
 from .users import UserError, UserStore, add_mailbox, mailbox_key
 
 __all__ = ["AdminBackend", "AdminServer", "make_app"]
@@ -47,7 +48,7 @@ log = logging.getLogger("postroom.admin")
 
 
 class AdminBackend(Protocol):
-    spool: SqliteSpool
+    spool: Spool
     metrics: Metrics
     events: EventLog
     users: UserStore
@@ -162,12 +163,12 @@ class DoctorRuns:
         return run
 
 
-def _filters(q: dict[str, Any]) -> queueops.Filters:
+def _filters(q: dict[str, Any]) -> Filters:
     held = q.get("held")
     ids = q.get("ids") or ()
     if isinstance(ids, str):
         ids = tuple(i for i in ids.split(",") if i)
-    return queueops.Filters(
+    return Filters(
         domain=str(q.get("domain") or ""), sender=str(q.get("sender") or ""),
         rcpt=str(q.get("rcpt") or ""),
         older_than=parse_duration(q["older_than"]) if q.get("older_than") else 0.0,
@@ -213,9 +214,6 @@ def make_app(backend: AdminBackend, token: str,
     spool = backend.spool
     loop_read = asyncio.get_running_loop
 
-    async def read(fn: Callable[[Any], Any]) -> Any:
-        return await loop_read().run_in_executor(None, spool.read, fn)
-
     def guarded(handler: Callable[[Request], Awaitable[Response]]
                 ) -> Callable[[Request], Awaitable[Response]]:
         async def run(request: Request) -> Response:
@@ -225,7 +223,7 @@ def make_app(backend: AdminBackend, token: str,
                                    "content of <data_dir>/admin.token>)")
             try:
                 return await handler(request)
-            except (queueops.QueueError, ComponentError, ConfigError, UserError,
+            except (QueueError, ComponentError, ConfigError, UserError,
                     ValueError) as exc:
                 return _error(400, str(exc))
         return run
@@ -248,31 +246,28 @@ def make_app(backend: AdminBackend, token: str,
 
     async def queues(request: Request) -> Response:
         now = time.time()
-        return JSONResponse({"queues": await read(lambda c: queueops.summary(c, now))})
+        summary = await loop_read().run_in_executor(None, views.summary, spool, now)
+        return JSONResponse({"queues": summary})
 
     async def queue_list(request: Request) -> Response:
         now = time.time()
         name = request.path_params["queue"]
         f = _filters(dict(request.query_params))
         limit = int(request.query_params.get("limit", "1000"))
-        return JSONResponse(await read(lambda c: queueops.list_queue(c, name, f, now, limit)))
+        return JSONResponse(await views.list_queue(spool, name, f, now, limit))
 
     async def message(request: Request) -> Response:
-        mid = request.path_params["id"]
-
-        def q(c: Any) -> dict[str, Any]:
-            return queueops.show(c, mid, load_body(c, mid, spool.bodies))
-        return JSONResponse(await read(q))
+        return JSONResponse(await views.show(spool, request.path_params["id"]))
 
     async def reasons(request: Request) -> Response:
         now = time.time()
-        return JSONResponse({"reasons": await read(lambda c: queueops.reasons(c, now))})
+        return JSONResponse({"reasons": await views.reasons(spool, now)})
 
     async def action(request: Request) -> Response:
         body = await json_body(request)
         name = str(body.get("action", ""))
-        if name not in queueops.ACTIONS:
-            raise ValueError(f"unknown action {name!r}: use one of {', '.join(queueops.ACTIONS)}")
+        if name not in ACTIONS:
+            raise ValueError(f"unknown action {name!r}: use one of {', '.join(ACTIONS)}")
         f = _filters(body)
         if f.empty:
             raise ValueError("name messages by id, or give filters (or a reason) with all")
@@ -280,11 +275,7 @@ def make_app(backend: AdminBackend, token: str,
             raise ValueError("filters select many messages: confirm with all (--all)")
         now = time.time()
         user = str(body.get("who") or "the administrator")[:100]
-
-        def job(c: Any) -> dict[str, Any]:
-            rids = queueops.select_ids(c, f, now)
-            return queueops.act(c, name, rids, now, user)
-        result = await spool.run(job)
+        result = await views.act(spool, name, f, now, user)
         if name in ("retry", "release"):
             backend.retry_now()
         log.info("queue %s by %s: %d recipients of %d messages", name, user,
@@ -340,14 +331,9 @@ def make_app(backend: AdminBackend, token: str,
             return [{"queue_id": i, "events": timeline(c, i)} for i in ids]
         found = await loop_read().run_in_executor(None, events_read, read_trace)
         for item in found:
-            qid = item["queue_id"]
-            def queued(c: Any, qid: str = qid) -> list[tuple[str, str, str]]:
-                return list(c.execute(
-                    "SELECT address, state, last_reply FROM recipients WHERE message = ? AND "
-                    "state IN ('conversion', 'delivery')", (qid,)).fetchall())
-            waiting = await read(queued)
-            item["queued"] = [{"address": a, "state": st, "last_reply": r}
-                              for a, st, r in waiting]
+            waiting = await spool.recipients(Filters(ids=(item["queue_id"],)), time.time())
+            item["queued"] = [{"address": r.address, "state": r.state,
+                               "last_reply": r.last_reply} for r in waiting]
             item["state"] = _final_state(item["events"], bool(waiting))
         return JSONResponse({"messages": found})
 

@@ -32,16 +32,19 @@ from typing import Any
 
 from .address import AddressError, parse_path
 from .config import Config, ConfigError, ensure_token, load
-from .conversion import missing_headers, received_header
-from .delivery import SmtpDeliveryAgent
+from .delivery import Agents
+from .delivery.lmtp import LmtpDeliveryAgent
+from .delivery.local import LocalDeliveryAgent
+from .delivery.smtp import SmtpDeliveryAgent
 from .dns import Resolver
 from .events import EventLog, Levels
+from .intake import Submission
 from .metrics import Metrics
 from .model import ComponentError
 from .policy import SessionSnapshot, check_rcpt
 from .qmgr import QueueManager
 from .smtp.server import ServerState, Session
-from .spool import NewMessage, NewRecipient, SqliteSpool, new_queue_id
+from .spool import Spool, SqliteSpool
 from .store import MaildirStore
 from .tls import ensure_self_signed, server_context
 from .users import UserStore
@@ -218,7 +221,7 @@ class Postroom:
         c.data_dir.mkdir(parents=True, exist_ok=True)
         cert, key = tls_files(c)
         tls = server_context(cert, key)
-        self.spool = SqliteSpool(c.spool_path)
+        self.spool: Spool = SqliteSpool(c.spool_path)
         self.users = UserStore(c.users_path)
         self.store = MaildirStore(c.mail_dir, c.hostname)
         self.events = EventLog(c.data_dir / "events.sqlite3", Levels.from_names(c.logging.levels),
@@ -234,11 +237,16 @@ class Postroom:
         if self.main:
             self.resolver = Resolver(c.nameservers)
             self.agent = SmtpDeliveryAgent(self.resolver, c.hostname, c.delivery)
+            self.lmtp = LmtpDeliveryAgent(c.hostname, c.delivery)
+            self.local = LocalDeliveryAgent(self.store, self.users.exists, c.aliases,
+                                            ThreadPoolExecutor(8, "local-delivery"))
+            agents = Agents({"local": self.local, "mx": self.agent, "smarthost": self.agent,
+                             "lmtp": self.lmtp})
             self.qmgr = QueueManager(
-                self.spool, self.store, local_domains=frozenset(c.local_domains),
-                aliases=c.aliases, mailbox_exists=self.users.exists, delivery=c.delivery,
-                routes=c.routes, agent=self.agent, hostname=c.hostname, started=self.started,
-                metrics=self.metrics, events=self.events)
+                self.spool, agents, local_domains=frozenset(c.local_domains),
+                aliases=c.aliases, delivery=c.delivery, routes=c.routes, hostname=c.hostname,
+                started=self.started, metrics=self.metrics, events=self.events,
+                owner=socket.gethostname())
             self.metrics.watch_queues(lambda: [(q.name, q.messages, q.recipients)
                                                for q in self.spool.summary()])
             if self._wake_fd >= 0:
@@ -375,35 +383,14 @@ class Postroom:
                              f"is {c.smtp.max_message_size}")
         who = SessionSnapshot(ipaddress.ip_address("127.0.0.1"), "submission", True,
                               f"local:{user}")
-        seen: dict[str, NewRecipient] = {}
         for rcpt in rcpts:
             verdict = check_rcpt(who, rcpt, self.state.relay, self.users.exists)
             if not verdict.accept:
                 raise ValueError(f"<{rcpt}>: {verdict.reply}")
-            direction = "inbound" if rcpt.domain in c.local_domains else "outbound"
-            seen.setdefault(rcpt.key, NewRecipient(rcpt.key, direction, {}))
-        qid = new_queue_id()
-        now = time.time()
-        header = received_header(helo="localhost", peer="127.0.0.1", hostname=c.hostname,
-                                 protocol="local", queue_id=qid,
-                                 recipient=next(iter(seen)) if len(seen) == 1 else None,
-                                 timestamp=now)
-        header += missing_headers(data, c.hostname, now)
-        message = NewMessage(qid, str(env_sender), {}, {
-            "peer": "127.0.0.1", "helo": "localhost", "listener": "local", "tls": False,
-            "auth": f"local:{user}", "session": "sendmail"}, header + data,
-            tuple(seen.values()))
-        await self.spool.enqueue(message)
-        self.metrics.received.labels("local").inc()
-        self.events.emit(3001, f"received from local user {user} (postroom sendmail): "
-                         f"<{env_sender}> to {', '.join('<' + r + '>' for r in seen)}, "
-                         f"{message.size} bytes", queue_id=qid, peer="127.0.0.1",
-                         sender=str(env_sender), recipients=list(seen), size=message.size,
-                         tls=False, auth=f"local:{user}", helo="localhost", listener="local",
-                         message_id=None, decisions=[])
-        log.info("sendmail queued queue_id=%s from=<%s> size=%d nrcpt=%d user=%s", qid,
-                 env_sender, message.size, len(seen), user)
-        return {"queue_id": qid, "recipients": list(seen)}
+        message = await self.state.intake.queue(Submission(
+            env_sender, [(r, {}) for r in rcpts], data, "127.0.0.1", "localhost", "local",
+            "local", auth=f"local:{user}", session="sendmail"))
+        return {"queue_id": message.queue_id, "recipients": [r.address for r in message.recipients]}
 
     async def set_logging(self, category: str, level: str, peer: str = "",
                     domain: str = "") -> dict[str, Any]:
@@ -485,8 +472,10 @@ class Postroom:
             q.routes = new.routes
             q.delivery = new.delivery
             q.hostname = new.hostname
-            self.agent.config = new.delivery
-            self.agent.hostname = new.hostname
+            self.local.aliases = new.aliases
+            for agent in (self.agent, self.lmtp):
+                agent.config = new.delivery
+                agent.hostname = new.hostname
             q.wake()
 
     async def _sighup(self) -> None:
@@ -528,6 +517,7 @@ class Postroom:
                 pass
         if hasattr(self, "qmgr"):
             await self.qmgr.stop()
+            self.local.executor.shutdown(wait=True)
         await self._reap_children()
         if hasattr(self, "spool"):
             self.spool.close()

@@ -24,9 +24,10 @@ __all__ = ["EditConflict", "ROUTE_FIELDS", "apply", "read", "write"]
 
 # every key of a [[route]], in the order the form shows them (a route's password stays
 # in its password_file: the console never sees it)
-ROUTE_FIELDS = ("match", "via", "host", "tls", "tls_verify", "username", "password_file", "cost")
+ROUTE_FIELDS = ("match", "via", "host", "path", "tls", "tls_verify", "username", "password_file",
+                "cost")
 assert set(ROUTE_FIELDS) == ROUTE_KEYS
-_ROUTE_DEFAULTS: dict[str, Any] = {"via": "mx", "host": "", "tls": "opportunistic",
+_ROUTE_DEFAULTS: dict[str, Any] = {"via": "mx", "host": "", "path": "", "tls": "opportunistic",
                                    "tls_verify": True, "username": "", "password_file": "",
                                    "cost": 1}
 _DEFAULT_TRUSTED = ["127.0.0.1/32", "::1/128"]

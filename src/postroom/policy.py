@@ -17,7 +17,8 @@ from .config import DEFAULT_ROUTES, Route
 from .model import Address, Reply
 from .routing import choose_route
 
-__all__ = ["RelaySettings", "SessionSnapshot", "Verdict", "check_mail", "check_rcpt", "peer_address"]
+__all__ = ["AUTH_REQUIRED", "NO_ROUTE", "RELAY_DENIED", "UNKNOWN_USER", "RelaySettings",
+           "SessionSnapshot", "Verdict", "check_mail", "check_rcpt", "peer_address"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -25,6 +26,13 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 LOCAL = "local"        # delivered to a mailbox on this server
 RELAY = "relay"        # accepted for another host
 REFUSED = "refused"
+
+# Why a refusal: callers branch on these, never on the reply's text.
+RELAY_DENIED = "relay-denied"      # not ours to relay (the seed case), or an address that
+                                   # carries its own routing
+UNKNOWN_USER = "unknown-user"      # a local domain without that mailbox or alias
+NO_ROUTE = "no-route"              # a relay we would make, but no address space covers it
+AUTH_REQUIRED = "auth-required"    # a submission listener before AUTH
 
 
 def peer_address(text: str) -> IPAddress:
@@ -59,6 +67,7 @@ class Verdict:
     reply: Reply
     reason: str
     kind: str = REFUSED
+    refusal: str = ""                 # with kind REFUSED: RELAY_DENIED, UNKNOWN_USER, ...
 
 
 def trusted_network(peer: IPAddress, settings: RelaySettings) -> Network | None:
@@ -72,7 +81,8 @@ def check_mail(session: SessionSnapshot) -> Verdict:
     """MAIL FROM: submission listeners need AUTH first (RFC 6409 §4.3)."""
     if session.listener != "mx" and session.auth_user is None:
         return Verdict(False, replies.AUTH_REQUIRED,
-                       f"{session.listener} listener requires AUTH before MAIL")
+                       f"{session.listener} listener requires AUTH before MAIL",
+                       refusal=AUTH_REQUIRED)
     return Verdict(True, replies.SENDER_OK, "sender accepted", kind=LOCAL)
 
 
@@ -92,7 +102,7 @@ def check_rcpt(
     hazard = routing_hazard(rcpt)
     if hazard is not None:
         return Verdict(False, replies.relay_denied(rcpt),
-                       f"{hazard}; such addresses are never routed")
+                       f"{hazard}; such addresses are never routed", refusal=RELAY_DENIED)
     if rcpt.domain in settings.local_domains:
         key = rcpt.key
         if rcpt.local.lower() == "postmaster":
@@ -103,7 +113,8 @@ def check_rcpt(
         if mailbox_exists(key):
             return Verdict(True, replies.RECIPIENT_OK, f"mailbox in local domain {rcpt.domain}", LOCAL)
         return Verdict(False, replies.unknown_user(rcpt),
-                       f"{rcpt.domain} is a local domain but {key} is neither a mailbox nor an alias")
+                       f"{rcpt.domain} is a local domain but {key} is neither a mailbox nor an "
+                       "alias", refusal=UNKNOWN_USER)
     why_not = []
     net = trusted_network(session.peer, settings)
     if net is not None:
@@ -114,12 +125,13 @@ def check_rcpt(
         return _routed(rcpt, settings, f"relay for authenticated user {session.auth_user}")
     why_not.append("the session is not authenticated")
     why_not.append(f"{rcpt.domain} is not a local domain")
-    return Verdict(False, replies.relay_denied(rcpt), "; ".join(why_not))
+    return Verdict(False, replies.relay_denied(rcpt), "; ".join(why_not), refusal=RELAY_DENIED)
 
 
 def _routed(rcpt: Address, settings: RelaySettings, why: str) -> Verdict:
     """A relay the sender may make: accepted only if an address space covers it."""
     decision = choose_route(rcpt.domain, settings.routes, settings.local_domains)
     if not decision.chosen:
-        return Verdict(False, replies.no_route(rcpt.domain), f"{why}, but {decision.reason}")
+        return Verdict(False, replies.no_route(rcpt.domain), f"{why}, but {decision.reason}",
+                       refusal=NO_ROUTE)
     return Verdict(True, replies.RECIPIENT_OK, f"{why}; {decision.reason}", RELAY)

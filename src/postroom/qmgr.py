@@ -4,15 +4,18 @@ One loop, woken when the spool commits and at least every second. Each round:
 
 1. **converts** a batch: aliases expand, mail loops fail, recipients for domains that no
    address space covers fail at once (5.4.4);
-2. **delivers locally** the due inbound recipients, into their Maildirs, several at a
-   time in worker threads;
+2. **delivers locally** the due inbound recipients: claimed with a lease, handed to the
+   ``local`` agent (Maildir), or to the ``lmtp`` agent where a route sends the domain's
+   final delivery to a mail store;
 3. **dispatches outbound** the due outbound recipients: grouped by destination (route
-   and, for MX routes, domain), one connection per batch of messages, capped in total
-   and per destination; a destination whose every host failed backs off as a whole;
+   and, for MX routes, domain), claimed, one connection per batch of messages, capped in
+   total and per destination; a destination whose every host failed backs off as a whole;
 4. **sends notices**: NDRs for failures, delay notices, success notices (RFC 3464),
-   each a new message from the null sender.
+   each a new message from the null sender, built outside the spool's transaction.
 
-Every result is recorded in the spool: transient failures wait for the next retry
+The queue manager decides (the schedule, the lifetime, the notices owed); the spool
+(:mod:`postroom.spool`) records, and only for the holder of a recipient's current claim.
+Agents (:mod:`postroom.delivery`) deliver. Transient failures wait for the next retry
 time (kept across restarts), and become permanent after ``max_queue_lifetime``.
 
 Crash behaviour: a delivery is recorded only after it happened, so a crash in between
@@ -22,54 +25,48 @@ repeats it on restart (a duplicate, never a loss).
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import logging
+import os
 import random
-import sqlite3
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from .body import Body, to_lf
+from .body import Body
 from .bounce import RecipientReport, build_report
 from .config import DEFAULT_ROUTES, DeliveryConfig, Route
-from .conversion import (
-    MAX_HOPS,
-    count_hops,
-    delivery_headers,
-    expand,
-    local_delivery_bytes,
-    xtext_decode,
-    xtext_encode,
-)
+from .conversion import MAX_HOPS, count_hops, expand, xtext_decode, xtext_encode
 from .delivery import (
+    LOCAL_ROUTE,
+    Agents,
     Destination,
     OutboundMessage,
     OutboundRecipient,
-    RecipientResult,
-    SmtpDeliveryAgent,
 )
 from .events import EventLog
+from .intake import direction_of
 from .metrics import Metrics, status_label
-from .routing import choose_route
+from .model import DeliveryResult, Reply
+from .routing import choose_route, lmtp_route
 from .spool import (
+    Claim,
+    Conversion,
+    Direction,
     NewMessage,
     NewRecipient,
-    SqliteSpool,
+    NoticeOwed,
+    NoticeSent,
+    Spool,
+    State,
     StorageFull,
-    finish_messages,
-    insert_message,
-    load_body,
-    make_body,
+    Target,
+    Transition,
     new_queue_id,
-    record,
+    wants_notice,
 )
-from .store import MaildirStore, StoreError, sync
 
 __all__ = ["QueueManager", "retry_delay", "wants_notice"]
 
@@ -77,14 +74,7 @@ HEAD_BYTES = 256 * 1024     # enough of a message to count its Received headers
 
 log = logging.getLogger("postroom.qmgr")
 
-
-def _sync_or_error(folder: Path) -> str | None:
-    try:
-        sync(folder)
-    except StoreError as exc:
-        log.warning("fsync of %s failed: %s", folder, exc)
-        return exc.reason
-    return None
+After = Callable[[], None]      # what to log and count once a decision is recorded
 
 
 def retry_delay(schedule: tuple[float, ...], attempts: int) -> float:
@@ -92,61 +82,25 @@ def retry_delay(schedule: tuple[float, ...], attempts: int) -> float:
     return schedule[min(max(attempts, 1), len(schedule)) - 1]
 
 
-def wants_notice(kind: str, sender: str, params: Mapping[str, str]) -> bool:
-    """Whether the sender gets a ``failure``, ``delay`` or ``success`` notice (RFC 3461).
-
-    Never for the null sender (no bounce loops). Without NOTIFY: failures and delays.
-    """
-    if not sender:
-        return False
-    notify = params.get("NOTIFY")
-    if notify is None:
-        return kind in ("failure", "delay")
-    return kind.upper() in notify.upper().split(",")
-
-
-@dataclass(frozen=True, slots=True)
-class _Due:
-    id: int
-    message: str
-    address: str
-    sender: str
-    attempts: int
-    received: float
-    params: dict[str, str]
-    destination: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class _Outcome:
-    """What happened to one recipient in one attempt, however it was delivered."""
-
-    due: _Due
-    ok: bool
-    transient: bool
-    reply: str
-    status: str = ""
-    detail: dict[str, Any] | None = None
-    success_notice: bool = False
-    path: Path | None = None          # a Maildir file whose folder still needs its fsync
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2]
 
 
 class QueueManager:
     BATCH = 256
     MESSAGES_PER_CONNECTION = 50
-    LEASE = 3600.0
+    LEASE = 3600.0              # outbound: a claim lasts this long without a result
+    LOCAL_LEASE = 600.0
 
     def __init__(
         self,
-        spool: SqliteSpool,
-        store: MaildirStore,
+        spool: Spool,
+        agents: Agents,
         *,
         local_domains: frozenset[str],
         aliases: Mapping[str, tuple[str, ...]],
-        mailbox_exists: Callable[[str], bool],
         delivery: DeliveryConfig,
         routes: tuple[Route, ...] = DEFAULT_ROUTES,
-        agent: SmtpDeliveryAgent | None = None,
         hostname: str = "localhost",
         clock: Callable[[], float] = time.time,
         workers: int = 8,
@@ -154,8 +108,10 @@ class QueueManager:
         started: float = 0.0,
         metrics: Metrics | None = None,
         events: EventLog | None = None,
+        owner: str = "local",
     ) -> None:
         self.spool = spool
+        self.agents = agents
         self.events = events
         self.metrics = metrics or Metrics()
         # components an administrator stopped: queue-manager (every round), conversion,
@@ -164,19 +120,17 @@ class QueueManager:
         self.started = started              # body files older than this and unnamed are orphans
         self._swept_at = 0.0
         self._archive_expired_at = -3600.0
-        self.store = store
         self.local_domains = local_domains
         self.aliases = aliases
-        self.mailbox_exists = mailbox_exists
         self.delivery = delivery
         self.routes = routes
-        self.agent = agent
         self.hostname = hostname
         self.clock = clock
+        self.owner = owner                  # whose claims these are (the node's name)
         self.rng = rng or random.Random()
         self._wake = asyncio.Event()
         self._stopping = False
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="local-delivery")
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qmgr")
         self._task: asyncio.Task[None] | None = None
         self._in_flight: set[int] = set()
         self._connections: dict[str, int] = defaultdict(int)
@@ -208,7 +162,6 @@ class QueueManager:
         self._wake.set()
 
     def start(self) -> None:
-        self.clear_leases()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="qmgr")
 
     async def stop(self) -> None:
@@ -222,6 +175,9 @@ class QueueManager:
             await asyncio.gather(*self._outbound_tasks, return_exceptions=True)
         self._pool.shutdown(wait=True)
 
+    async def _in_pool(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
     async def _sweep(self, started: float = 0.0) -> None:
         """Remove the body files of finished messages (at most once a second), and
         archived copies past ``[logging] archive_days`` (once an hour)."""
@@ -234,12 +190,13 @@ class QueueManager:
             log.debug("removed %d body files of finished messages", removed)
         if self.events is not None and now - self._archive_expired_at >= 3600:
             self._archive_expired_at = now          # archived copies: days past archive_days
-            days = await asyncio.get_running_loop().run_in_executor(
-                self._pool, self.events.expire_archive)
+            days = await self._in_pool(self.events.expire_archive)
             if days:
                 log.info("removed %d days of archived messages", days)
 
     async def _run(self) -> None:
+        # nothing of ours is in flight any more: a crash left its claims behind
+        await self.spool.release_leases(self.owner)
         try:
             await self._sweep(self.started or time.time())
         except OSError as exc:
@@ -280,349 +237,302 @@ class QueueManager:
 
     # --- conversion ----------------------------------------------------------------
     async def convert_batch(self) -> int:
-        return await self.spool.run(self._convert)
-
-    def _is_local(self, address: str) -> bool:
-        return address.rpartition("@")[2] in self.local_domains
-
-    def _convert(self, conn: sqlite3.Connection) -> int:
-        rows = conn.execute(
-            "SELECT r.id, r.message, r.address, r.params, r.direction, m.sender "
-            "FROM recipients r JOIN messages m ON m.id = r.message "
-            "WHERE r.state = 'conversion' ORDER BY r.id LIMIT ?", (self.BATCH,)).fetchall()
-        if not rows:
+        items = await self.spool.pending_conversion(self.BATCH)
+        if not items:
             return 0
+        bodies = await self.spool.message_bodies(sorted({i.message for i in items}))
+        # Received headers counted outside the spool's writer (a big body is a file read)
+        hops: dict[str, int] = await self._in_pool(
+            lambda: {mid: count_hops(b.head(HEAD_BYTES)) for mid, (b, _) in bodies.items()})
         now = self.clock()
-        hops: dict[str, int] = {}
-        touched = set()
-        for rid, mid, address, params_json, direction, sender in rows:
-            touched.add(mid)
-            params = json.loads(params_json)
-            if mid not in hops:
-                body = load_body(conn, mid, self.spool.bodies)
-                hops[mid] = count_hops(body.head(HEAD_BYTES)) if body is not None else 0
-            if hops[mid] >= MAX_HOPS:
-                self._fail(conn, rid, now, sender, params, "554 5.4.6 Mail loop: the message "
-                           f"has {hops[mid]} Received headers (limit {MAX_HOPS})", "5.4.6",
-                           "routing")
-                continue
-            if direction == "outbound":
-                self._route_or_fail(conn, rid, mid, address, sender, params, now)
-                continue
-            result = expand(address, self.aliases)
-            if result.error:
-                self._fail(conn, rid, now, sender, params,
-                           f"550 5.4.6 Alias expansion failed: {result.error}", "5.4.6", "local")
-                continue
-            if result.targets == (address,):
-                conn.execute("UPDATE recipients SET state = 'delivery', updated = ? WHERE id = ?",
-                             (now, rid))
-                # implied by the delivery event; recorded only at medium (a hot path)
-                self._event(2004, f"<{address}>: local mailbox", mid, level="medium",
-                            domain=address.rpartition("@")[2], rcpt=address)
-                continue
-            params.setdefault("ORCPT", f"rfc822;{xtext_encode(address)}")
-            conn.execute("UPDATE recipients SET state = 'expanded', updated = ?, last_reply = ? "
-                         "WHERE id = ?", (now, "alias: " + ", ".join(result.targets), rid))
-            # a target that is already a recipient of this message gets one copy only
-            present = {a for (a,) in conn.execute(
-                "SELECT address FROM recipients WHERE message = ? AND state != 'expanded'",
-                (mid,))}
-            for target in result.targets:
-                if target in present:
-                    continue
-                local = self._is_local(target)
-                cur = conn.execute(
-                    "INSERT INTO recipients (message, address, params, direction, state, parent, "
-                    "next_attempt, updated) VALUES (?, ?, ?, ?, 'delivery', ?, ?, ?)",
-                    (mid, target, json.dumps(params), "inbound" if local else "outbound", rid,
-                     now, now))
-                if not local:
-                    assert cur.lastrowid is not None
-                    self._route_or_fail(conn, cur.lastrowid, mid, target, sender, params, now)
+        decisions: list[Conversion] = []
+        after: list[After] = []
+        for it in items:
+            if hops.get(it.message, 0) >= MAX_HOPS:
+                decisions.append(self._fail(it, now, f"554 5.4.6 Mail loop: the message has "
+                                            f"{hops[it.message]} Received headers (limit "
+                                            f"{MAX_HOPS})", "5.4.6", "routing", after))
+            elif it.direction == Direction.OUTBOUND:
+                decisions.append(self._route(it, it.address, it.params, now, after))
+            else:
+                decisions.append(self._expand(it, now, after))
+        await self.spool.convert(decisions, now)
+        for done in after:
+            done()
+        return len(items)
+
+    def _expand(self, it: Claim, now: float, after: list[After]) -> Conversion:
+        address, mid = it.address, it.message
+        result = expand(address, self.aliases)
+        if result.error:
+            return self._fail(it, now, f"550 5.4.6 Alias expansion failed: {result.error}",
+                              "5.4.6", "local", after)
+        if result.targets == (address,):
+            # implied by the delivery event; recorded only at medium (a hot path)
+            after.append(lambda: self._event(2004, f"<{address}>: local mailbox", mid,
+                                             level="medium", domain=_domain(address),
+                                             rcpt=address))
+            return self._final(it.rid, address)
+        params = dict(it.params)
+        params.setdefault("ORCPT", f"rfc822;{xtext_encode(address)}")
+        targets = []
+        for target in result.targets:
+            if direction_of(_domain(target), self.local_domains) == Direction.INBOUND:
+                targets.append(Target(target, Direction.INBOUND, params, self._final(0, target)))
+            else:
+                targets.append(Target(target, Direction.OUTBOUND, params,
+                                      self._route(it, target, params, now, after)))
+
+        def done() -> None:
             log.info("queue_id=%s alias %s -> %s", mid, address, ", ".join(result.targets))
             self._event(2004, f"<{address}>: alias for {', '.join(result.targets)}", mid,
-                        domain=address.rpartition("@")[2], rcpt=address)
-        finish_messages(conn, touched)
-        return len(rows)
+                        domain=_domain(address), rcpt=address)
+        after.append(done)
+        return Conversion(it.rid, State.EXPANDED, last_reply="alias: " + ", ".join(
+            result.targets), targets=tuple(targets))
 
-    def _route_or_fail(self, conn: sqlite3.Connection, rid: int, mid: str, address: str,
-                       sender: str, params: dict[str, str], now: float) -> None:
+    def _final(self, rid: int, address: str) -> Conversion:
+        """A local recipient's final delivery: Maildir, or LMTP where a route says so."""
+        route = lmtp_route(_domain(address), self.routes)
+        ref = Destination(route, "").ref if route is not None else ""
+        return Conversion(rid, State.DELIVERY, destination=ref)
+
+    def _route(self, it: Claim, address: str, params: Mapping[str, str], now: float,
+               after: list[After]) -> Conversion:
         dest = self._destination(address)
-        if dest is not None:
-            # new mail for a destination that is backing off waits with it ("delivery
-            # temporarily suspended"), instead of being tried at once
-            self._event(2004, f"<{address}>: {dest.describe()}", mid,
-                        domain=address.rpartition("@")[2], rcpt=address)
-            until, reply, why = self._suspended.get(dest.ref, (0.0, "", "{}"))
-            if until > now:
-                conn.execute("UPDATE recipients SET state = 'delivery', destination = ?, "
-                             "updated = ?, next_attempt = ?, last_reply = ?, detail = ? "
-                             "WHERE id = ?", (dest.ref, now, until, reply, why, rid))
-            else:
-                conn.execute("UPDATE recipients SET state = 'delivery', destination = ?, "
-                             "updated = ?, next_attempt = ? WHERE id = ?",
-                             (dest.ref, now, now, rid))
-            return
-        decision = choose_route(address.rpartition("@")[2], self.routes, self.local_domains)
-        self._fail(conn, rid, now, sender, params,
-                   f"550 5.4.4 Unable to route: {decision.reason}", "5.4.4", "routing")
+        if dest is None:
+            decision = choose_route(_domain(address), self.routes, self.local_domains)
+            return self._fail(it, now, f"550 5.4.4 Unable to route: {decision.reason}",
+                              "5.4.4", "routing", after, params)
+        after.append(lambda: self._event(2004, f"<{address}>: {dest.describe()}", it.message,
+                                         domain=_domain(address), rcpt=address))
+        # new mail for a destination that is backing off waits with it ("delivery
+        # temporarily suspended"), instead of being tried at once
+        until, reply, why = self._suspended.get(dest.ref, (0.0, "", "{}"))
+        if until > now:
+            return Conversion(it.rid, State.DELIVERY, dest.ref, until, reply, json.loads(why))
+        return Conversion(it.rid, State.DELIVERY, dest.ref)
 
-    def _fail(self, conn: sqlite3.Connection, rid: int, now: float, sender: str,
-              params: Mapping[str, str], reply: str, status: str, step: str) -> None:
-        notice = "failure" if wants_notice("failure", sender, params) else ""
-        record(conn, rid, state="failed", reply=reply, now=now, notice=notice,
-               detail={"status": status, "step": step, "last_attempt": now})
-        log.warning("rcpt id=%d failed: %s", rid, reply)
+    def _fail(self, it: Claim, now: float, reply: str, status: str, step: str,
+              after: list[After], params: Mapping[str, str] | None = None) -> Conversion:
+        notice = "failure" if wants_notice("failure", it.sender,
+                                           it.params if params is None else params) else ""
+        after.append(lambda: log.warning("queue_id=%s to=<%s> failed: %s", it.message,
+                                         it.address, reply))
+        return Conversion(it.rid, State.FAILED, last_reply=reply, notice=notice,
+                          detail={"status": status, "step": step, "last_attempt": now})
 
-    # --- local delivery ------------------------------------------------------------
-    def _due(self, conn: sqlite3.Connection, direction: str, limit: int) -> list[_Due]:
-        """Due recipients: not held, retry time reached, not in flight (outbound)."""
-        now = self.clock()
-        rows = conn.execute(
-            "SELECT r.id, r.message, r.address, m.sender, r.attempts, m.received, r.params, "
-            "r.destination FROM recipients r JOIN messages m ON m.id = r.message "
-            "WHERE r.state = 'delivery' AND r.direction = ? AND r.held = 0 "
-            "AND r.next_attempt <= ? AND r.lease_until <= ? ORDER BY r.next_attempt LIMIT ?",
-            (direction, now, now, limit)).fetchall()
-        return [_Due(row[0], row[1], row[2], row[3], row[4], row[5], json.loads(row[6]), row[7])
-                for row in rows]
-
-    async def _read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self.spool.read, fn)
-
-    async def _message_data(self, ids: list[str]) -> dict[str, tuple[Body, str]]:
-        bodies = self.spool.bodies
-
-        def q(c: sqlite3.Connection) -> dict[str, tuple[Body, str]]:
-            rows = c.execute(f"SELECT id, data, body_file, size, params FROM messages WHERE id IN "
-                             f"({','.join('?' * len(ids))})", ids).fetchall()
-            return {mid: (make_body(bodies, data, body_file, size), params)
-                    for mid, data, body_file, size, params in rows}
-        return await self._read(q) if ids else {}  # type: ignore[no-any-return]
-
-    async def deliver_batch(self) -> int:
-        due = await self._read(lambda c: self._due(c, "inbound", self.BATCH))
-        if not due:
-            return 0
-        loop = asyncio.get_running_loop()
-        data = await self._message_data(sorted({d.message for d in due}))
-        outcomes = list(await asyncio.gather(*(
-            loop.run_in_executor(self._pool, self._deliver_one, d, data[d.message][0])
-            for d in due)))
-        # One fsync per Maildir folder for the whole round, before anything is recorded.
-        folders = {o.path.parent for o in outcomes if o.path is not None}
-        failed = dict(zip(folders, await asyncio.gather(*(
-            loop.run_in_executor(self._pool, _sync_or_error, f) for f in folders)), strict=True))
-        for i, o in enumerate(outcomes):
-            if o.path is not None and failed[o.path.parent] is not None:
-                outcomes[i] = _Outcome(o.due, False, True, "451 4.3.0 Maildir delivery failed: "
-                                       f"{failed[o.path.parent]}", "4.3.0", o.detail)
-        try:
-            await self.spool.run(lambda conn: self._record(conn, outcomes))
-        except StorageFull:
-            # Not recorded, so these recipients will be delivered again: take back this
-            # round's copies. Kept, they are duplicates, and on a full disk each retry's
-            # copies ate the space freed for the spool's own commit, so it never got it.
-            for o in outcomes:
-                if o.path is not None:
-                    try:
-                        o.path.unlink()
-                    except OSError as exc:
-                        log.warning("could not take back %s: %s", o.path, exc)
-            raise
-        return len(due)
-
-    def _deliver_one(self, due: _Due, body: Body) -> _Outcome:
-        local, _, domain = due.address.rpartition("@")
-        detail = {"step": "local", "hop": "local mailbox", "last_attempt": self.clock()}
-        if local != "postmaster" and not self.mailbox_exists(due.address) \
-                and due.address not in self.aliases:
-            return _Outcome(due, False, False, f"550 5.1.1 Mailbox {due.address} no longer "
-                            "exists", "5.1.1", detail)
-        try:
-            if body.path is None:      # the common case: one write
-                content: bytes | Iterator[bytes] = local_delivery_bytes(
-                    body.prefix, due.sender, due.address)
-            else:
-                content = to_lf(itertools.chain(
-                    (delivery_headers(due.sender, due.address),), body.chunks()))
-            path = self.store.deliver(local, domain, content, sync_dir=False)
-        except StoreError as exc:
-            code = "451 4.3.0" if exc.transient else "550 5.2.0"
-            log.warning("queue_id=%s to=<%s> Maildir delivery failed: %s", due.message,
-                        due.address, exc)
-            return _Outcome(due, False, exc.transient, f"{code} Maildir delivery failed: "
-                            f"{exc.reason}", code[4:], detail)
-        return _Outcome(due, True, False, f"250 2.0.0 delivered to maildir as {path.name}",
-                        "2.0.0", detail, success_notice=True, path=path)
-
-    # --- recording -----------------------------------------------------------------
-    def _record(self, conn: sqlite3.Connection, outcomes: list[_Outcome]) -> None:
-        now = self.clock()
-        for o in outcomes:
-            d = o.due
-            detail = dict(o.detail or {})
-            detail.setdefault("status", o.status)
-            detail.setdefault("last_attempt", now)
-            direction = "outbound" if d.destination else "inbound"
-            if o.ok:
-                self.metrics.delivered.labels(direction).inc()
-                self.metrics.delivery.labels(direction).observe(max(0.0, now - d.received))
-                self.metrics.attempts.labels(direction, "delivered",
-                                             status_label(o.status)).inc()
-                notice = "success" if o.success_notice and \
-                    wants_notice("success", d.sender, d.params) else ""
-                record(conn, d.id, state="delivered", reply=o.reply, now=now, notice=notice,
-                       detail=detail)
-                log.info("queue_id=%s to=<%s> status=delivered (%s)", d.message, d.address,
-                         o.reply)
-                self._event(3002, f"<{d.address}> delivered via {detail.get('hop', '?')}"
-                            + (f" {detail.get('remote_host')} [{detail.get('remote_ip')}]"
-                               if detail.get("remote_ip") else "") + f": {o.reply}",
-                            d.message, domain=d.address.rpartition("@")[2], rcpt=d.address,
-                            hop=detail.get("hop"), remote_ip=detail.get("remote_ip"))
-                continue
-            age = now - d.received
-            self.metrics.attempts.labels(direction, "deferred" if o.transient else "failed",
-                                         status_label(o.status)).inc()
-            if o.transient and age < self.delivery.max_queue_lifetime:
-                self.metrics.deferred.labels(direction).inc()
-                attempts = d.attempts + 1
-                when = now + retry_delay(self.retry, attempts)
-                warn = age >= self.delivery.delay_warning and \
-                    wants_notice("delay", d.sender, d.params)
-                detail["will_retry_until"] = d.received + self.delivery.max_queue_lifetime
-                record(conn, d.id, state="delivery", reply=o.reply, now=now, attempts=attempts,
-                       next_attempt=when, warn=warn, detail=detail, log_attempt=True)
-                log.warning("queue_id=%s to=<%s> status=deferred (%s); next attempt in %ds",
-                            d.message, d.address, o.reply, when - now)
-                self._event(3003, f"<{d.address}> deferred at {detail.get('step', '?')} via "
-                            f"{detail.get('hop', '?')}"
-                            + (f" {detail.get('remote_host')} [{detail.get('remote_ip')}]"
-                               if detail.get("remote_ip") else "")
-                            + f": {o.reply}; next attempt in {int(when - now)}s",
-                            d.message, domain=d.address.rpartition("@")[2], rcpt=d.address,
-                            hop=detail.get("hop"), remote_ip=detail.get("remote_ip"),
-                            next_attempt=when)
-                continue
-            reply = o.reply
-            if o.transient:
-                days = age / 86400
-                detail["status"] = "5.4.7"
-                detail["expired_after"] = age
-                detail["last_step"] = detail.get("step", "")
-                detail["step"] = "lifetime"
-                reply = f"gave up after {days:.1f} days; last error: {o.reply}"
-            self.metrics.bounced.labels(direction).inc()
-            notice = "failure" if wants_notice("failure", d.sender, d.params) else ""
-            record(conn, d.id, state="failed", reply=reply, now=now, notice=notice, detail=detail)
-            log.warning("queue_id=%s to=<%s> status=failed (%s)", d.message, d.address, reply)
-            self._event(3004, f"<{d.address}> failed at {detail.get('step', '?')} via "
-                        f"{detail.get('hop', '?')}: {reply}", d.message,
-                        domain=d.address.rpartition("@")[2], rcpt=d.address,
-                        hop=detail.get("hop"), remote_ip=detail.get("remote_ip"))
-        finish_messages(conn, {o.due.message for o in outcomes})
-
-    # --- outbound ------------------------------------------------------------------
+    # --- claiming and handing to agents --------------------------------------------
     def _destination(self, address: str, ref: str = "") -> Destination | None:
         """The destination stored at conversion (``ref``) while the routing table still
         has that route for this domain; otherwise a fresh choice."""
-        domain = address.rpartition("@")[2]
+        domain = _domain(address)
         decision = choose_route(domain, self.routes, self.local_domains)
         if not decision.chosen:
             return None
-        index, _, _ = ref.partition("|")
-        stored = self.routes[int(index)] if index.isdigit() and int(index) < len(self.routes) \
-            else None
+        stored = self._route_at(ref)
         if stored is not None and stored in decision.chosen:
             route = stored
         elif len(decision.chosen) == 1:
             route = decision.chosen[0]
         else:
             route = self.rng.choice(decision.chosen)
-        return Destination(route, "" if route.via == "smarthost" else domain)
+        return Destination(route, domain if route.via == "mx" else "")
 
-    def clear_leases(self) -> None:
-        """At start: nothing is in flight any more (a crash left its leases behind)."""
-        self.spool.run_sync(lambda conn: conn.execute(
-            "UPDATE recipients SET lease_until = 0 WHERE lease_until > 0"))
+    def _route_at(self, ref: str) -> Route | None:
+        index, _, _ = ref.partition("|")
+        return self.routes[int(index)] if index.isdigit() and int(index) < len(self.routes) \
+            else None
 
-    async def dispatch_outbound(self) -> int:
-        if self.agent is None:
+    def _local_destination(self, c: Claim) -> Destination:
+        """Maildir, or the LMTP route chosen at conversion while it still applies."""
+        route = lmtp_route(_domain(c.address), self.routes)
+        return Destination(route, "") if route is not None else Destination(LOCAL_ROUTE, "")
+
+    async def _messages(self, claims: Sequence[Claim]) -> list[OutboundMessage]:
+        by_message: dict[str, list[Claim]] = defaultdict(list)
+        for c in claims:
+            by_message[c.message].append(c)
+        data = await self.spool.message_bodies(list(by_message))
+        out = []
+        for mid, cs in by_message.items():
+            if mid in data:
+                body, mparams = data[mid]
+                out.append(OutboundMessage(mid, cs[0].sender, mparams, body, [
+                    OutboundRecipient(c.rid, c.address, c.params) for c in cs]))
+        return out
+
+    async def deliver_batch(self) -> int:
+        """Final delivery of the due inbound recipients (Maildir, or LMTP)."""
+        now = self.clock()
+        due = await self.spool.due(Direction.INBOUND, now, self.BATCH, self.owner)
+        if not due:
             return 0
+        claims = await self.spool.claim([d.rid for d in due], now, self.owner, self.LOCAL_LEASE)
+        groups: dict[str, tuple[Destination, list[Claim]]] = {}
+        for c in claims:
+            dest = self._local_destination(c)
+            groups.setdefault(dest.key, (dest, []))[1].append(c)
+        results: list[DeliveryResult] = []
+        for dest, cs in groups.values():
+            agent = self.agents.for_route(dest.route)
+            if agent is None:
+                raise RuntimeError(f"no delivery agent for {dest.route.via!r}")
+            results += await agent.deliver(dest, await self._messages(cs))
+        by_id = {c.rid: c for c in claims}
+        await self._record([(by_id[r.recipient], r) for r in results])
+        return len(due)
+
+    # --- recording -----------------------------------------------------------------
+    async def _record(self, results: Sequence[tuple[Claim, DeliveryResult]]) -> None:
+        """Decide what each result means for its recipient and record it; a local copy
+        whose result cannot be recorded (full disk) or was refused (no longer our claim)
+        is taken back: it will be, or was, delivered by whoever holds the claim."""
+        now = self.clock()
+        decided = [self._decide(c, r, now) for c, r in results]
+        try:
+            stale = set(await self.spool.record([t for t, _ in decided], now))
+        except StorageFull:
+            # Not recorded, so these recipients will be delivered again: take back this
+            # round's copies. Kept, they are duplicates, and on a full disk each retry's
+            # copies ate the space freed for the spool's own commit, so it never got it.
+            _take_back(r for _, r in results)
+            raise
+        if stale:
+            log.warning("%d results were not recorded: their recipients were claimed again "
+                        "or finished meanwhile", len(stale))
+            _take_back(r for c, r in results if c.rid in stale)
+        for t, done in decided:
+            if t.claim.rid not in stale:
+                done()
+
+    def _decide(self, c: Claim, r: DeliveryResult, now: float) -> tuple[Transition, After]:
+        detail: dict[str, Any] = r.as_detail()
+        detail["last_attempt"] = now
+        direction = c.direction or Direction.OUTBOUND
+        domain = _domain(c.address)
+        hop, ip = detail.get("hop"), detail.get("remote_ip")
+        where = f" {r.remote_host} [{ip}]" if ip else ""
+        status = r.dsn_status
+        m = self.metrics
+        if r.ok:
+            notice = "success" if not r.dsn_capable and \
+                wants_notice("success", c.sender, c.params) else ""
+
+            def delivered() -> None:
+                m.delivered.labels(direction).inc()
+                m.delivery.labels(direction).observe(max(0.0, now - c.received))
+                m.attempts.labels(direction, "delivered", status_label(status)).inc()
+                log.info("queue_id=%s to=<%s> status=delivered (%s)", c.message, c.address,
+                         r.reply)
+                self._event(3002, f"<{c.address}> delivered via {hop or '?'}{where}: {r.reply}",
+                            c.message, domain=domain, rcpt=c.address, hop=hop, remote_ip=ip)
+            return Transition(c, State.DELIVERED, str(r.reply), detail, notice=notice), delivered
+        age = now - c.received
+        if r.transient and age < self.delivery.max_queue_lifetime:
+            attempts = c.attempts + 1
+            when = now + retry_delay(self.retry, attempts)
+            warn = age >= self.delivery.delay_warning and \
+                wants_notice("delay", c.sender, c.params)
+            detail["will_retry_until"] = c.received + self.delivery.max_queue_lifetime
+
+            def deferred() -> None:
+                m.attempts.labels(direction, "deferred", status_label(status)).inc()
+                m.deferred.labels(direction).inc()
+                log.warning("queue_id=%s to=<%s> status=deferred (%s); next attempt in %ds",
+                            c.message, c.address, r.reply, when - now)
+                self._event(3003, f"<{c.address}> deferred at {r.step or '?'} via {hop or '?'}"
+                            f"{where}: {r.reply}; next attempt in {int(when - now)}s",
+                            c.message, domain=domain, rcpt=c.address, hop=hop, remote_ip=ip,
+                            next_attempt=when)
+            return Transition(c, State.DELIVERY, str(r.reply), detail, attempts=attempts,
+                              next_attempt=when, warn=warn, log_attempt=True), deferred
+        reply = str(r.reply)
+        if r.transient:
+            detail["status"] = "5.4.7"
+            detail["expired_after"] = age
+            detail["last_step"] = detail.get("step", "")
+            detail["step"] = "lifetime"
+            reply = f"gave up after {age / 86400:.1f} days; last error: {r.reply}"
+        notice = "failure" if wants_notice("failure", c.sender, c.params) else ""
+        step = detail["step"]
+
+        def failed() -> None:
+            m.attempts.labels(direction, "failed", status_label(status)).inc()
+            m.bounced.labels(direction).inc()
+            log.warning("queue_id=%s to=<%s> status=failed (%s)", c.message, c.address, reply)
+            self._event(3004, f"<{c.address}> failed at {step or '?'} via {hop or '?'}: {reply}",
+                        c.message, domain=domain, rcpt=c.address, hop=hop, remote_ip=ip)
+        return Transition(c, State.FAILED, reply, detail, notice=notice), failed
+
+    # --- outbound ------------------------------------------------------------------
+    async def dispatch_outbound(self) -> int:
         cap = self.delivery.max_connections
         if len(self._outbound_tasks) >= cap:
             return 0
-        due = await self._read(lambda c: self._due(c, "outbound", 4 * self.BATCH))
-        groups: dict[str, tuple[Destination, list[_Due]]] = {}
-        unroutable: list[_Due] = []
+        now = self.clock()
+        due = await self.spool.due(Direction.OUTBOUND, now, 4 * self.BATCH, self.owner)
+        groups: dict[str, tuple[Destination, list[Claim]]] = {}
+        unroutable: list[Claim] = []
         for d in due:
-            if d.id in self._in_flight:
+            if d.rid in self._in_flight:
                 continue
             dest = self._destination(d.address, d.destination)
             if dest is None:
                 unroutable.append(d)
                 continue
+            if self.agents.for_route(dest.route) is None:
+                continue                        # no agent for it: stays queued
             groups.setdefault(dest.key, (dest, []))[1].append(d)
-        if unroutable:
-            await self.spool.run(lambda conn: self._record(conn, [
-                _Outcome(d, False, False, "550 5.4.4 Unable to route: no address space covers "
-                         f"{d.address.rpartition('@')[2]}", "5.4.4",
-                         {"step": "routing", "hop": "routing table"}) for d in unroutable]))
-        chosen: list[tuple[Destination, list[tuple[str, list[_Due]]]]] = []
+        chosen: list[tuple[Destination, list[Claim]]] = []
         running = len(self._outbound_tasks)
         for key, (dest, items) in groups.items():
-            by_message: dict[str, list[_Due]] = defaultdict(list)
+            by_message: dict[str, list[Claim]] = defaultdict(list)
             for d in items:
                 by_message[d.message].append(d)
-            messages = list(by_message.items())
+            messages = list(by_message.values())
             connections = self._connections[key]
             for i in range(0, len(messages), self.MESSAGES_PER_CONNECTION):
                 if running >= cap or connections >= self.delivery.max_connections_per_destination:
                     break
-                chosen.append((dest, messages[i:i + self.MESSAGES_PER_CONNECTION]))
+                chosen.append((dest, [c for cs in messages[i:i + self.MESSAGES_PER_CONNECTION]
+                                      for c in cs]))
                 running += 1
                 connections += 1
-        if not chosen:
-            return len(unroutable)
-        # Lease before starting: a delivery that finishes at once must not have its
-        # result overwritten by a late lease. A restart clears leases (clear_leases).
-        leased = [d.id for _, batch in chosen for _, ds in batch for d in ds]
-        until = self.clock() + self.LEASE
-        await self.spool.run(lambda conn: conn.executemany(
-            "UPDATE recipients SET lease_until = ? WHERE id = ?", [(until, rid) for rid in leased]))
-        self._in_flight.update(leased)
-        for dest, batch in chosen:
+        if not chosen and not unroutable:
+            return 0
+        # Claimed before starting: a delivery that finishes at once must find its claim.
+        wanted = [c.rid for c in unroutable] + [c.rid for _, cs in chosen for c in cs]
+        claimed = {c.rid: c for c in await self.spool.claim(wanted, now, self.owner, self.LEASE)}
+        if unroutable:
+            await self._record([(claimed[d.rid], DeliveryResult(
+                d.rid, False, False, Reply(550, "5.4.4", "Unable to route: no address space "
+                                            f"covers {_domain(d.address)}"), "routing",
+                hop="routing table")) for d in unroutable if d.rid in claimed])
+        started = 0
+        for dest, cs in chosen:
+            mine = [claimed[c.rid] for c in cs if c.rid in claimed]
+            if not mine:
+                continue
+            self._in_flight.update(c.rid for c in mine)
+            started += len(mine)
             self._connections[dest.key] += 1
-            task = asyncio.get_running_loop().create_task(self._deliver_outbound(dest, batch))
+            task = asyncio.get_running_loop().create_task(self._deliver_outbound(dest, mine))
             self._outbound_tasks.add(task)
             task.add_done_callback(self._outbound_tasks.discard)
-        started = len(leased)
         return started + len(unroutable)
 
-    async def _deliver_outbound(self, dest: Destination, batch: list[tuple[str, list[_Due]]]
-                                ) -> None:
-        ids = [d.id for _, ds in batch for d in ds]
+    async def _deliver_outbound(self, dest: Destination, claims: list[Claim]) -> None:
         try:
-            assert self.agent is not None
-            data = await self._message_data([mid for mid, _ in batch])
-            messages, dues = [], {}
-            for mid, ds in batch:
-                if mid not in data:
-                    continue
-                body, mparams = data[mid]
-                messages.append(OutboundMessage(
-                    mid, ds[0].sender, json.loads(mparams), body,
-                    [OutboundRecipient(d.id, d.address, d.params) for d in ds]))
-                dues.update({d.id: d for d in ds})
-            results = await self.agent.deliver(dest, messages)
-            outcomes = [self._outcome(dues[r.recipient.id], r) for r in results]
-            await self.spool.run(lambda conn: self._record(conn, outcomes))
+            agent = self.agents.for_route(dest.route)
+            assert agent is not None
+            results = await agent.deliver(dest, await self._messages(claims))
+            by_id = {c.rid: c for c in claims}
+            await self._record([(by_id[r.recipient], r) for r in results])
             if results and all(r.hop_failure for r in results):
-                first = outcomes[0]
-                await self._back_off(dest, first.reply,
-                                     {**(first.detail or {}), "status": first.status})
+                first = results[0]
+                await self._back_off(dest, str(first.reply), {**first.as_detail(),
+                                                              "last_attempt": self.clock()})
             else:
                 self._failures.pop(dest.key, None)
                 self._suspended.pop(dest.ref, None)
@@ -639,16 +549,8 @@ class QueueManager:
             self._connections[dest.key] -= 1
             if self._connections[dest.key] <= 0:
                 del self._connections[dest.key]
-            self._in_flight.difference_update(ids)
+            self._in_flight.difference_update(c.rid for c in claims)
             self._wake.set()
-
-    def _outcome(self, due: _Due, r: RecipientResult) -> _Outcome:
-        detail = {"status": r.status, "step": r.step, "remote_host": r.remote_host,
-                  "remote_ip": r.remote_ip, "hop": r.hop, "transcript": r.transcript[-8000:]}
-        # A next hop that speaks DSN takes over success notices (RFC 3461 §4.1);
-        # one that does not gets them from us, as "relayed".
-        return _Outcome(due, r.ok, r.transient, r.reply, r.status, detail,
-                        success_notice=r.ok and not r.dsn_capable)
 
     async def _back_off(self, dest: Destination, reply: str = "",
                         detail: dict[str, Any] | None = None) -> None:
@@ -661,13 +563,11 @@ class QueueManager:
         now = self.clock()
         why = json.dumps({**(detail or {}), "backed_off": True, "transcript": ""})
         self._suspended[dest.ref] = (now + wait, reply, why)
-        await self.spool.run(lambda conn: conn.execute(
-            "UPDATE recipients SET next_attempt = ?, "
-            "detail = CASE WHEN last_reply = '' AND ? != '' THEN ? ELSE detail END, "
-            "last_reply = CASE WHEN last_reply = '' THEN ? ELSE last_reply END "
-            "WHERE destination = ? AND state = 'delivery' "
-            "AND direction = 'outbound' AND lease_until <= ? AND next_attempt < ?",
-            (now + wait, reply, why, reply, dest.ref, now, now + wait)))
+        try:
+            await self.spool.defer_destination(dest.ref, now + wait, reply, why, now, self.owner)
+        except StorageFull:
+            log.warning("the spool's disk is full: the wait for %s is kept in memory only",
+                        dest.describe())
         log.warning("destination %s failed as a whole; backing off for %ds",
                     dest.describe(), wait)
         self._event(3006, f"{dest.describe()} failed as a whole ({reply or 'see the log'}); "
@@ -675,69 +575,79 @@ class QueueManager:
 
     # --- notices -------------------------------------------------------------------
     async def send_notices(self) -> int:
-        return await self.spool.run(self._notices)
-
-    def _notices(self, conn: sqlite3.Connection) -> int:
-        rows = conn.execute(
-            "SELECT r.id, r.message, r.address, r.params, r.state, r.last_reply, r.detail, "
-            "r.notice, r.warned, m.sender, m.received, m.params FROM recipients r "
-            "JOIN messages m ON m.id = r.message WHERE r.notice != '' OR r.warned = 1 "
-            "ORDER BY r.message LIMIT ?", (self.BATCH,)).fetchall()
-        if not rows:
+        owed = await self.spool.owed_notices(self.BATCH)
+        if not owed:
             return 0
         now = self.clock()
-        groups: dict[tuple[str, str], list[tuple[Any, ...]]] = defaultdict(list)
-        for row in rows:
-            kind = row[7] if row[7] else "delay"
-            groups[(row[1], kind)].append(row)
+        groups: dict[tuple[str, str], list[NoticeOwed]] = defaultdict(list)
+        for row in owed:
+            groups[(row.message, row.kind)].append(row)
+        sent = []
         for (mid, kind), items in groups.items():
-            sender, received, mparams = items[0][9], items[0][10], json.loads(items[0][11])
-            reports = []
-            for _rid, _, address, params_json, _state, reply, detail_json, *_ in items:
-                params = json.loads(params_json)
-                detail = json.loads(detail_json)
-                orcpt = xtext_decode(params.get("ORCPT", "").partition(";")[2])
-                reports.append(RecipientReport(
-                    final_recipient=address,
-                    original_recipient=orcpt or None,
-                    action={"failure": "failed", "delay": "delayed"}.get(
-                        kind, "relayed" if detail.get("remote_host") else "delivered"),
-                    status=detail.get("status") or ("2.0.0" if kind == "success" else "5.0.0"),
-                    diagnostic=reply, remote_host=detail.get("remote_host"),
-                    remote_ip=detail.get("remote_ip"), step=detail.get("step", ""),
-                    hop=detail.get("hop", ""), last_attempt=detail.get("last_attempt"),
-                    will_retry_until=detail.get("will_retry_until")))
-            if sender:
-                body = load_body(conn, mid, self.spool.bodies)
-                assert body is not None
-                report = build_report(
-                    kind=kind, reporting_mta=self.hostname, original_sender=sender,
-                    original=body.head(self.delivery.max_return_size + 1),
-                    original_size=body.size, arrival=received, recipients=reports,
-                    ret=mparams.get("RET"),
-                    envid=xtext_decode(mparams["ENVID"]) if "ENVID" in mparams else None,
-                    max_return_size=self.delivery.max_return_size, now=now,
-                    message_id=f"<{new_queue_id()}.{kind}@{self.hostname}>",
-                    boundary=f"{new_queue_id()}/{self.hostname}")
-                qid = new_queue_id()
-                direction = "inbound" if self._is_local(sender.lower()) else "outbound"
-                insert_message(conn, NewMessage(
-                    qid, "", {}, {"peer": "127.0.0.1", "helo": self.hostname,
-                                  "listener": "internal", "notice": kind, "about": mid},
-                    report, (NewRecipient(_lower_domain(sender), direction, {}),)), now)
-                self.metrics.notices.labels(kind).inc()
-                self._event(3005, f"{kind} notice for "
-                            f"{', '.join(r.final_recipient for r in reports)} sent to <{sender}> "
-                            f"as {qid}", mid, notice=kind, notice_id=qid)
-                log.info("queue_id=%s %s notice for %s sent to <%s> as queue_id=%s", mid, kind,
-                         ", ".join(r.final_recipient for r in reports), sender, qid)
-            for item in items:
-                if kind == "delay":
-                    conn.execute("UPDATE recipients SET warned = 2 WHERE id = ?", (item[0],))
-                else:
-                    conn.execute("UPDATE recipients SET notice = '' WHERE id = ?", (item[0],))
-        finish_messages(conn, {mid for mid, _ in groups})
-        return len(rows)
+            first = items[0]
+            report = None
+            if first.sender:
+                body = await self.spool.body(mid)
+                if body is None:
+                    continue
+                report = await self._in_pool(self._report, kind, items, body, now)
+            sent.append(NoticeSent(mid, kind, tuple(i.rid for i in items), report))
+        for n in await self.spool.notices_sent(sent, now):
+            if n.report is None:
+                continue
+            rcpts = ", ".join(i.address for i in groups[(n.message, n.kind)])
+            sender = groups[(n.message, n.kind)][0].sender
+            qid = n.report.queue_id
+            self.metrics.notices.labels(n.kind).inc()
+            self._event(3005, f"{n.kind} notice for {rcpts} sent to <{sender}> as {qid}",
+                        n.message, notice=n.kind, notice_id=qid)
+            log.info("queue_id=%s %s notice for %s sent to <%s> as queue_id=%s", n.message,
+                     n.kind, rcpts, sender, qid)
+        return len(owed)
+
+    def _report(self, kind: str, items: list[NoticeOwed], body: Body, now: float
+                ) -> NewMessage:
+        """The notice for ``items`` (one message, one kind): an RFC 3464 report from the
+        null sender, built from the results the spool kept."""
+        first = items[0]
+        reports = []
+        for it in items:
+            detail = it.detail
+            orcpt = xtext_decode(it.params.get("ORCPT", "").partition(";")[2])
+            reports.append(RecipientReport(
+                final_recipient=it.address,
+                original_recipient=orcpt or None,
+                action={"failure": "failed", "delay": "delayed"}.get(
+                    kind, "relayed" if detail.get("remote_host") else "delivered"),
+                status=detail.get("status") or ("2.0.0" if kind == "success" else "5.0.0"),
+                diagnostic=it.last_reply, remote_host=detail.get("remote_host"),
+                remote_ip=detail.get("remote_ip"), step=detail.get("step", ""),
+                hop=detail.get("hop", ""), last_attempt=detail.get("last_attempt"),
+                will_retry_until=detail.get("will_retry_until")))
+        mparams = first.mail_params
+        report = build_report(
+            kind=kind, reporting_mta=self.hostname, original_sender=first.sender,
+            original=body.head(self.delivery.max_return_size + 1),
+            original_size=body.size, arrival=first.received, recipients=reports,
+            ret=mparams.get("RET"),
+            envid=xtext_decode(mparams["ENVID"]) if "ENVID" in mparams else None,
+            max_return_size=self.delivery.max_return_size, now=now,
+            message_id=f"<{new_queue_id()}.{kind}@{self.hostname}>",
+            boundary=f"{new_queue_id()}/{self.hostname}")
+        to = _lower_domain(first.sender)
+        return NewMessage(
+            new_queue_id(), "", {}, {"peer": "127.0.0.1", "helo": self.hostname,
+                                     "listener": "internal", "notice": kind, "about": first.message},
+            report, (NewRecipient(to, direction_of(_domain(to), self.local_domains), {}),))
+
+
+def _take_back(results: Iterable[DeliveryResult]) -> None:
+    for r in results:
+        if r.stored:
+            try:
+                os.unlink(r.stored)
+            except OSError as exc:
+                log.warning("could not take back %s: %s", r.stored, exc)
 
 
 def _lower_domain(address: str) -> str:

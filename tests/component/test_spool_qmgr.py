@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from postroom.config import DeliveryConfig
+from postroom.delivery import Agents
+from postroom.delivery.local import LocalDeliveryAgent
+from postroom.model import DeliveryResult, Reply
 from postroom.qmgr import QueueManager, retry_delay
 from postroom.spool import NewMessage, NewRecipient, SqliteSpool, StorageFull, new_queue_id
 from postroom.store import MaildirStore, StoreError
@@ -43,9 +47,19 @@ def message(*rcpts: tuple[str, str], data: bytes = b"Subject: t\r\n\r\nx\r\n") -
                       tuple(NewRecipient(a, d, {}) for a, d in rcpts))
 
 
-def states(spool: SqliteSpool) -> list[tuple[str, str, str]]:
-    return spool.read(lambda c: c.execute(
-        "SELECT address, direction, state FROM recipients ORDER BY id").fetchall())
+def rows(spool: SqliteSpool, columns: str) -> list[tuple[object, ...]]:
+    """Every recipient row, final ones included, straight from the SQLite file."""
+    conn = sqlite3.connect(spool.path)
+    try:
+        return conn.execute(f"SELECT {columns} FROM recipients ORDER BY id").fetchall()
+    finally:
+        conn.close()
+
+
+def states(spool: SqliteSpool) -> list[tuple[object, ...]]:
+    return rows(spool, "address, direction, state")
+
+
 
 
 @pytest.fixture
@@ -61,10 +75,22 @@ def spool(tmp_path: Path, clock: Clock):  # type: ignore[no-untyped-def]
 
 
 def make_qmgr(spool: SqliteSpool, store: MaildirStore, clock: Clock,
-              aliases: dict[str, tuple[str, ...]] | None = None) -> QueueManager:
-    return QueueManager(spool, store, local_domains=frozenset({"example.test"}),
-                        aliases=aliases or {}, mailbox_exists=lambda a: True,
-                        delivery=DeliveryConfig(retry=(60.0, 300.0)), clock=clock)
+              aliases: dict[str, tuple[str, ...]] | None = None,
+              remote: object = None) -> QueueManager:
+    local = LocalDeliveryAgent(store, lambda a: True, aliases or {}, ThreadPoolExecutor(4),
+                               clock)
+    agents = {"local": local} if remote is None else {"local": local, "mx": remote}
+    return QueueManager(spool, Agents(agents), local_domains=frozenset({"example.test"}),  # type: ignore[arg-type]
+                        aliases=aliases or {}, delivery=DeliveryConfig(retry=(60.0, 300.0)),
+                        clock=clock)
+
+
+def stored_messages(spool: SqliteSpool) -> int:
+    conn = sqlite3.connect(spool.path)
+    try:
+        return int(conn.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
+    finally:
+        conn.close()
 
 
 def test_concurrent_enqueues_share_commits(spool: SqliteSpool) -> None:
@@ -83,11 +109,11 @@ def test_a_failing_job_does_not_undo_the_others_in_its_batch(spool: SqliteSpool)
 
     async def main() -> list[object]:
         return await asyncio.gather(
-            spool.enqueue(message(("a@example.test", "inbound"))), spool.run(bad),
+            spool.enqueue(message(("a@example.test", "inbound"))), spool._write(bad),
             spool.enqueue(message(("b@example.test", "inbound"))), return_exceptions=True)
     results = asyncio.run(main())
     assert isinstance(results[1], ValueError)
-    assert spool.read(lambda c: c.execute("SELECT COUNT(*) FROM messages").fetchone()[0]) == 2
+    assert stored_messages(spool) == 2
 
 
 def test_a_full_disk_becomes_storage_full_for_the_caller(spool: SqliteSpool) -> None:
@@ -95,7 +121,7 @@ def test_a_full_disk_becomes_storage_full_for_the_caller(spool: SqliteSpool) -> 
         raise sqlite3.OperationalError("database or disk is full")
 
     with pytest.raises(StorageFull):
-        spool.run_sync(full)
+        spool.write_sync(full)
 
 
 def test_conversion_expands_aliases_and_sends_remote_targets_outbound(
@@ -143,7 +169,7 @@ def test_transient_failure_waits_for_the_schedule_then_delivers(
     asyncio.run(main())
     assert store.calls == 3
     # all recipients final and delivered: the message is gone from the spool
-    assert spool.read(lambda c: c.execute("SELECT COUNT(*) FROM messages").fetchone()[0]) == 0
+    assert stored_messages(spool) == 0
 
 
 def test_mail_loop_fails_the_recipient_and_keeps_the_message_for_its_ndr(
@@ -155,9 +181,9 @@ def test_mail_loop_fails_the_recipient_and_keeps_the_message_for_its_ndr(
         await spool.enqueue(message(("a@example.test", "inbound"), data=looped))
         await q.convert_batch()
     asyncio.run(main())
-    row = spool.read(lambda c: c.execute("SELECT state, last_reply FROM recipients").fetchone())
-    assert row[0] == "failed" and row[1].startswith("554 5.4.6")
-    assert spool.read(lambda c: c.execute("SELECT COUNT(*) FROM messages").fetchone()[0]) == 1
+    row = rows(spool, "state, last_reply")[0]
+    assert row[0] == "failed" and str(row[1]).startswith("554 5.4.6")
+    assert stored_messages(spool) == 1
 
 
 def test_alias_loop_ends_at_the_address_that_closes_it(spool: SqliteSpool, tmp_path: Path) -> None:
@@ -196,22 +222,17 @@ class DeadAgent:
         self.calls: list[int] = []
 
     async def deliver(self, dest, messages):  # type: ignore[no-untyped-def]
-        from postroom.delivery import RecipientResult
         self.calls.append(sum(len(m.recipients) for m in messages))
-        return [RecipientResult(r, m.queue_id, False, True, "451 4.4.1 connection refused",
-                                "4.4.1", "connect", "mx.far.test", "127.0.0.9",
-                                dest.describe(), hop_failure=True)
+        return [DeliveryResult(r.id, False, True, Reply(451, "4.4.1", "connection refused"),
+                               "connect", hop=dest.describe(), remote_host="mx.far.test",
+                               remote_ip="127.0.0.9", hop_failure=True)
                 for m in messages for r in m.recipients]
 
 
 def test_a_dead_destination_backs_off_as_a_whole_and_the_wait_is_stored(
         spool: SqliteSpool, tmp_path: Path, clock: Clock) -> None:
     agent = DeadAgent()
-    q = QueueManager(spool, MaildirStore(tmp_path / "mail", "t"),
-                     local_domains=frozenset({"example.test"}), aliases={},
-                     mailbox_exists=lambda a: True,
-                     delivery=DeliveryConfig(retry=(60.0, 300.0)), clock=clock,
-                     agent=agent)  # type: ignore[arg-type]
+    q = make_qmgr(spool, MaildirStore(tmp_path / "mail", "t"), clock, remote=agent)
     q.MESSAGES_PER_CONNECTION = 2
     q.delivery = DeliveryConfig(retry=(60.0, 300.0), max_connections_per_destination=1)
 
@@ -229,22 +250,21 @@ def test_a_dead_destination_backs_off_as_a_whole_and_the_wait_is_stored(
         await asyncio.gather(*q._outbound_tasks)
         assert agent.calls == [2, 2]
     asyncio.run(main())
-    waits = spool.read(lambda c: [r[0] - clock.now for r in c.execute(
-        "SELECT next_attempt FROM recipients ORDER BY id")])
+    waits = [float(r[0]) - clock.now for r in rows(spool, "next_attempt")]  # type: ignore[arg-type]
     assert all(w > 0 for w in waits), waits          # nobody is due right now
     assert max(waits) == 300.0                       # the second failure in a row waits longer
 
 
 def test_deliveries_are_recorded_only_after_their_folder_is_synced(
         spool: SqliteSpool, tmp_path: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
-    import postroom.qmgr as qmgr_module
+    import postroom.delivery.local as local_module
     synced: list[Path] = []
 
     def failing_sync(folder: Path) -> None:
         synced.append(folder)
         raise StoreError("Input/output error", transient=True, reason="Input/output error")
 
-    monkeypatch.setattr(qmgr_module, "sync", failing_sync)
+    monkeypatch.setattr(local_module, "sync", failing_sync)
     q = make_qmgr(spool, MaildirStore(tmp_path / "mail", "t"), clock)
 
     async def main() -> None:
@@ -254,9 +274,9 @@ def test_deliveries_are_recorded_only_after_their_folder_is_synced(
         assert await q.deliver_batch() == 3
     asyncio.run(main())
     assert synced == [tmp_path / "mail" / "example.test" / "a" / "new"]   # once for all three
-    rows = spool.read(lambda c: c.execute("SELECT state, last_reply FROM recipients").fetchall())
-    assert [r[0] for r in rows] == ["delivery"] * 3                     # not recorded as delivered
-    assert all(r[1].startswith("451 4.3.0") for r in rows)
+    found = rows(spool, "state, last_reply")
+    assert [r[0] for r in found] == ["delivery"] * 3                    # not recorded as delivered
+    assert all(str(r[1]).startswith("451 4.3.0") for r in found)
 
 
 def test_a_delivery_that_cannot_be_recorded_takes_back_its_copy(
@@ -266,20 +286,20 @@ def test_a_delivery_that_cannot_be_recorded_takes_back_its_copy(
     again), instead of piling up a duplicate per retry that eats the space freed."""
     q = make_qmgr(spool, MaildirStore(tmp_path / "mail", "t"), clock)
     new = tmp_path / "mail" / "example.test" / "a" / "new"
-    real_record = q._record
+    real_record = spool.record
 
-    def full(conn: sqlite3.Connection, outcomes: list[object]) -> None:
-        raise sqlite3.OperationalError("database or disk is full")
+    async def full(transitions: object, now: float) -> list[int]:
+        raise StorageFull("database or disk is full")
 
     async def main() -> None:
         await spool.enqueue(message(("a@example.test", "inbound")))
         await q.convert_batch()
-        monkeypatch.setattr(q, "_record", full)
+        monkeypatch.setattr(spool, "record", full)
         for _ in range(3):
             with pytest.raises(StorageFull):
                 await q.deliver_batch()
             assert list(new.iterdir()) == []                 # nothing left behind
-        monkeypatch.setattr(q, "_record", real_record)       # space again
+        monkeypatch.setattr(spool, "record", real_record)    # space again
         assert await q.deliver_batch() == 1
     asyncio.run(main())
     assert len(list(new.iterdir())) == 1                      # exactly one copy

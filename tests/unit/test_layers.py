@@ -3,26 +3,50 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "postroom"
 
-LAYERS: dict[str, float] = {
-    "model": 0, "replies": 0.5, "address": 0.5,     # 0.5: values built on model
-    "config": 1, "observability": 1, "body": 1, "format": 1,
-    "routing": 1.5, "policy": 2, "bounce": 2, "conversion": 2,
-    "spool": 3, "store": 3, "events": 3, "dns": 3, "tls": 3,
-    "users": 3.2,                                   # a user and its Maildir (store)
-    # the smtp package: the sans-I/O core and the client are protocol libraries; the
-    # server is the receiving component
-    "smtp": 4, "smtp.protocol": 2.5, "smtp.client": 3, "smtp.server": 4,
-    "delivery": 3.5,
-    "qmgr": 4, "diagnostics": 4,
-    "admin": 4.5, "app": 5, "ctl": 5.5, "queueops": 3.5, "metrics": 1,
-    "cli": 6, "console": 4.75, "configedit": 1.5,
+# The planned layers, bottom up. A module imports only from layers below its own, or from
+# its own layer where SIDEWAYS names the edge. Packages (spool, delivery, diagnostics,
+# console, config) are one component each; the smtp package is split by module.
+PLAN: list[tuple[str, set[str]]] = [
+    ("values", {"model", "replies", "address"}),
+    ("foundation", {"config", "observability", "body", "metrics", "format"}),
+    ("logic", {"routing", "policy", "bounce", "conversion", "configedit", "smtp.protocol"}),
+    ("storage and protocols", {"spool", "store", "users", "events", "dns", "tls",
+                               "smtp.client"}),
+    ("agents and intake", {"delivery", "intake"}),
+    ("components", {"smtp", "smtp.server", "qmgr", "diagnostics"}),
+    ("operations", {"admin"}),
+    ("console", {"console"}),             # pages over the admin API
+    ("composition root", {"app"}),        # builds everything: the console too, on purpose
+    ("commands", {"ctl", "cli"}),
+]
+LAYERS: dict[str, int] = {name: level for level, (_, names) in enumerate(PLAN)
+                          for name in names}
+SIDEWAYS = {
+    ("replies", "model"), ("replies", "address"), ("address", "model"),
+    ("policy", "routing"),
+    ("users", "store"),
+    ("cli", "ctl"),
+}
+# Edges that would point down, yet break the design.
+FORBIDDEN = {
+    ("smtp.server", "qmgr"), ("smtp.server", "delivery"), ("smtp.server", "store"),
+    ("smtp.protocol", "store"), ("smtp.client", "store"),
+    ("spool", "routing"), ("spool", "policy"), ("spool", "delivery"), ("spool", "store"),
+    ("delivery", "spool"), ("delivery", "intake"),      # agents never touch the queue
+    ("intake", "delivery"),
+    ("diagnostics", "spool"), ("diagnostics", "qmgr"),  # the tools reach the server by API
+    ("console", "admin"), ("console", "qmgr"), ("console", "app"),
+    ("ctl", "app"), ("ctl", "spool"), ("ctl", "admin"), ("ctl", "console"),
 }
 PURE = {"model", "replies", "address", "policy", "routing", "bounce", "conversion"}
 IO_MODULES = {"asyncio", "socket", "sqlite3", "ssl", "subprocess", "threading", "os"}
+# Where SQL may live: the spool's SQLite backend and the user and event stores.
+SQL_HOMES = {"spool/sqlite.py", "users.py", "events.py"}
 
 
 def _component(path: Path) -> str:
@@ -91,9 +115,11 @@ def test_imports_point_down_only() -> None:
             if target.startswith("std:") or target in ("__init__", "__version__", comp):
                 continue
             assert target in LAYERS, f"{path.relative_to(SRC)}:{line} imports unknown {target}"
-            if LAYERS[target] >= LAYERS[comp]:
-                breaches.append(f"{path.relative_to(SRC)}:{line} ({comp}, layer {LAYERS[comp]}) "
-                                f"imports {target} (layer {LAYERS[target]})")
+            same = LAYERS[target] == LAYERS[comp] and (comp, target) in SIDEWAYS
+            if (LAYERS[target] >= LAYERS[comp] and not same) or (comp, target) in FORBIDDEN:
+                breaches.append(f"{path.relative_to(SRC)}:{line} ({comp}, "
+                                f"{PLAN[LAYERS[comp]][0]}) imports {target} "
+                                f"({PLAN[LAYERS[target]][0]})")
     assert not breaches, "\n".join(breaches)
 
 
@@ -113,8 +139,29 @@ def test_smtp_never_imports_delivery_or_the_queue_manager() -> None:
         assert not targets & {"qmgr", "delivery", "store"}, path.name
 
 
+def test_sqlite_and_sql_only_in_their_homes() -> None:
+    """The queue's SQL is the spool's SQLite backend's: no other module opens the spool."""
+    sql = re.compile(r"\b(SELECT .* FROM|INSERT INTO|UPDATE \w+ SET|DELETE FROM)\b")
+    for path in SRC.rglob("*.py"):
+        rel = path.relative_to(SRC).as_posix()
+        if rel in SQL_HOMES:
+            continue
+        assert "std:sqlite3" not in {t for t, _ in _imports(path)}, f"{rel} imports sqlite3"
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                assert not sql.search(node.value), f"{rel}:{node.lineno} holds SQL"
+
+
+def test_every_layer_rule_names_known_components() -> None:
+    for a, b in SIDEWAYS | FORBIDDEN:
+        assert a in LAYERS and b in LAYERS, (a, b)
+    for a, b in SIDEWAYS:
+        assert LAYERS[a] == LAYERS[b], (a, b)
+
+
 def test_the_import_walk_sees_known_edges() -> None:
     """Guard the walker itself: edges that exist must be found."""
     server = {t for t, _ in _imports(SRC / "smtp" / "server.py")}
-    assert {"smtp.protocol", "policy", "spool", "replies"} <= server
-    assert "smtp.client" in {t for t, _ in _imports(SRC / "delivery.py")}
+    assert {"smtp.protocol", "policy", "spool", "replies", "intake"} <= server
+    assert "smtp.client" in {t for t, _ in _imports(SRC / "delivery" / "smtp.py")}
+    assert "sqlite3" in (SRC / "spool" / "sqlite.py").read_text()

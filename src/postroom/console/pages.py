@@ -441,7 +441,8 @@ class Console:
                     and i == count - 1:
                 continue          # removed, or the blank "add a route" row left empty
             routes.append({k: str(form.get(f"route-{i}-{k}") or "") for k in (
-                "match", "via", "host", "tls", "username", "password_file", "cost", "index")}
+                "match", "via", "host", "path", "tls", "username", "password_file", "cost",
+                "index")}
                 | {"tls_verify": bool(form.get(f"route-{i}-tls_verify"))})
         lines = {k: [x.strip() for x in str(form.get(k) or "").splitlines() if x.strip()]
                  for k in ("trusted_networks", "local_domains")}

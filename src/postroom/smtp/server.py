@@ -14,7 +14,6 @@ import asyncio
 import itertools
 import logging
 import os
-import re
 import secrets
 import ssl
 import time
@@ -26,12 +25,20 @@ from dataclasses import dataclass, field
 from .. import replies
 from ..body import BodyWriter
 from ..config import Config
-from ..conversion import missing_headers, received_header
 from ..events import EventLog
+from ..intake import Intake, Submission
 from ..metrics import Metrics
 from ..model import Reply, SmtpError
-from ..policy import RelaySettings, SessionSnapshot, check_mail, check_rcpt, peer_address
-from ..spool import NewMessage, NewRecipient, Spool, StorageFull, is_disk_full, new_queue_id
+from ..policy import (
+    NO_ROUTE,
+    RELAY_DENIED,
+    RelaySettings,
+    SessionSnapshot,
+    check_mail,
+    check_rcpt,
+    peer_address,
+)
+from ..spool import NewMessage, Spool, StorageFull, is_disk_full, new_queue_id
 from .protocol import (
     NEED_DATA,
     AuthCredentials,
@@ -123,12 +130,16 @@ class ServerState:
         self.relay = RelaySettings(frozenset(c.local_domains), c.trusted_networks,
                                    frozenset(c.aliases), c.routes)
         self.throttle = AuthThrottle(c.smtp.auth_failure_limit, c.smtp.auth_failure_window)
+        self.intake = Intake(self.spool, c.hostname, self.relay.local_domains, self.metrics,
+                             self.events, self.clock)
 
     def apply(self, config: Config) -> None:
         """A reloaded config: new sessions use it; open sessions keep their limits."""
         self.config = config
         self.relay = RelaySettings(frozenset(config.local_domains), config.trusted_networks,
                                    frozenset(config.aliases), config.routes)
+        self.intake.hostname = config.hostname
+        self.intake.local_domains = self.relay.local_domains
         self.throttle.limit = config.smtp.auth_failure_limit
         self.throttle.window = config.smtp.auth_failure_window
 
@@ -396,12 +407,12 @@ class Session(asyncio.Protocol):
                      verdict.reason)
             if verdict.accept:
                 self._decisions.append(f"<{ev.recipient}>: {verdict.reason}")
-            elif verdict.reply.enhanced == "5.7.1" and "Relaying" in verdict.reply.text:
+            elif verdict.refusal == RELAY_DENIED:
                 self.state.metrics.relay_refusals.labels(self.listener).inc()
                 self._event(2001, f"relaying to <{ev.recipient}> refused for [{self.peer}] "
                             f"(from <{core.envelope.sender}>): {verdict.reason}",
                             domain=ev.recipient.domain)
-            elif verdict.reply.enhanced == "5.4.4":
+            elif verdict.refusal == NO_ROUTE:
                 self._event(2002, f"<{ev.recipient}>: {verdict.reply}",
                             domain=ev.recipient.domain)
             else:
@@ -415,9 +426,7 @@ class Session(asyncio.Protocol):
             started = time.perf_counter()
             reply = await self._enqueue(ev)
             if reply.code == 250:
-                m = self.state.metrics
-                m.received.labels(self.listener).inc()
-                m.acceptance.observe(time.perf_counter() - started)
+                self.state.metrics.acceptance.observe(time.perf_counter() - started)
             core.respond(reply)
         elif isinstance(ev, AuthCredentials):
             core.respond(await self._authenticate(ev))
@@ -475,50 +484,21 @@ class Session(asyncio.Protocol):
         if isinstance(got, Reply):
             return got
         qid, data, big = got
-        now = st.clock()
-        seen: dict[str, NewRecipient] = {}
-        for rcpt, params in env.recipients:
-            key = rcpt.key
-            if key not in seen:
-                direction = "inbound" if rcpt.domain in st.relay.local_domains else "outbound"
-                seen[key] = NewRecipient(key, direction, params)
-        tls, auth = self.core.tls_active, self.core.auth_user is not None
-        protocol = ("ESMTP" if self.core.esmtp else "SMTP") + ("S" if tls else "") + \
-            ("A" if auth else "")
-        header = received_header(
-            helo=self.core.helo or "unknown", peer=self.peer, hostname=st.config.hostname,
-            protocol=protocol, queue_id=qid,
-            recipient=next(iter(seen)) if len(seen) == 1 else None, timestamp=now)
-        if self.listener != "mx" or auth:
-            header += missing_headers(data, st.config.hostname, now)
-        client = {"peer": self.peer, "helo": self.core.helo, "listener": self.listener,
-                  "tls": tls, "auth": self.core.auth_user, "session": self.id}
-        if big is None:
-            message = NewMessage(qid, str(env.sender), env.mail_params, client, header + data,
-                                 tuple(seen.values()))
-        else:
-            message = NewMessage(qid, str(env.sender), env.mail_params, client, header,
-                                 tuple(seen.values()), body_file=big.name, body_size=big.size)
+        core = self.core
+        tls, auth = core.tls_active, core.auth_user is not None
+        sub = Submission(
+            env.sender, env.recipients, data, self.peer, core.helo, self.listener,
+            ("ESMTP" if core.esmtp else "SMTP") + ("S" if tls else "") + ("A" if auth else ""),
+            env.mail_params, tls, core.auth_user, self.id, qid,
+            big.name if big is not None else "", big.size if big is not None else 0,
+            list(self._decisions), add_missing=self.listener != "mx" or auth)
         try:
-            await st.spool.enqueue(message)
+            message = await st.intake.queue(sub)
         except BaseException:
             if big is not None:
                 big.discard()
             raise
-        log.info("session=%s queued queue_id=%s from=<%s> size=%d nrcpt=%d", self.id, qid,
-                 env.sender, message.size, len(seen))
         ev_log = st.events
-        if ev_log is not None and ev_log.enabled("message_transfer", "minimum", peer=self.peer):
-            message_id = _message_id(data)
-            ev_log.emit(3001, f"received from [{self.peer}] ({self.core.helo}) on "
-                        f"{self.listener}{' over TLS' if tls else ''}"
-                        f"{' as ' + str(self.core.auth_user) if auth else ''}: <{env.sender}> "
-                        f"to {', '.join('<' + r + '>' for r in seen)}, {message.size} bytes",
-                        queue_id=qid, peer=self.peer, sender=str(env.sender),
-                        recipients=list(seen), size=message.size, tls=tls,
-                        auth=self.core.auth_user, helo=self.core.helo,
-                        listener=self.listener, message_id=message_id,
-                        decisions=list(self._decisions), session=self.id)
         if ev_log is not None and ev_log.archive is not None and ev_log.enabled(
                 "message_archival", "maximum", peer=self.peer):
             await self._archive(ev_log, qid, message, big)
@@ -595,15 +575,3 @@ class Session(asyncio.Protocol):
         ssl_obj = new.get_extra_info("ssl_object")
         log.info("session=%s TLS established %s %s", self.id,
                  ssl_obj.version() if ssl_obj else "?", ssl_obj.cipher()[0] if ssl_obj else "")
-
-
-_MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(.*(?:\r\n[ \t].*)*)", re.I | re.M)
-
-
-def _message_id(data: bytes) -> str | None:
-    """The Message-ID header of a message's first bytes, unfolded (for trace)."""
-    head = data[: data.find(b"\r\n\r\n") + 2] if b"\r\n\r\n" in data else data[:65536]
-    m = _MESSAGE_ID.search(head)
-    if m is None:
-        return None
-    return m.group(1).replace(b"\r\n", b"").strip().decode("utf-8", "replace")[:500]

@@ -1,0 +1,96 @@
+"""The local agent: final delivery into this server's Maildirs.
+
+Each message is written to each recipient's Maildir in worker threads (``tmp`` → fsync →
+link into ``new``), and every ``new`` folder the batch touched is fsync'd once, before any
+result is returned: the queue manager records a delivery only after it is durable. A
+result whose folder could not be synced is a transient failure (delivered again later: a
+possible duplicate, never a loss). Every successful result names its file in
+``stored``, so that a caller who cannot record it can take the copy back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Executor
+from pathlib import Path
+
+from ..body import to_lf
+from ..conversion import delivery_headers, local_delivery_bytes
+from ..model import DeliveryResult, Reply
+from ..store import MaildirStore, StoreError, sync
+from . import Destination, OutboundMessage, OutboundRecipient
+
+__all__ = ["LocalDeliveryAgent"]
+
+log = logging.getLogger("postroom.delivery")
+
+HOP = "local mailbox"
+
+
+def _sync_or_error(folder: Path) -> str | None:
+    try:
+        sync(folder)
+    except StoreError as exc:
+        log.warning("fsync of %s failed: %s", folder, exc)
+        return exc.reason
+    return None
+
+
+class LocalDeliveryAgent:
+    def __init__(self, store: MaildirStore, mailbox_exists: Callable[[str], bool],
+                 aliases: Mapping[str, tuple[str, ...]], executor: Executor,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.mailbox_exists = mailbox_exists
+        self.aliases = aliases                    # replaced on reload
+        self.executor = executor
+        self.clock = clock
+
+    async def deliver(self, dest: Destination, messages: Sequence[OutboundMessage]
+                      ) -> list[DeliveryResult]:
+        loop = asyncio.get_running_loop()
+        work = [(m, r) for m in messages for r in m.recipients]
+        results = list(await asyncio.gather(*(
+            loop.run_in_executor(self.executor, self._one, m, r) for m, r in work)))
+        # One fsync per Maildir folder for the whole batch, before anything is returned.
+        folders = {Path(r.stored).parent for r in results if r.stored}
+        failed = dict(zip(folders, await asyncio.gather(*(
+            loop.run_in_executor(self.executor, _sync_or_error, f) for f in folders)),
+            strict=True))
+        for i, res in enumerate(results):
+            if res.stored and failed[Path(res.stored).parent] is not None:
+                results[i] = DeliveryResult(
+                    res.recipient, False, True, Reply(451, "4.3.0", "Maildir delivery failed: "
+                                                      f"{failed[Path(res.stored).parent]}"),
+                    "local", hop=HOP)
+        return results
+
+    def _one(self, message: OutboundMessage, r: OutboundRecipient) -> DeliveryResult:
+        local, _, domain = r.address.rpartition("@")
+        if local != "postmaster" and not self.mailbox_exists(r.address) \
+                and r.address not in self.aliases:
+            return DeliveryResult(r.id, False, False, Reply(550, "5.1.1", f"Mailbox {r.address} "
+                                                            "no longer exists"), "local", hop=HOP)
+        body = message.data
+        try:
+            if body.path is None:      # the common case: one write
+                content: bytes | Iterator[bytes] = local_delivery_bytes(
+                    body.prefix, message.sender, r.address)
+            else:
+                content = to_lf(itertools.chain(
+                    (delivery_headers(message.sender, r.address),), body.chunks()))
+            path = self.store.deliver(local, domain, content, sync_dir=False)
+        except StoreError as exc:
+            log.warning("queue_id=%s to=<%s> Maildir delivery failed: %s", message.queue_id,
+                        r.address, exc)
+            reply = Reply(451, "4.3.0", f"Maildir delivery failed: {exc.reason}") \
+                if exc.transient else \
+                Reply(550, "5.2.0", f"Maildir delivery failed: {exc.reason}")
+            return DeliveryResult(r.id, False, exc.transient, reply, "local", hop=HOP)
+        return DeliveryResult(r.id, True, False, Reply(250, "2.0.0", "delivered to maildir as "
+                                                       f"{path.name}"), "local", hop=HOP,
+                              stored=str(path))

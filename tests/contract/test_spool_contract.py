@@ -1,0 +1,412 @@
+"""The spool's contract: every backend passes these, through the interface's verbs only.
+
+A new backend (PostgreSQL, next) is one module plus one entry in ``BACKENDS``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from postroom.spool import (
+    Claim,
+    Conversion,
+    Direction,
+    Filters,
+    IllegalMove,
+    NewMessage,
+    NewRecipient,
+    NoticeSent,
+    Spool,
+    SqliteSpool,
+    State,
+    Target,
+    Transition,
+    new_queue_id,
+    views,
+)
+from postroom.spool.memory import MemorySpool
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _sqlite(tmp: Path, clock: Clock) -> Spool:
+    return SqliteSpool(tmp / "spool.sqlite3", clock=clock)
+
+
+def _memory(tmp: Path, clock: Clock) -> Spool:
+    return MemorySpool(tmp / "bodies", clock)
+
+
+BACKENDS: dict[str, Callable[[Path, Clock], Spool]] = {"sqlite": _sqlite, "memory": _memory}
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def spool(request: pytest.FixtureRequest, tmp_path: Path, clock: Clock) -> Iterator[Spool]:
+    sp = BACKENDS[request.param](tmp_path, clock)
+    yield sp
+    sp.close()
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def msg(*rcpts: str, sender: str = "s@far.test", params: dict[str, str] | None = None,
+        data: bytes = b"Subject: t\r\n\r\nx\r\n", **kw: Any) -> NewMessage:
+    return NewMessage(new_queue_id(), sender, {}, {"peer": "127.0.0.1"}, data, tuple(
+        NewRecipient(a, Direction.INBOUND if a.endswith("@here.test") else Direction.OUTBOUND,
+                     dict(params or {})) for a in rcpts), **kw)
+
+
+def queues(spool: Spool) -> dict[str, int]:
+    return {q.name: q.recipients for q in spool.summary()}
+
+
+async def to_delivery(spool: Spool, now: float, destination: str = "") -> list[Claim]:
+    """Every recipient in conversion moves on to delivery."""
+    items = await spool.pending_conversion(100)
+    await spool.convert([Conversion(i.rid, State.DELIVERY, destination) for i in items], now)
+    return items
+
+
+async def claim_all(spool: Spool, direction: str, now: float, owner: str = "a") -> list[Claim]:
+    due = await spool.due(direction, now, 100, owner)
+    return await spool.claim([d.rid for d in due], now, owner, 600)
+
+
+def delivered(c: Claim) -> Transition:
+    return Transition(c, State.DELIVERED, "250 2.0.0 ok", {"status": "2.0.0", "step": "DATA"})
+
+
+# --- receiving and the four queues ----------------------------------------------------
+def test_enqueue_puts_each_recipient_in_conversion_of_its_direction(spool: Spool) -> None:
+    run(spool.enqueue(msg("a@here.test", "b@here.test", "c@far.test")))
+    assert queues(spool) == {"inbound-conversion": 2, "inbound-delivery": 0,
+                             "outbound-conversion": 1, "outbound-delivery": 0}
+    items = run(spool.pending_conversion(10))
+    assert [(i.address, i.direction) for i in items] == [
+        ("a@here.test", "inbound"), ("b@here.test", "inbound"), ("c@far.test", "outbound")]
+
+
+def test_enqueue_wakes_the_listeners(spool: Spool) -> None:
+    woken: list[int] = []
+    spool.on_commit(lambda: woken.append(1))
+    run(spool.enqueue(msg("a@here.test")))
+    assert woken == [1]
+
+
+# --- conversion -----------------------------------------------------------------------
+def test_conversion_moves_recipients_and_leaves_others_alone(spool: Spool, clock: Clock
+                                                             ) -> None:
+    run(spool.enqueue(msg("a@here.test", "c@far.test")))
+
+    async def main() -> None:
+        a, c = await spool.pending_conversion(10)
+        await spool.convert([Conversion(a.rid, State.DELIVERY),
+                             Conversion(c.rid, State.FAILED, last_reply="550 5.4.4 no route",
+                                        detail={"status": "5.4.4"}, notice="failure")], clock.now)
+        # a second decision for a recipient already converted changes nothing
+        await spool.convert([Conversion(a.rid, State.FAILED, last_reply="late")], clock.now)
+    run(main())
+    assert queues(spool)["inbound-delivery"] == 1
+    owed = run(spool.owed_notices(10))
+    assert [(n.address, n.kind, n.last_reply) for n in owed] == [
+        ("c@far.test", "failure", "550 5.4.4 no route")]
+
+
+def test_an_alias_expands_into_targets_and_a_present_target_gets_one_copy(
+        spool: Spool, clock: Clock) -> None:
+    run(spool.enqueue(msg("team@here.test", "a@here.test")))
+
+    async def main() -> None:
+        team, a = await spool.pending_conversion(10)
+        await spool.convert([
+            Conversion(a.rid, State.DELIVERY),
+            Conversion(team.rid, State.EXPANDED, last_reply="alias: a, b, x", targets=(
+                Target("a@here.test", Direction.INBOUND, {}, Conversion(0, State.DELIVERY)),
+                Target("b@here.test", Direction.INBOUND, {}, Conversion(0, State.DELIVERY)),
+                Target("x@far.test", Direction.OUTBOUND, {"ORCPT": "rfc822;team@here.test"},
+                       Conversion(0, State.DELIVERY, "0|far.test"))))], clock.now)
+    run(main())
+    rows = run(spool.recipients(Filters(), clock.now))
+    assert sorted((r.address, r.direction, r.state) for r in rows) == [
+        ("a@here.test", "inbound", "delivery"), ("b@here.test", "inbound", "delivery"),
+        ("x@far.test", "outbound", "delivery")]
+    x = next(r for r in rows if r.address == "x@far.test")
+    assert x.params == {"ORCPT": "rfc822;team@here.test"} and x.parent is not None
+    due = run(spool.due(Direction.OUTBOUND, clock.now, 10))
+    assert [d.destination for d in due] == ["0|far.test"]
+
+
+def test_a_recipient_moves_only_as_the_table_allows(spool: Spool, clock: Clock) -> None:
+    run(spool.enqueue(msg("a@here.test")))
+
+    async def main() -> None:
+        await to_delivery(spool, clock.now)
+        (c,) = await claim_all(spool, Direction.INBOUND, clock.now)
+        with pytest.raises(IllegalMove):
+            await spool.record([Transition(c, State.CONVERSION, "", {})], clock.now)
+    run(main())
+
+
+# --- claims, leases and fencing -------------------------------------------------------
+def test_a_claim_keeps_other_owners_off_until_its_lease_ends(spool: Spool, clock: Clock) -> None:
+    run(spool.enqueue(msg("a@here.test")))
+
+    async def main() -> None:
+        await to_delivery(spool, clock.now)
+        (c,) = await claim_all(spool, Direction.INBOUND, clock.now, "a")
+        assert c.token > 0 and c.address == "a@here.test" and c.sender == "s@far.test"
+        assert await spool.due(Direction.INBOUND, clock.now, 10, "b") == []
+        assert await spool.claim([c.rid], clock.now, "b", 600) == []
+        clock.now += 601                               # the lease ended: b takes over
+        (b,) = await claim_all(spool, Direction.INBOUND, clock.now, "b")
+        assert b.token > c.token
+        # a's late result is refused: a stale worker cannot overwrite b's
+        assert await spool.record([delivered(c)], clock.now) == [c.rid]
+        assert queues(spool)["inbound-delivery"] == 1
+        assert await spool.record([delivered(b)], clock.now) == []
+    run(main())
+    assert queues(spool)["inbound-delivery"] == 0
+
+
+def test_an_owner_may_claim_its_own_leased_work_again(spool: Spool, clock: Clock) -> None:
+    """A result that could not be recorded (a full disk) is tried again at once by its
+    owner, not after the lease; the old claim's token is then stale."""
+    run(spool.enqueue(msg("a@here.test")))
+
+    async def main() -> None:
+        await to_delivery(spool, clock.now)
+        (first,) = await claim_all(spool, Direction.INBOUND, clock.now, "a")
+        (again,) = await claim_all(spool, Direction.INBOUND, clock.now, "a")
+        assert again.token > first.token
+        assert await spool.record([delivered(first)], clock.now) == [first.rid]
+    run(main())
+
+
+def test_release_leases_frees_only_that_owners_claims(spool: Spool, clock: Clock) -> None:
+    run(spool.enqueue(msg("a@here.test", "b@here.test")))
+
+    async def main() -> None:
+        await to_delivery(spool, clock.now)
+        a, b = await spool.due(Direction.INBOUND, clock.now, 10)
+        await spool.claim([a.rid], clock.now, "node-1", 600)
+        await spool.claim([b.rid], clock.now, "node-2", 600)
+        await spool.release_leases("node-1")
+        assert [d.address for d in await spool.due(Direction.INBOUND, clock.now, 10, "x")] == [
+            "a@here.test"]
+    run(main())
+
+
+def test_a_deferral_waits_for_its_time_and_is_kept_in_the_attempt_log(
+        spool: Spool, clock: Clock) -> None:
+    m = msg("a@here.test")
+    run(spool.enqueue(m))
+
+    async def main() -> None:
+        await to_delivery(spool, clock.now)
+        (c,) = await claim_all(spool, Direction.INBOUND, clock.now)
+        await spool.record([Transition(c, State.DELIVERY, "451 4.3.0 try later",
+                                       {"status": "4.3.0", "step": "local"}, attempts=1,
+                                       next_attempt=clock.now + 60, warn=True,
+                                       log_attempt=True)], clock.now)
+        assert await spool.due(Direction.INBOUND, clock.now + 59, 10, "a") == []
+        (again,) = await spool.due(Direction.INBOUND, clock.now + 60, 10, "a")
+        assert again.attempts == 1
+        view = await spool.message(m.queue_id)
+        assert view is not None
+        assert [(a.reply, a.detail["status"]) for a in view.attempts] == [
+            ("451 4.3.0 try later", "4.3.0")]
+        assert [n.kind for n in await spool.owed_notices(10)] == ["delay"]
+    run(main())
+
+
+def test_a_destination_that_failed_as_a_whole_waits_with_its_reason(
+        spool: Spool, clock: Clock) -> None:
+    run(spool.enqueue(msg("a@far.test", "b@far.test", "c@other.test")))
+
+    async def main() -> None:
+        items = await spool.pending_conversion(10)
+        await spool.convert([Conversion(i.rid, State.DELIVERY, "0|" + i.address.split("@")[1])
+                             for i in items], clock.now)
+        a = (await spool.due(Direction.OUTBOUND, clock.now, 10))[0]
+        await spool.claim([a.rid], clock.now, "other", 600)      # in flight elsewhere
+        n = await spool.defer_destination("0|far.test", clock.now + 300, "451 4.4.1 refused",
+                                          '{"status": "4.4.1", "hop": "MX of far.test"}',
+                                          clock.now, "me")
+        assert n == 1
+        rows = await spool.recipients(Filters(), clock.now)
+        b = next(r for r in rows if r.address == "b@far.test")
+        assert b.next_attempt == clock.now + 300 and b.last_reply == "451 4.4.1 refused"
+        assert b.detail["hop"] == "MX of far.test"
+        c = next(r for r in rows if r.address == "c@other.test")
+        assert c.next_attempt == clock.now and c.last_reply == ""
+    run(main())
+
+
+# --- notices --------------------------------------------------------------------------
+def test_a_notice_is_sent_once_and_then_the_message_is_finished(spool: Spool, clock: Clock
+                                                               ) -> None:
+    m = msg("a@here.test")
+    run(spool.enqueue(m))
+
+    async def main() -> None:
+        (a,) = await spool.pending_conversion(10)
+        await spool.convert([Conversion(a.rid, State.FAILED, last_reply="550 5.1.1 gone",
+                                        notice="failure")], clock.now)
+        assert await spool.message(m.queue_id) is not None          # kept for its NDR
+        (owed,) = await spool.owed_notices(10)
+        report = NewMessage(new_queue_id(), "", {}, {"listener": "internal"}, b"report",
+                            (NewRecipient("s@far.test", Direction.OUTBOUND, {}),))
+        sent = NoticeSent(m.queue_id, "failure", (owed.rid,), report)
+        assert await spool.notices_sent([sent], clock.now) == [sent]
+        assert await spool.notices_sent([sent], clock.now) == []     # not twice
+        assert await spool.owed_notices(10) == []
+        assert await spool.message(m.queue_id) is None               # finished
+    run(main())
+    assert queues(spool)["outbound-conversion"] == 1                 # the report
+
+
+# --- views and actions ----------------------------------------------------------------
+def test_filters_select_the_same_recipients_on_every_backend(spool: Spool, clock: Clock
+                                                             ) -> None:
+    old = msg("a@here.test", "b@far.test", sender="")
+    run(spool.enqueue(old))
+    clock.now += 3600
+    new = msg("c@far.test", sender="Someone@Far.test")
+    run(spool.enqueue(new))
+
+    def sel(**kw: Any) -> list[str]:
+        return [r.address for r in run(spool.recipients(Filters(**kw), clock.now))]
+    assert sel() == ["a@here.test", "b@far.test", "c@far.test"]
+    assert sel(domain="FAR.test.") == ["b@far.test", "c@far.test"]
+    assert sel(sender="<>") == ["a@here.test", "b@far.test"]
+    assert sel(sender="someone@far.test") == ["c@far.test"]
+    assert sel(rcpt="A@here.test") == ["a@here.test"]
+    assert sel(older_than=1800) == ["a@here.test", "b@far.test"]
+    assert sel(queue="outbound-conversion") == ["b@far.test", "c@far.test"]
+    assert sel(ids=(new.queue_id,)) == ["c@far.test"]
+    assert sel(held=True) == []
+    with pytest.raises(ValueError):
+        sel(queue="nowhere")
+
+
+def test_hold_release_and_retry(spool: Spool, clock: Clock) -> None:
+    m = msg("a@here.test")
+    run(spool.enqueue(m))
+
+    async def main() -> None:
+        await to_delivery(spool, clock.now)
+        assert (await views.act(spool, "hold", Filters(ids=(m.queue_id,)), clock.now)
+                )["recipients"] == 1
+        assert await spool.due(Direction.INBOUND, clock.now, 10) == []
+        assert [q.held for q in spool.summary()] == [0, 1, 0, 0]
+        await views.act(spool, "release", Filters(ids=(m.queue_id,)), clock.now)
+        (c,) = await claim_all(spool, Direction.INBOUND, clock.now)
+        await spool.record([Transition(c, State.DELIVERY, "451 later", {}, attempts=1,
+                                       next_attempt=clock.now + 999)], clock.now)
+        assert await spool.due(Direction.INBOUND, clock.now, 10, "a") == []
+        await views.act(spool, "retry", Filters(ids=(m.queue_id,)), clock.now)
+        assert len(await spool.due(Direction.INBOUND, clock.now, 10, "a")) == 1
+    run(main())
+
+
+def test_delete_finishes_the_message_without_a_report(spool: Spool, clock: Clock) -> None:
+    m = msg("a@here.test")
+    run(spool.enqueue(m))
+    result = run(views.act(spool, "delete", Filters(ids=(m.queue_id,)), clock.now, "ops"))
+    assert result == {"action": "delete", "recipients": 1, "messages": 1,
+                      "finished": [(m.queue_id, "a@here.test", "inbound")]}
+    assert run(spool.message(m.queue_id)) is None
+    assert run(spool.owed_notices(10)) == []
+
+
+@pytest.mark.parametrize("sender, notify, owed", [
+    ("s@far.test", None, True),
+    ("s@far.test", "FAILURE,DELAY", True),
+    ("s@far.test", "NEVER", False),           # the bug: queue bounce ignored NOTIFY=NEVER
+    ("s@far.test", "SUCCESS", False),
+    ("", None, False),                        # never a report to the null sender
+])
+def test_bounce_owes_a_report_only_where_the_sender_wants_one(
+        spool: Spool, clock: Clock, sender: str, notify: str | None, owed: bool) -> None:
+    m = msg("a@here.test", sender=sender, params={"NOTIFY": notify} if notify else {})
+    run(spool.enqueue(m))
+    result = run(views.act(spool, "bounce", Filters(ids=(m.queue_id,)), clock.now, "ops"))
+    assert result["recipients"] == 1
+    notices = run(spool.owed_notices(10))
+    assert [(n.kind, n.last_reply) for n in notices] == (
+        [("failure", "554 5.3.0 returned to the sender by ops before delivery")]
+        if owed else [])
+    assert (run(spool.message(m.queue_id)) is None) == (not owed)
+
+
+def test_a_late_result_for_a_deleted_recipient_is_refused(spool: Spool, clock: Clock) -> None:
+    m = msg("a@here.test")
+    run(spool.enqueue(m))
+
+    async def main() -> None:
+        await to_delivery(spool, clock.now)
+        (c,) = await claim_all(spool, Direction.INBOUND, clock.now)
+        await views.act(spool, "delete", Filters(ids=(m.queue_id,)), clock.now)
+        assert await spool.record([delivered(c)], clock.now) == [c.rid]
+    run(main())
+
+
+def test_views_show_a_message_and_group_reasons(spool: Spool, clock: Clock) -> None:
+    m = msg("a@far.test", "b@far.test")
+    run(spool.enqueue(m))
+
+    async def main() -> None:
+        await to_delivery(spool, clock.now, "0|far.test")
+        claims = await claim_all(spool, Direction.OUTBOUND, clock.now)
+        await spool.record([Transition(c, State.DELIVERY, f"451 4.7.1 <{c.address}> later",
+                                       {"status": "4.7.1", "hop": "MX of far.test"},
+                                       attempts=1, next_attempt=clock.now + 60,
+                                       log_attempt=True) for c in claims], clock.now)
+        shown = await views.show(spool, m.queue_id)
+        assert [r["address"] for r in shown["recipients"]] == ["a@far.test", "b@far.test"]
+        assert shown["headers"].startswith("Subject: t")
+        assert [len(r["attempt_log"]) for r in shown["recipients"]] == [1, 1]
+        (group,) = await views.reasons(spool, clock.now)
+        assert group["recipients"] == 2 and group["reply"] == "451 4.7.1 … later"
+        listed = await views.list_queue(spool, "outbound-delivery", Filters(), clock.now)
+        assert [x["id"] for x in listed["messages"]] == [m.queue_id]
+        with pytest.raises(views.QueueError):
+            await views.show(spool, "nope")
+    run(main())
+
+
+def test_a_big_body_is_read_back_and_its_file_removed_after_the_message(
+        spool: Spool, clock: Clock) -> None:
+    spool.bodies.mkdir(parents=True, exist_ok=True)
+    (spool.bodies / "big1").write_bytes(b"y" * 5000)
+    m = msg("a@here.test", data=b"Received: x\r\n", body_file="big1", body_size=5000)
+    run(spool.enqueue(m))
+
+    async def main() -> None:
+        bodies = await spool.message_bodies([m.queue_id])
+        body, _ = bodies[m.queue_id]
+        assert body.size == len(b"Received: x\r\n") + 5000
+        await to_delivery(spool, clock.now)
+        (c,) = await claim_all(spool, Direction.INBOUND, clock.now)
+        await spool.record([delivered(c)], clock.now)
+        assert await spool.sweep_bodies() == 1
+    run(main())
+    assert not (spool.bodies / "big1").exists()

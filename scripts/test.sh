@@ -9,6 +9,8 @@ need_apt=()
 command -v swaks >/dev/null || need_apt+=(swaks)
 command -v smtp-source >/dev/null 2>&1 || [ -x /usr/sbin/smtp-source ] || need_apt+=(postfix)
 command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || need_apt+=(dnsmasq-base)
+# final delivery over LMTP is tested against Dovecot's LMTP server
+[ -x /usr/sbin/dovecot ] && [ -x /usr/lib/dovecot/lmtp ] || need_apt+=(dovecot-core dovecot-lmtpd)
 command -v ip >/dev/null || need_apt+=(iproute2)
 command -v unshare >/dev/null || need_apt+=(util-linux)
 # the web console's browser tests drive Debian's Chromium (Playwright never downloads one)
@@ -21,6 +23,8 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
   # Debian starts a system Postfix on port 25: the tests run their own instances.
   if command -v postfix >/dev/null; then $SUDO postfix stop >/dev/null 2>&1 || true; fi
+  # ...and a system Dovecot (IMAP, POP3, LMTP on /run/dovecot): the tests run their own.
+  if [ -x /usr/sbin/dovecot ]; then $SUDO /usr/sbin/dovecot stop >/dev/null 2>&1 || true; fi
 fi
 
 echo "== installing postroom with its test extras"

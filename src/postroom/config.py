@@ -400,7 +400,7 @@ def _routes(r: _Reader, raw: object, base_dir: Path) -> tuple[Route, ...]:
                                       "\"lmtp\""))
         host, port = "", 25
         host_raw = r.get(t, key, "host", str, "")
-        sock = _socket_path(r, t, key, via, base_dir)
+        sock = _socket_path(r, key, r.get(t, key, "path", str, None), via, base_dir)
         if via == "smarthost" or (via == "lmtp" and not sock):
             if not host_raw:
                 r.problems.append(Problem(key + "host", "a smarthost route needs host = "
@@ -458,19 +458,13 @@ def _routes(r: _Reader, raw: object, base_dir: Path) -> tuple[Route, ...]:
 _MAX_SOCKET_PATH = 107
 
 
-def _socket_path(r: _Reader, t: dict[str, Any], key: str, via: str, base_dir: Path) -> str:
-    """An lmtp route's ``path``: the Unix socket, relative to the config file's folder."""
-    if "path" not in t:
-        return ""
-    raw = r.get(t, key, "path", str, None)
-    if raw is None:                       # not a string: already a problem
+def _socket_path(r: _Reader, key: str, raw: str | None, via: str, base_dir: Path) -> str:
+    """An lmtp route's ``path``: the Unix socket, relative to the config file's folder.
+    None or "": no path (None also when it is not a string: already a problem)."""
+    if not raw:
         return ""
     if via != "lmtp":
         r.problems.append(Problem(key + "path", "only lmtp routes take a path (a Unix socket)"))
-        return ""
-    if not raw:
-        r.problems.append(Problem(key + "path", "must be the Unix socket of the LMTP server, "
-                                  "such as \"/run/dovecot/lmtp\""))
         return ""
     path = str(Path(raw) if Path(raw).is_absolute() else base_dir / raw)
     if "\0" in path or len(os.fsencode(path)) > _MAX_SOCKET_PATH:

@@ -188,8 +188,8 @@ def _spool_counts(sp: ServerProcess) -> tuple[int, int]:
             conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2)
             try:
                 queued, leased = conn.execute(
-                    "SELECT COUNT(*), COALESCE(SUM(lease_until > 0), 0) FROM recipients "
-                    "WHERE state IN ('conversion', 'delivery')").fetchone()
+                    "SELECT COUNT(*), COALESCE(SUM(lease_until > 0 AND direction = 'outbound'), 0) "
+                    "FROM recipients WHERE state IN ('conversion', 'delivery')").fetchone()
             finally:
                 conn.close()
             return int(queued), int(leased)

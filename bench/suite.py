@@ -427,7 +427,7 @@ def w4(n: int) -> Workload:
             queued = sum(q["messages"] for q in json.loads(out.stdout)["queues"])
             run = Run("Postroom", n, statistics.median(times), cpu, own,
                       rss_mb=m.peak_rss, pss_mb=m.peak_pss)
-            run.extra.update(fill="spool.insert_message, server stopped", fill_s=fill,
+            run.extra.update(fill="SqliteSpool.enqueue_sync, server stopped", fill_s=fill,
                              settle_s=settle, settled=settled, queued=queued,
                              first_s=times[0], max_s=max(times), rss_settled=rss_settled,
                              counts=postroom_counts(spool))
@@ -482,7 +482,7 @@ def w4(n: int) -> Workload:
         ["Both next hops are a closed loopback port (as W3). Postfix is filled over SMTP "
          "(smtp-source, 50 sessions, several messages per connection); the fill ends when "
          "every message is in `deferred/`. Postroom is filled directly: a separate process "
-         f"inserts {n:,} messages of {SIZE} bytes with `postroom.spool.insert_message` "
+         f"inserts {n:,} messages of {SIZE} bytes with `SqliteSpool.enqueue_sync` "
          "(1,000 per transaction) while the server is stopped, because that is much faster "
          "than SMTP; then the server starts, converts them, tries the closed next hop and "
          "defers them all with the destination. 'settle s' is that time.",
@@ -977,7 +977,7 @@ def client(argv: list[str]) -> int:
 
 # --- helper mode: fill a stopped Postroom's spool ------------------------------------
 def fill(argv: list[str]) -> int:
-    from postroom.spool import NewMessage, NewRecipient, SqliteSpool, insert_message, new_queue_id
+    from postroom.spool import NewMessage, NewRecipient, SqliteSpool, new_queue_id
 
     path, n, size = Path(argv[0]), int(argv[1]), int(argv[2])
     data = (b"Received: from client.bench ([127.0.0.1]) by postroom.bench with ESMTP\r\n"
@@ -987,15 +987,9 @@ def fill(argv: list[str]) -> int:
     spool = SqliteSpool(path)
     try:
         for start in range(0, n, 1000):
-            now = time.time()
-            batch = [NewMessage(new_queue_id(), "sender@example.org", {}, client_info, data,
-                                (NewRecipient("rcpt@far.test", "outbound", {}),))
-                     for _ in range(min(1000, n - start))]
-
-            def job(conn: Any, batch: list[NewMessage] = batch, now: float = now) -> None:
-                for m in batch:
-                    insert_message(conn, m, now)
-            spool.run_sync(job)
+            spool.enqueue_sync([NewMessage(new_queue_id(), "sender@example.org", {}, client_info,
+                                           data, (NewRecipient("rcpt@far.test", "outbound", {}),))
+                                for _ in range(min(1000, n - start))])
     finally:
         spool.close()
     return 0

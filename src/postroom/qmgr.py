@@ -368,7 +368,7 @@ class QueueManager:
         due = await self.spool.due(Direction.INBOUND, now, self.BATCH, self.owner)
         if not due:
             return 0
-        claims = await self.spool.claim([d.rid for d in due], now, self.owner, self.LOCAL_LEASE)
+        claims = await self.spool.claim(due, now, self.owner, self.LOCAL_LEASE)
         groups: dict[str, tuple[Destination, list[Claim]]] = {}
         for c in claims:
             dest = self._local_destination(c)
@@ -502,7 +502,7 @@ class QueueManager:
         if not chosen and not unroutable:
             return 0
         # Claimed before starting: a delivery that finishes at once must find its claim.
-        wanted = [c.rid for c in unroutable] + [c.rid for _, cs in chosen for c in cs]
+        wanted = unroutable + [c for _, cs in chosen for c in cs]
         claimed = {c.rid: c for c in await self.spool.claim(wanted, now, self.owner, self.LEASE)}
         if unroutable:
             await self._record([(claimed[d.rid], DeliveryResult(

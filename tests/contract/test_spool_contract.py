@@ -87,7 +87,7 @@ async def to_delivery(spool: Spool, now: float, destination: str = "") -> list[C
 
 async def claim_all(spool: Spool, direction: str, now: float, owner: str = "a") -> list[Claim]:
     due = await spool.due(direction, now, 100, owner)
-    return await spool.claim([d.rid for d in due], now, owner, 600)
+    return await spool.claim(due, now, owner, 600)
 
 
 def delivered(c: Claim) -> Transition:
@@ -174,7 +174,7 @@ def test_a_claim_keeps_other_owners_off_until_its_lease_ends(spool: Spool, clock
         (c,) = await claim_all(spool, Direction.INBOUND, clock.now, "a")
         assert c.token > 0 and c.address == "a@here.test" and c.sender == "s@far.test"
         assert await spool.due(Direction.INBOUND, clock.now, 10, "b") == []
-        assert await spool.claim([c.rid], clock.now, "b", 600) == []
+        assert await spool.claim([c], clock.now, "b", 600) == []
         clock.now += 601                               # the lease ended: b takes over
         (b,) = await claim_all(spool, Direction.INBOUND, clock.now, "b")
         assert b.token > c.token
@@ -206,8 +206,8 @@ def test_release_leases_frees_only_that_owners_claims(spool: Spool, clock: Clock
     async def main() -> None:
         await to_delivery(spool, clock.now)
         a, b = await spool.due(Direction.INBOUND, clock.now, 10)
-        await spool.claim([a.rid], clock.now, "node-1", 600)
-        await spool.claim([b.rid], clock.now, "node-2", 600)
+        await spool.claim([a], clock.now, "node-1", 600)
+        await spool.claim([b], clock.now, "node-2", 600)
         await spool.release_leases("node-1")
         assert [d.address for d in await spool.due(Direction.INBOUND, clock.now, 10, "x")] == [
             "a@here.test"]
@@ -246,7 +246,7 @@ def test_a_destination_that_failed_as_a_whole_waits_with_its_reason(
         await spool.convert([Conversion(i.rid, State.DELIVERY, "0|" + i.address.split("@")[1])
                              for i in items], clock.now)
         a = (await spool.due(Direction.OUTBOUND, clock.now, 10))[0]
-        await spool.claim([a.rid], clock.now, "other", 600)      # in flight elsewhere
+        await spool.claim([a], clock.now, "other", 600)          # in flight elsewhere
         n = await spool.defer_destination("0|far.test", clock.now + 300, "451 4.4.1 refused",
                                           '{"status": "4.4.1", "hop": "MX of far.test"}',
                                           clock.now, "me")

@@ -59,10 +59,11 @@ class Spool(Protocol):
         soonest first."""
         ...
 
-    async def claim(self, rids: Iterable[int], now: float, owner: str, lease: float
+    async def claim(self, due: Sequence[Claim], now: float, owner: str, lease: float
                     ) -> list[Claim]:
-        """Lease those of ``rids`` that are still due, and not leased to another owner,
-        to ``owner`` until ``now + lease``; each claim gets a new fencing token.
+        """Lease those of ``due`` (as :meth:`due` found them) that are still due, and
+        not leased to another owner, to ``owner`` until ``now + lease``; each claim gets
+        a new fencing token.
 
         A lease keeps other owners (nodes) off; an owner's own claims are its to renew
         (it knows what it has in flight), so a result it could not record is tried again

@@ -183,11 +183,11 @@ class MemorySpool:
                       key=lambda r: (r.next_attempt, r.id))
         return [self._claim_of(r) for r in rows[:limit]]
 
-    async def claim(self, rids: Iterable[int], now: float, owner: str, lease: float
+    async def claim(self, due: Sequence[Claim], now: float, owner: str, lease: float
                     ) -> list[Claim]:
         out = []
-        for rid in rids:
-            r = self._rcpts.get(rid)
+        for c in due:
+            r = self._rcpts.get(c.rid)
             if r is None or not self._is_due(r, now, owner):
                 continue
             r.lease_until, r.lease_owner, r.claim = now + lease, owner, r.claim + 1

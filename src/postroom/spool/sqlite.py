@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -393,26 +393,24 @@ class SqliteSpool:
                           direction=r[8]) for r in rows]
         return await self._read(q)
 
-    async def claim(self, rids: Iterable[int], now: float, owner: str, lease: float
+    async def claim(self, due: Sequence[Claim], now: float, owner: str, lease: float
                     ) -> list[Claim]:
-        ids = list(rids)
+        wanted = {c.rid: c for c in due}
+        ids = list(wanted)
 
         def job(conn: sqlite3.Connection) -> list[Claim]:
             out = []
-            for rid in ids:
-                row = conn.execute(
-                    "UPDATE recipients SET lease_until = ?, lease_owner = ?, claim = claim + 1 "
-                    "WHERE id = ? AND state = 'delivery' AND held = 0 AND next_attempt <= ? "
-                    "AND (lease_until <= ? OR lease_owner = ?) RETURNING id, message, address, "
-                    "attempts, params, destination, direction, claim",
-                    (now + lease, owner, rid, now, now, owner)
-                ).fetchone()
-                if row is None:
-                    continue
-                sender, received = conn.execute(
-                    "SELECT sender, received FROM messages WHERE id = ?", (row[1],)).fetchone()
-                out.append(Claim(row[0], row[1], row[2], sender, row[3], received,
-                                 json.loads(row[4]), row[5], row[7], row[6]))
+            for i in range(0, len(ids), 500):
+                chunk = ids[i:i + 500]
+                out += [replace(wanted[rid], token=token, attempts=attempts,
+                                destination=destination)
+                        for rid, token, attempts, destination in conn.execute(
+                            "UPDATE recipients SET lease_until = ?, lease_owner = ?, "
+                            "claim = claim + 1 WHERE id IN "
+                            f"({','.join('?' * len(chunk))}) AND state = 'delivery' AND held = 0 "
+                            "AND next_attempt <= ? AND (lease_until <= ? OR lease_owner = ?) "
+                            "RETURNING id, claim, attempts, destination",
+                            (now + lease, owner, *chunk, now, now, owner)).fetchall()]
             return out
         return await self._write(job) if ids else []
 

@@ -1,7 +1,7 @@
-"""The configuration: one TOML file turned into validated, frozen dataclasses.
+"""Reading the configuration: one TOML file turned into validated, frozen dataclasses.
 
-Config flows one way: file → :func:`load` → :class:`Config` → constructors. No other
-module reads the file or the environment. Every error names the file and the key.
+Config flows one way: file → :func:`load` → :class:`~.schema.Config` → constructors. No
+other module reads the file or the environment. Every error names the file and the key.
 """
 
 from __future__ import annotations
@@ -12,39 +12,41 @@ import re
 import secrets
 import socket
 import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .address import AddressError, parse_path
+from ..address import AddressError, parse_path
+from .schema import (
+    DEFAULT_ROUTES,
+    DELIVERY_KEYS,
+    LOG_CATEGORIES,
+    LOG_LEVELS,
+    LOGGING_KEYS,
+    ROUTE_KEYS,
+    SMTP_KEYS,
+    TOP_KEYS,
+    AdminConfig,
+    Config,
+    DeliveryConfig,
+    LoggingConfig,
+    Network,
+    Problem,
+    Route,
+    SmtpConfig,
+    TlsConfig,
+)
 
 __all__ = [
-    "AdminConfig",
-    "Config",
-    "LoggingConfig",
-    "ensure_token",
     "ConfigError",
-    "DeliveryConfig",
     "Problem",
-    "SmtpConfig",
-    "TlsConfig",
-    "default_config_text",
+    "default_hostname",
+    "ensure_token",
     "load",
     "parse_config",
     "parse_duration",
     "parse_endpoint",
+    "parse_text",
 ]
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-@dataclass(frozen=True)
-class Problem:
-    key: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.key}: {self.message}"
 
 
 class ConfigError(Exception):
@@ -55,151 +57,6 @@ class ConfigError(Exception):
         self.problems = problems
         lines = "\n".join(f"  {p}" for p in problems)
         super().__init__(f"{source}: invalid configuration\n{lines}")
-
-
-@dataclass(frozen=True)
-class SmtpConfig:
-    listen: tuple[tuple[str, int], ...] = (("127.0.0.1", 2525),)
-    submission: tuple[tuple[str, int], ...] = (("127.0.0.1", 2587),)
-    submissions: tuple[tuple[str, int], ...] = ()
-    max_message_size: int = 26214400
-    max_recipients: int = 100
-    command_timeout: float = 300.0
-    data_timeout: float = 600.0
-    max_connections: int = 1000
-    max_connections_per_peer: int = 50
-    max_errors: int = 10
-    auth_on_mx: bool = False
-    auth_failure_limit: int = 5
-    auth_failure_window: float = 600.0
-    processes: int = 1
-    # free space the data directory must keep for MAIL to be accepted (452 4.3.1 below
-    # it); None: 1.5 × max_message_size, Postfix's rule
-    min_free_space: int | None = None
-
-    @property
-    def free_space_needed(self) -> int:
-        if self.min_free_space is not None:
-            return self.min_free_space
-        return self.max_message_size * 3 // 2
-
-
-@dataclass(frozen=True)
-class TlsConfig:
-    cert_file: Path | None = None
-    key_file: Path | None = None
-
-
-@dataclass(frozen=True)
-class DeliveryConfig:
-    retry: tuple[float, ...] = (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0)
-    mx_port: int = 25
-    max_queue_lifetime: float = 5 * 86400.0
-    delay_warning: float = 4 * 3600.0
-    max_connections: int = 100
-    max_connections_per_destination: int = 10
-    connect_timeout: float = 30.0
-    command_timeout: float = 300.0
-    max_return_size: int = 1_000_000
-
-
-@dataclass(frozen=True)
-class Route:
-    """One address space: a domain pattern and how mail for it leaves.
-
-    ``match`` is ``*``, an exact domain, or ``*.domain`` (its subdomains only).
-    """
-
-    match: str
-    via: str = "mx"                       # "mx" | "smarthost" | "lmtp"
-    host: str = ""                        # smarthost, lmtp: a name or an IP address
-    port: int = 25                        # lmtp: 24 unless host says otherwise
-    tls: str = "opportunistic"            # "none" | "opportunistic" | "required"; lmtp: "none"
-    tls_verify: bool = True               # with tls = "required": verify the certificate
-    username: str = ""
-    password: str = field(default="", repr=False)
-    cost: int = 1
-    index: int = 0                        # position in the config, for messages
-    path: str = ""                        # lmtp: a Unix socket instead of host
-
-    def describe(self) -> str:
-        if self.via == "smarthost":
-            return f"smart host {self.next_hop} (route {self.match})"
-        if self.via == "lmtp":
-            return f"LMTP {self.next_hop} (route {self.match})"
-        return f"MX lookup (route {self.match})"
-
-    @property
-    def next_hop(self) -> str:
-        if self.path:
-            return f"unix:{self.path}"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-
-DEFAULT_ROUTES = (Route("*", "mx"),)
-
-
-@dataclass(frozen=True)
-class LoggingConfig:
-    levels: dict[str, str] = field(default_factory=dict)   # category -> level name
-    retention: int = 5            # rotated files kept of each log
-    archive_days: int = 7         # message_archival copies kept this many days
-
-
-@dataclass(frozen=True)
-class AdminConfig:
-    listen: tuple[str, int] | None = ("127.0.0.1", 8025)   # None: no admin API
-
-
-@dataclass(frozen=True)
-class Config:
-    hostname: str
-    data_dir: Path
-    smtp: SmtpConfig = field(default_factory=SmtpConfig)
-    tls: TlsConfig = field(default_factory=TlsConfig)
-    local_domains: tuple[str, ...] = ("localhost",)
-    trusted_networks: tuple[Network, ...] = (
-        ipaddress.ip_network("127.0.0.1/32"),
-        ipaddress.ip_network("::1/128"),
-    )
-    aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
-    routes: tuple[Route, ...] = DEFAULT_ROUTES
-    nameservers: tuple[str, ...] = ()
-    admin: AdminConfig = field(default_factory=AdminConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    source: str = "<defaults>"
-
-    @property
-    def token_path(self) -> Path:
-        return self.data_dir / "admin.token"
-
-    @property
-    def spool_path(self) -> Path:
-        return self.data_dir / "spool.sqlite3"
-
-    @property
-    def users_path(self) -> Path:
-        return self.data_dir / "users.sqlite3"
-
-    @property
-    def mail_dir(self) -> Path:
-        return self.data_dir / "mail"
-
-    def warnings(self) -> list[Problem]:
-        """Things that are valid but dangerous: an open relay, a missing postmaster."""
-        found = []
-        for net in self.trusted_networks:
-            if net.prefixlen == 0 or (not net.is_private and not net.is_loopback and (
-                (net.version == 4 and net.prefixlen < 16) or (net.version == 6 and net.prefixlen < 32)
-            )):
-                found.append(Problem(
-                    "relay.trusted_networks",
-                    f"OPEN RELAY: {net} lets a large part of the Internet relay through this "
-                    "server without authentication; list only your own networks",
-                ))
-        return found
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
@@ -486,24 +343,7 @@ def _domain(value: object) -> str:
     return addr.domain
 
 
-TOP_KEYS = {"hostname", "data_dir", "smtp", "tls", "domains", "relay", "aliases", "delivery",
-            "route", "dns", "admin", "logging"}
-LOG_CATEGORIES = ("initialization", "addressing", "message_transfer", "smtp_interface",
-                  "internal_processing", "smtp_protocol", "message_archival")
-LOG_LEVELS = ("none", "minimum", "medium", "maximum")
-LOGGING_KEYS = {*LOG_CATEGORIES, "retention", "archive_days"}
-DELIVERY_KEYS = {"retry", "mx_port", "max_queue_lifetime", "delay_warning", "max_connections",
-                 "max_connections_per_destination", "connect_timeout", "command_timeout",
-                 "max_return_size"}
-ROUTE_KEYS = {"match", "via", "host", "path", "tls", "tls_verify", "username", "password_file",
-              "cost"}
 _PATTERN = re.compile(r"(?:\*|(?:\*\.)?[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?)\Z")
-SMTP_KEYS = {
-    "listen", "submission", "submissions", "max_message_size", "max_recipients",
-    "command_timeout", "data_timeout", "max_connections", "max_connections_per_peer",
-    "max_errors", "auth_on_mx", "auth_failure_limit", "auth_failure_window", "processes",
-    "min_free_space",
-}
 
 
 def parse_config(raw: dict[str, Any], base_dir: Path, source: str) -> Config:
@@ -691,140 +531,3 @@ def ensure_token(path: Path) -> str:
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
     return token
-
-
-
-def default_config_text(hostname: str, domains: list[str]) -> str:
-    """The commented config that the first ``postroom serve`` writes."""
-    local = ", ".join(f'"{d}"' for d in domains)
-    first = domains[-1]
-    return f'''# Postroom configuration. Every key is shown with its default; see
-# docs/configuration.md for the full reference. Check changes with: postroom check
-
-# The name this server uses in its greeting, in HELO/EHLO and in Received headers.
-# Default: the machine's name (no DNS lookup).
-hostname = "{hostname}"
-
-# Where the spool, the mailboxes, the users and the TLS certificate live.
-# Relative paths are relative to this file.
-data_dir = "postroom-data"
-
-[smtp]
-# The MX service: mail from the Internet to your domains (port 25 in production).
-listen = ["127.0.0.1:2525"]
-# Submission (port 587 in production): STARTTLS, then AUTH; relays for your users.
-submission = ["127.0.0.1:2587"]
-# Submission over implicit TLS (port 465 in production). Empty: off.
-submissions = []
-# The largest message accepted, in octets (advertised with SIZE).
-max_message_size = 26214400
-# The most recipients in one transaction; more get "452 4.5.3".
-max_recipients = 100
-# How long to wait for a client's next command, and for more message data.
-command_timeout = "5m"
-data_timeout = "10m"
-# Caps on simultaneous connections, in total and from one address ("421 4.7.0").
-max_connections = 1000
-max_connections_per_peer = 50
-# Errors in one session before the server says "421" and hangs up.
-max_errors = 10
-# SMTP front-end processes sharing the listeners (the main one included). More than
-# one uses more cores; connection caps and AUTH throttling then count per process.
-processes = 1
-# Offer AUTH on the MX listener too (always only after STARTTLS).
-auth_on_mx = false
-# Failed AUTH attempts from one address within the window before AUTH is refused.
-auth_failure_limit = 5
-auth_failure_window = "10m"
-# Free space (bytes) the data directory keeps: below it, MAIL gets "452 4.3.1" so that
-# queued mail can still be delivered and recorded. Default: 1.5 × max_message_size.
-# min_free_space = 39321600
-
-[tls]
-# PEM files. Empty: a self-signed certificate is made in data_dir on first start.
-cert_file = ""
-key_file = ""
-
-[domains]
-# Mail to these domains is delivered to local mailboxes (postroom users add ...).
-local = [{local}]
-
-[relay]
-# Clients in these networks may send mail to any domain without AUTH.
-# Everyone else gets "550 5.7.1 Relaying mail to <address> is not allowed".
-# Never put 0.0.0.0/0 or ::/0 here: that makes an open relay.
-trusted_networks = ["127.0.0.1/32", "::1/128"]
-
-[aliases]
-# "address" = ["target", ...]. Targets may be local mailboxes or remote addresses.
-# "postmaster@{first}" = ["alice@{first}"]
-
-# Address spaces: where mail for other domains goes. The most specific match wins
-# (exact domain, then the longest "*.domain", then "*"); on a tie the lowest cost, and
-# equal costs share the load. Without any [[route]], "*" goes by MX lookup.
-[[route]]
-match = "*"
-via = "mx"
-
-# A smart host for one partner (uncomment and adapt):
-# [[route]]
-# match = "partner.example"         # or "*.partner.example" for its subdomains
-# via = "smarthost"
-# host = "smtp.partner.example:587" # name or IP, optional :port (default 25)
-# tls = "required"                  # none | opportunistic | required
-# tls_verify = true                 # with required: check the certificate
-# username = "relayuser"            # AUTH to the smart host (only over TLS)
-# password_file = "secrets/partner" # the password, alone in a file (mode 0600)
-# cost = 1
-
-# Final delivery for a local domain by LMTP, to a mail store such as Dovecot or Cyrus,
-# instead of into data_dir's Maildirs (uncomment and adapt):
-# [[route]]
-# match = "example.org"             # a local domain ("*" for all of them)
-# via = "lmtp"
-# host = "127.0.0.1:24"             # name or IP, optional :port (default 24); or instead
-# path = "/run/dovecot/lmtp"        # the LMTP server's Unix socket
-
-[dns]
-# DNS servers for MX lookups, as "address:port". Empty: the system resolver.
-nameservers = []
-
-[delivery]
-# Retry intervals after a failed delivery attempt; the last one repeats.
-retry = ["1m", "5m", "15m", "30m", "1h", "2h", "4h"]
-# After this long in the queue, a message that still fails is returned (NDR).
-max_queue_lifetime = "5d"
-# Tell the sender once when a message has waited this long ("Action: delayed").
-delay_warning = "4h"
-# The port of remote MX hosts (25 on the Internet; tests point it elsewhere).
-mx_port = 25
-# Outbound connections in total, and to one destination (domain or smart host).
-max_connections = 100
-max_connections_per_destination = 10
-# Timeouts for outbound connections and for each command's reply.
-connect_timeout = "30s"
-command_timeout = "5m"
-# NDRs return the whole original message up to this size (else its headers).
-max_return_size = 1000000
-
-[logging]
-# Diagnostic logging: how much each category records in the event log
-# (postroom events) and in logs/events.jsonl: none | minimum | medium | maximum.
-# Change them at run time with: postroom logging set CATEGORY|all LEVEL
-initialization = "minimum"
-addressing = "minimum"
-message_transfer = "minimum"
-smtp_interface = "minimum"
-internal_processing = "minimum"
-smtp_protocol = "minimum"        # maximum: whole conversations in logs/protocol.jsonl
-message_archival = "minimum"     # maximum: a copy of every message in data_dir/archive
-# Rotated files kept of each log, and days archived copies are kept.
-retention = 5
-archive_days = 7
-
-[admin]
-# The admin API (JSON over HTTP, and /metrics) that the postroom commands use. It asks
-# for the token in data_dir/admin.token (mode 0600, made on first start).
-# Keep it on loopback. Empty: no admin API (status, queue and the others then fail).
-listen = "127.0.0.1:8025"
-'''

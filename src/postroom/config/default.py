@@ -1,0 +1,141 @@
+"""The commented config file that the first ``postroom serve`` writes."""
+
+from __future__ import annotations
+
+__all__ = ["default_config_text"]
+
+
+def default_config_text(hostname: str, domains: list[str]) -> str:
+    """The commented config that the first ``postroom serve`` writes."""
+    local = ", ".join(f'"{d}"' for d in domains)
+    first = domains[-1]
+    return f'''# Postroom configuration. Every key is shown with its default; see
+# docs/configuration.md for the full reference. Check changes with: postroom check
+
+# The name this server uses in its greeting, in HELO/EHLO and in Received headers.
+# Default: the machine's name (no DNS lookup).
+hostname = "{hostname}"
+
+# Where the spool, the mailboxes, the users and the TLS certificate live.
+# Relative paths are relative to this file.
+data_dir = "postroom-data"
+
+[smtp]
+# The MX service: mail from the Internet to your domains (port 25 in production).
+listen = ["127.0.0.1:2525"]
+# Submission (port 587 in production): STARTTLS, then AUTH; relays for your users.
+submission = ["127.0.0.1:2587"]
+# Submission over implicit TLS (port 465 in production). Empty: off.
+submissions = []
+# The largest message accepted, in octets (advertised with SIZE).
+max_message_size = 26214400
+# The most recipients in one transaction; more get "452 4.5.3".
+max_recipients = 100
+# How long to wait for a client's next command, and for more message data.
+command_timeout = "5m"
+data_timeout = "10m"
+# Caps on simultaneous connections, in total and from one address ("421 4.7.0").
+max_connections = 1000
+max_connections_per_peer = 50
+# Errors in one session before the server says "421" and hangs up.
+max_errors = 10
+# SMTP front-end processes sharing the listeners (the main one included). More than
+# one uses more cores; connection caps and AUTH throttling then count per process.
+processes = 1
+# Offer AUTH on the MX listener too (always only after STARTTLS).
+auth_on_mx = false
+# Failed AUTH attempts from one address within the window before AUTH is refused.
+auth_failure_limit = 5
+auth_failure_window = "10m"
+# Free space (bytes) the data directory keeps: below it, MAIL gets "452 4.3.1" so that
+# queued mail can still be delivered and recorded. Default: 1.5 × max_message_size.
+# min_free_space = 39321600
+
+[tls]
+# PEM files. Empty: a self-signed certificate is made in data_dir on first start.
+cert_file = ""
+key_file = ""
+
+[domains]
+# Mail to these domains is delivered to local mailboxes (postroom users add ...).
+local = [{local}]
+
+[relay]
+# Clients in these networks may send mail to any domain without AUTH.
+# Everyone else gets "550 5.7.1 Relaying mail to <address> is not allowed".
+# Never put 0.0.0.0/0 or ::/0 here: that makes an open relay.
+trusted_networks = ["127.0.0.1/32", "::1/128"]
+
+[aliases]
+# "address" = ["target", ...]. Targets may be local mailboxes or remote addresses.
+# "postmaster@{first}" = ["alice@{first}"]
+
+# Address spaces: where mail for other domains goes. The most specific match wins
+# (exact domain, then the longest "*.domain", then "*"); on a tie the lowest cost, and
+# equal costs share the load. Without any [[route]], "*" goes by MX lookup.
+[[route]]
+match = "*"
+via = "mx"
+
+# A smart host for one partner (uncomment and adapt):
+# [[route]]
+# match = "partner.example"         # or "*.partner.example" for its subdomains
+# via = "smarthost"
+# host = "smtp.partner.example:587" # name or IP, optional :port (default 25)
+# tls = "required"                  # none | opportunistic | required
+# tls_verify = true                 # with required: check the certificate
+# username = "relayuser"            # AUTH to the smart host (only over TLS)
+# password_file = "secrets/partner" # the password, alone in a file (mode 0600)
+# cost = 1
+
+# Final delivery for a local domain by LMTP, to a mail store such as Dovecot or Cyrus,
+# instead of into data_dir's Maildirs (uncomment and adapt):
+# [[route]]
+# match = "example.org"             # a local domain ("*" for all of them)
+# via = "lmtp"
+# host = "127.0.0.1:24"             # name or IP, optional :port (default 24); or instead
+# path = "/run/dovecot/lmtp"        # the LMTP server's Unix socket
+
+[dns]
+# DNS servers for MX lookups, as "address:port". Empty: the system resolver.
+nameservers = []
+
+[delivery]
+# Retry intervals after a failed delivery attempt; the last one repeats.
+retry = ["1m", "5m", "15m", "30m", "1h", "2h", "4h"]
+# After this long in the queue, a message that still fails is returned (NDR).
+max_queue_lifetime = "5d"
+# Tell the sender once when a message has waited this long ("Action: delayed").
+delay_warning = "4h"
+# The port of remote MX hosts (25 on the Internet; tests point it elsewhere).
+mx_port = 25
+# Outbound connections in total, and to one destination (domain or smart host).
+max_connections = 100
+max_connections_per_destination = 10
+# Timeouts for outbound connections and for each command's reply.
+connect_timeout = "30s"
+command_timeout = "5m"
+# NDRs return the whole original message up to this size (else its headers).
+max_return_size = 1000000
+
+[logging]
+# Diagnostic logging: how much each category records in the event log
+# (postroom events) and in logs/events.jsonl: none | minimum | medium | maximum.
+# Change them at run time with: postroom logging set CATEGORY|all LEVEL
+initialization = "minimum"
+addressing = "minimum"
+message_transfer = "minimum"
+smtp_interface = "minimum"
+internal_processing = "minimum"
+smtp_protocol = "minimum"        # maximum: whole conversations in logs/protocol.jsonl
+message_archival = "minimum"     # maximum: a copy of every message in data_dir/archive
+# Rotated files kept of each log, and days archived copies are kept.
+retention = 5
+archive_days = 7
+
+[admin]
+# The admin API (JSON over HTTP, and /metrics) that the postroom commands use. It asks
+# for the token in data_dir/admin.token (mode 0600, made on first start).
+# Keep it on loopback. Empty: no admin API (status, queue and the others then fail).
+listen = "127.0.0.1:8025"
+'''

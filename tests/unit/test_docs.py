@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 REPLIES_MD = ROOT / "docs" / "replies.md"
 CONFIG_MD = ROOT / "docs" / "configuration.md"
 DELIVERY_MD = ROOT / "docs" / "delivery.md"
-CONFIG_PY = ROOT / "src" / "postroom" / "config.py"
+CONFIG_PY = ROOT / "src" / "postroom" / "config" / "parser.py"
 GOLDEN_NDR = ROOT / "tests" / "golden" / "ndr"
 
 NO_ENHANCED = "—"

@@ -436,13 +436,16 @@ def _print_explain(e: dict[str, Any]) -> None:
                               for h in hop["mx"])
             why = hop["error"]["text"] if hop["error"] else "null MX" if hop["null_mx"] else "-"
             print(f"Next hop: MX of {hop['domain']}: {hosts or why}")
+        elif hop["kind"] == "lmtp":
+            print(f"Next hop: {hop['store']}")
         elif hop["kind"] == "smarthost":
             why = hop["error"]["text"] if hop["error"] else "-"
             print(f"Next hop: smart host {hop['host']}:{hop['port']} "
                   f"({', '.join(hop['addresses']) or why})")
         else:
             print(f"Next hop: local mailbox {hop['mailbox']} "
-                  f"({'exists' if hop['exists'] else 'does not exist'})")
+                  f"({'exists' if hop['exists'] else 'does not exist'})"
+                  + (f", delivered over {hop['store']}" if hop.get("store") else ""))
     print(f"Outcome: {e['outcome']}")
 
 

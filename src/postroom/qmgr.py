@@ -345,7 +345,7 @@ class QueueManager:
             else None
 
     def _local_destination(self, c: Claim) -> Destination:
-        """Maildir, or the LMTP route chosen at conversion while it still applies."""
+        """Maildir, or the LMTP route that now covers the recipient's domain."""
         route = lmtp_route(_domain(c.address), self.routes)
         return Destination(route, "") if route is not None else Destination(LOCAL_ROUTE, "")
 
@@ -363,25 +363,44 @@ class QueueManager:
         return out
 
     async def deliver_batch(self) -> int:
-        """Final delivery of the due inbound recipients (Maildir, or LMTP)."""
+        """Final delivery of the due inbound recipients: Maildir here, in this round;
+        a mail store over LMTP in its own task, as outbound mail goes (capped, backing off
+        when the store is down), so a slow store never holds up the Maildirs."""
         now = self.clock()
         due = await self.spool.due(Direction.INBOUND, now, self.BATCH, self.owner)
-        if not due:
-            return 0
-        claims = await self.spool.claim(due, now, self.owner, self.LOCAL_LEASE)
-        groups: dict[str, tuple[Destination, list[Claim]]] = {}
-        for c in claims:
-            dest = self._local_destination(c)
-            groups.setdefault(dest.key, (dest, []))[1].append(c)
-        results: list[DeliveryResult] = []
-        for dest, cs in groups.values():
-            agent = self.agents.for_route(dest.route)
-            if agent is None:
-                raise RuntimeError(f"no delivery agent for {dest.route.via!r}")
-            results += await agent.deliver(dest, await self._messages(cs))
-        by_id = {c.rid: c for c in claims}
-        await self._record([(by_id[r.recipient], r) for r in results])
-        return len(due)
+        local: list[Claim] = []
+        stores: dict[str, tuple[Destination, list[Claim]]] = {}
+        for d in due:
+            if d.rid in self._in_flight:
+                continue
+            dest = self._local_destination(d)
+            if dest.route.via == "local":
+                local.append(d)
+            elif self._suspended.get(dest.ref, (0.0,))[0] <= now and \
+                    self._connections[dest.key] < self.delivery.max_connections_per_destination:
+                stores.setdefault(dest.key, (dest, []))[1].append(d)
+        claims = await self.spool.claim(local + [d for _, ds in stores.values() for d in ds],
+                                        now, self.owner, self.LOCAL_LEASE)
+        claimed = {c.rid: c for c in claims}
+        for dest, ds in stores.values():
+            self._start(dest, [claimed[d.rid] for d in ds if d.rid in claimed])
+        mine = [claimed[d.rid] for d in local if d.rid in claimed]
+        if mine:
+            agent = self.agents.for_route(LOCAL_ROUTE)
+            assert agent is not None, "the local agent is always registered"
+            results = await agent.deliver(Destination(LOCAL_ROUTE, ""), await self._messages(mine))
+            await self._record([(claimed[r.recipient], r) for r in results])
+        return len(claims)
+
+    def _start(self, dest: Destination, claims: list[Claim]) -> None:
+        """Deliver ``claims`` to ``dest`` in a task of its own (one connection)."""
+        if not claims:
+            return
+        self._in_flight.update(c.rid for c in claims)
+        self._connections[dest.key] += 1
+        task = asyncio.get_running_loop().create_task(self._deliver_remote(dest, claims))
+        self._outbound_tasks.add(task)
+        task.add_done_callback(self._outbound_tasks.discard)
 
     # --- recording -----------------------------------------------------------------
     async def _record(self, results: Sequence[tuple[Claim, DeliveryResult]]) -> None:
@@ -512,17 +531,11 @@ class QueueManager:
         started = 0
         for dest, cs in chosen:
             mine = [claimed[c.rid] for c in cs if c.rid in claimed]
-            if not mine:
-                continue
-            self._in_flight.update(c.rid for c in mine)
+            self._start(dest, mine)
             started += len(mine)
-            self._connections[dest.key] += 1
-            task = asyncio.get_running_loop().create_task(self._deliver_outbound(dest, mine))
-            self._outbound_tasks.add(task)
-            task.add_done_callback(self._outbound_tasks.discard)
         return started + len(unroutable)
 
-    async def _deliver_outbound(self, dest: Destination, claims: list[Claim]) -> None:
+    async def _deliver_remote(self, dest: Destination, claims: list[Claim]) -> None:
         try:
             agent = self.agents.for_route(dest.route)
             assert agent is not None

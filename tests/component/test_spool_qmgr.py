@@ -304,3 +304,47 @@ def test_a_delivery_that_cannot_be_recorded_takes_back_its_copy(
     asyncio.run(main())
     assert len(list(new.iterdir())) == 1                      # exactly one copy
     assert {q.name: q.recipients for q in spool.summary()}["inbound-delivery"] == 0
+
+
+class HangingStore:
+    """An LMTP store that never answers until released."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.calls = 0
+
+    async def deliver(self, dest, messages):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        await self.release.wait()
+        return [DeliveryResult(r.id, True, False, Reply(250, "2.0.0", "saved"), "DATA",
+                               hop=dest.describe()) for m in messages for r in m.recipients]
+
+
+def test_a_hanging_lmtp_store_never_holds_up_the_maildirs(tmp_path: Path, clock: Clock) -> None:
+    """Mail for a domain whose final delivery is LMTP goes in a task of its own; the
+    Maildir recipients of the same round are delivered meanwhile (in-memory spool)."""
+    from postroom.config import Route
+    from postroom.spool.memory import MemorySpool
+    spool = MemorySpool(tmp_path / "bodies", clock)
+    store = HangingStore()
+    local = LocalDeliveryAgent(MaildirStore(tmp_path / "mail", "t"), lambda a: True, {},
+                               ThreadPoolExecutor(2), clock)
+    q = QueueManager(spool, Agents({"local": local, "lmtp": store}),  # type: ignore[dict-item]
+                     local_domains=frozenset({"example.test", "store.test"}), aliases={},
+                     delivery=DeliveryConfig(retry=(60.0, 300.0)), clock=clock,
+                     routes=(Route("*"), Route("store.test", "lmtp", "127.0.0.1", 24, "none",
+                                               index=1)))
+
+    async def main() -> None:
+        await spool.enqueue(message(("a@example.test", "inbound"), ("b@store.test", "inbound")))
+        await q.convert_batch()
+        assert await asyncio.wait_for(q.deliver_batch(), 5) == 2
+        # the Maildir copy is recorded while the store still hangs
+        assert [(r.address, r.state) for r in spool.snapshot()] == [
+            ("a@example.test", "delivered"), ("b@store.test", "delivery")]
+        assert await q.deliver_batch() == 0          # in flight: not claimed twice
+        store.release.set()
+        await asyncio.gather(*q._outbound_tasks)
+    asyncio.run(main())
+    assert store.calls == 1
+    assert spool.snapshot() == []                    # both final: the message is gone

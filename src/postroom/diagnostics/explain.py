@@ -11,7 +11,7 @@ from ..address import AddressError, parse_path
 from ..config import Config
 from ..dns import DnsError, Resolver
 from ..policy import RelaySettings, SessionSnapshot, check_mail, check_rcpt
-from ..routing import choose_route
+from ..routing import choose_route, lmtp_route
 from .dns import error_json, mx_json
 
 __all__ = ["explain"]
@@ -62,10 +62,14 @@ async def explain(config: Config, resolver: Resolver, mailbox_exists: Callable[[
     if decision.local:
         key = env_rcpt.key
         target = config.aliases.get(key)
+        store = lmtp_route(decision.domain, config.routes)
         hops.append({"kind": "local", "mailbox": key, "exists": mailbox_exists(key),
-                     "alias_for": list(target) if target else None})
+                     "alias_for": list(target) if target else None,
+                     "store": store.describe() if store is not None else None})
     for route in decision.chosen:
-        if route.via == "smarthost":
+        if route.via == "lmtp":
+            hops.append({"kind": "lmtp", "route": route.match, "store": route.describe()})
+        elif route.via == "smarthost":
             host, port = route.host, route.port
             addresses = await resolver.addresses(host)
             hops.append({"kind": "smarthost", "route": route.match, "host": host, "port": port,
@@ -95,7 +99,11 @@ def _outcome(e: dict[str, Any]) -> str:
     if hop["kind"] == "local":
         if hop["alias_for"]:
             return f"accepted; the alias expands to {', '.join(hop['alias_for'])}"
+        if hop["store"]:
+            return f"accepted and delivered to the mailbox {hop['mailbox']} over {hop['store']}"
         return f"accepted and delivered to the mailbox {hop['mailbox']}"
+    if hop["kind"] == "lmtp":
+        return f"accepted and delivered over {hop['store']}"
     if hop["kind"] == "smarthost":
         if hop["error"]:
             return f"accepted; delivery will wait: {hop['error']['text']}"

@@ -303,7 +303,7 @@ class QueueManager:
         if dest is None:
             decision = choose_route(_domain(address), self.routes, self.local_domains)
             return self._fail(it, now, f"550 5.4.4 Unable to route: {decision.reason}",
-                              "5.4.4", "routing", after, params)
+                              "5.4.4", "routing", after, params, address)
         after.append(lambda: self._event(2004, f"<{address}>: {dest.describe()}", it.message,
                                          domain=_domain(address), rcpt=address))
         # new mail for a destination that is backing off waits with it ("delivery
@@ -314,11 +314,13 @@ class QueueManager:
         return Conversion(it.rid, State.DELIVERY, dest.ref)
 
     def _fail(self, it: Claim, now: float, reply: str, status: str, step: str,
-              after: list[After], params: Mapping[str, str] | None = None) -> Conversion:
+              after: list[After], params: Mapping[str, str] | None = None,
+              address: str = "") -> Conversion:
+        """``it`` fails at conversion (or ``address``, a target of its alias, does)."""
         notice = "failure" if wants_notice("failure", it.sender,
                                            it.params if params is None else params) else ""
         after.append(lambda: log.warning("queue_id=%s to=<%s> failed: %s", it.message,
-                                         it.address, reply))
+                                         address or it.address, reply))
         return Conversion(it.rid, State.FAILED, last_reply=reply, notice=notice,
                           detail={"status": status, "step": step, "last_attempt": now})
 

@@ -101,6 +101,34 @@ def test_explain_shows_the_relay_decision_and_the_route(server_factory, dns_port
     assert "null MX" in text and "Outcome:" in text
 
 
+def test_explain_names_the_lmtp_store_that_takes_final_delivery(server_factory) -> None:  # type: ignore[no-untyped-def]
+    sp: ServerProcess = server_factory("""
+        [[route]]
+        match = "*"
+        via = "mx"
+        [[route]]
+        match = "example.test"
+        via = "lmtp"
+        host = "127.0.0.1:2424"
+        [[route]]
+        match = "store.test"
+        via = "lmtp"
+        path = "/run/dovecot/lmtp"
+        """)
+    e = run_json(sp, "explain", "--from", "x@far.test", "--to", "alice@example.test",
+                 "--client-ip", UNTRUSTED)
+    assert e["next_hops"] == [{"kind": "local", "mailbox": "alice@example.test",
+                               "exists": True, "alias_for": None,
+                               "store": "LMTP 127.0.0.1:2424 (route example.test)"}]
+    assert e["outcome"].endswith("over LMTP 127.0.0.1:2424 (route example.test)")
+    # a domain that is not ours, relayed to a store by a trusted client
+    e = run_json(sp, "explain", "--from", "alice@example.test", "--to", "bob@store.test")
+    assert e["next_hops"] == [{"kind": "lmtp", "route": "store.test",
+                               "store": "LMTP unix:/run/dovecot/lmtp (route store.test)"}]
+    assert "Next hop: LMTP unix:/run/dovecot/lmtp" in sp.cli(
+        "explain", "--from", "alice@example.test", "--to", "bob@store.test").stdout
+
+
 def test_probe_a_server_that_accepts_with_starttls_and_auth(server_factory) -> None:  # type: ignore[no-untyped-def]
     remote: ServerProcess = server_factory(users=("bob@far.test",), domains=("far.test",))
     sp: ServerProcess = server_factory()

@@ -65,7 +65,7 @@ async def explain(config: Config, resolver: Resolver, mailbox_exists: Callable[[
         store = lmtp_route(decision.domain, config.routes)
         hops.append({"kind": "local", "mailbox": key, "exists": mailbox_exists(key),
                      "alias_for": list(target) if target else None,
-                     "store": store.describe() if store is not None else None})
+                     **({"store": store.describe()} if store is not None else {})})
     for route in decision.chosen:
         if route.via == "lmtp":
             hops.append({"kind": "lmtp", "route": route.match, "store": route.describe()})
@@ -99,7 +99,7 @@ def _outcome(e: dict[str, Any]) -> str:
     if hop["kind"] == "local":
         if hop["alias_for"]:
             return f"accepted; the alias expands to {', '.join(hop['alias_for'])}"
-        if hop["store"]:
+        if hop.get("store"):
             return f"accepted and delivered to the mailbox {hop['mailbox']} over {hop['store']}"
         return f"accepted and delivered to the mailbox {hop['mailbox']}"
     if hop["kind"] == "lmtp":

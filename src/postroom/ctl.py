@@ -134,7 +134,8 @@ def _print_show(m: dict[str, Any]) -> None:
         print(f"  {line}")
     for r in m["recipients"]:
         print(f"Recipient <{r['address']}>: {r['state']} ({r['queue']}), attempts "
-              f"{r['attempts']}{', HELD' if r['held'] else ''}")
+              f"{r['attempts']}{', HELD' if r['held'] else ''}"
+              + (f", in flight (claimed by {r['claimed_by']})" if r.get("claimed_by") else ""))
         if r["last_reply"]:
             print(f"  last reply: {r['last_reply']}")
         for a in r["attempt_log"]:

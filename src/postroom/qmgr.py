@@ -25,6 +25,7 @@ repeats it on restart (a duplicate, never a loss).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -35,10 +36,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from .body import Body
-from .bounce import RecipientReport, build_report
 from .config import DEFAULT_ROUTES, DeliveryConfig, Route
-from .conversion import MAX_HOPS, count_hops, expand, xtext_decode, xtext_encode
+from .conversion import MAX_HOPS, count_hops, expand, xtext_encode
 from .delivery import (
     LOCAL_ROUTE,
     Agents,
@@ -50,13 +49,12 @@ from .events import EventLog
 from .intake import direction_of
 from .metrics import Metrics, status_label
 from .model import DeliveryResult, Reply
+from .notices import build_notice
 from .routing import choose_route, lmtp_route
 from .spool import (
     Claim,
     Conversion,
     Direction,
-    NewMessage,
-    NewRecipient,
     NoticeOwed,
     NoticeSent,
     Spool,
@@ -64,7 +62,6 @@ from .spool import (
     StorageFull,
     Target,
     Transition,
-    new_queue_id,
     wants_notice,
 )
 
@@ -605,7 +602,10 @@ class QueueManager:
                 body = await self.spool.body(mid)
                 if body is None:
                     continue
-                report = await self._in_pool(self._report, kind, items, body, now)
+                report = await self._in_pool(functools.partial(
+                    build_notice, kind, items, body, hostname=self.hostname, now=now,
+                    max_return_size=self.delivery.max_return_size,
+                    local_domains=self.local_domains))
             sent.append(NoticeSent(mid, kind, tuple(i.rid for i in items), report))
         for n in await self.spool.notices_sent(sent, now):
             if n.report is None:
@@ -620,41 +620,6 @@ class QueueManager:
                      n.kind, rcpts, sender, qid)
         return len(owed)
 
-    def _report(self, kind: str, items: list[NoticeOwed], body: Body, now: float
-                ) -> NewMessage:
-        """The notice for ``items`` (one message, one kind): an RFC 3464 report from the
-        null sender, built from the results the spool kept."""
-        first = items[0]
-        reports = []
-        for it in items:
-            detail = it.detail
-            orcpt = xtext_decode(it.params.get("ORCPT", "").partition(";")[2])
-            reports.append(RecipientReport(
-                final_recipient=it.address,
-                original_recipient=orcpt or None,
-                action={"failure": "failed", "delay": "delayed"}.get(
-                    kind, "relayed" if detail.get("remote_host") else "delivered"),
-                status=detail.get("status") or ("2.0.0" if kind == "success" else "5.0.0"),
-                diagnostic=it.last_reply, remote_host=detail.get("remote_host"),
-                remote_ip=detail.get("remote_ip"), step=detail.get("step", ""),
-                hop=detail.get("hop", ""), last_attempt=detail.get("last_attempt"),
-                will_retry_until=detail.get("will_retry_until")))
-        mparams = first.mail_params
-        report = build_report(
-            kind=kind, reporting_mta=self.hostname, original_sender=first.sender,
-            original=body.head(self.delivery.max_return_size + 1),
-            original_size=body.size, arrival=first.received, recipients=reports,
-            ret=mparams.get("RET"),
-            envid=xtext_decode(mparams["ENVID"]) if "ENVID" in mparams else None,
-            max_return_size=self.delivery.max_return_size, now=now,
-            message_id=f"<{new_queue_id()}.{kind}@{self.hostname}>",
-            boundary=f"{new_queue_id()}/{self.hostname}")
-        to = _lower_domain(first.sender)
-        return NewMessage(
-            new_queue_id(), "", {}, {"peer": "127.0.0.1", "helo": self.hostname,
-                                     "listener": "internal", "notice": kind, "about": first.message},
-            report, (NewRecipient(to, direction_of(_domain(to), self.local_domains), {}),))
-
 
 def _take_back(results: Iterable[DeliveryResult]) -> None:
     for r in results:
@@ -665,7 +630,4 @@ def _take_back(results: Iterable[DeliveryResult]) -> None:
                 log.warning("could not take back %s: %s", r.stored, exc)
 
 
-def _lower_domain(address: str) -> str:
-    local, _, domain = address.rpartition("@")
-    return f"{local}@{domain.lower()}" if domain else address
 

@@ -167,12 +167,17 @@ def test_a_recipient_moves_only_as_the_table_allows(spool: Spool, clock: Clock) 
 
 # --- claims, leases and fencing -------------------------------------------------------
 def test_a_claim_keeps_other_owners_off_until_its_lease_ends(spool: Spool, clock: Clock) -> None:
-    run(spool.enqueue(msg("a@here.test")))
+    m = msg("a@here.test")
+    run(spool.enqueue(m))
 
     async def main() -> None:
         await to_delivery(spool, clock.now)
         (c,) = await claim_all(spool, Direction.INBOUND, clock.now, "a")
         assert c.token > 0 and c.address == "a@here.test" and c.sender == "s@far.test"
+        shown = await views.show(spool, m.queue_id, clock.now)
+        assert shown["recipients"][0]["claimed_by"] == "a"
+        assert "claimed_by" not in (await views.show(spool, m.queue_id, clock.now + 601)
+                                    )["recipients"][0]
         assert await spool.due(Direction.INBOUND, clock.now, 10, "b") == []
         assert await spool.claim([c], clock.now, "b", 600) == []
         clock.now += 601                               # the lease ended: b takes over

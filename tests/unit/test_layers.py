@@ -17,7 +17,7 @@ PLAN: list[tuple[str, set[str]]] = [
     ("logic", {"routing", "policy", "bounce", "conversion", "configedit", "smtp.protocol"}),
     ("storage and protocols", {"spool", "store", "users", "events", "dns", "tls",
                                "smtp.client"}),
-    ("agents and intake", {"delivery", "intake"}),
+    ("agents and intake", {"delivery", "intake", "notices"}),
     ("components", {"smtp", "smtp.server", "qmgr", "diagnostics"}),
     ("operations", {"admin"}),
     ("console", {"console"}),             # pages over the admin API
@@ -30,6 +30,7 @@ SIDEWAYS = {
     ("replies", "model"), ("replies", "address"), ("address", "model"),
     ("policy", "routing"),
     ("users", "store"),
+    ("notices", "intake"),      # a notice is queued mail: intake decides its direction
     ("cli", "ctl"),
 }
 # Edges that would point down, yet break the design.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 from typing import Any
 
 from ..conversion import header_block
@@ -76,15 +77,15 @@ def _recipient(row: RecipientView) -> dict[str, Any]:
             "remote_ip": detail.get("remote_ip")}
 
 
-async def show(spool: Spool, mid: str) -> dict[str, Any]:
+async def show(spool: Spool, mid: str, now: float | None = None) -> dict[str, Any]:
     """One message: envelope, headers, each recipient and every recorded attempt."""
     m = await spool.message(mid)
     if m is None:
         raise QueueError(f"no message {mid!r} in the queue (delivered, returned or deleted?)")
-    return _show(m)
+    return _show(m, time.time() if now is None else now)
 
 
-def _show(m: MessageView) -> dict[str, Any]:
+def _show(m: MessageView, now: float) -> dict[str, Any]:
     by_rcpt: dict[int, list[dict[str, Any]]] = {}
     for a in m.attempts:
         d = a.detail
@@ -100,7 +101,7 @@ def _show(m: MessageView) -> dict[str, Any]:
         item["params"] = r.params
         item["transcript"] = r.detail.get("transcript", "")
         item["attempt_log"] = by_rcpt.get(r.id, [])
-        if r.lease_owner:
+        if r.lease_owner and r.lease_until > now:       # in flight: who holds the claim
             item["claimed_by"] = r.lease_owner
         recipients.append(item)
     head = header_block(m.body.head(65536)) if m.body is not None else b""

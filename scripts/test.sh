@@ -11,6 +11,8 @@ command -v smtp-source >/dev/null 2>&1 || [ -x /usr/sbin/smtp-source ] || need_a
 command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || need_apt+=(dnsmasq-base)
 # final delivery over LMTP is tested against Dovecot's LMTP server
 [ -x /usr/sbin/dovecot ] && [ -x /usr/lib/dovecot/lmtp ] || need_apt+=(dovecot-core dovecot-lmtpd)
+# the PostgreSQL spool's tests start a private server from Debian's package
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)
 command -v ip >/dev/null || need_apt+=(iproute2)
 command -v unshare >/dev/null || need_apt+=(util-linux)
 # the web console's browser tests drive Debian's Chromium (Playwright never downloads one)
@@ -25,6 +27,21 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   if command -v postfix >/dev/null; then $SUDO postfix stop >/dev/null 2>&1 || true; fi
   # ...and a system Dovecot (IMAP, POP3, LMTP on /run/dovecot): the tests run their own.
   if [ -x /usr/sbin/dovecot ]; then $SUDO /usr/sbin/dovecot stop >/dev/null 2>&1 || true; fi
+fi
+# ...and a system PostgreSQL cluster (port 5432): the tests start their own. Debian's
+# package creates and starts one; stop it and keep it from starting at boot.
+if command -v pg_lsclusters >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  pg_lsclusters -h 2>/dev/null | while read -r ver name _port status _rest; do
+    conf="/etc/postgresql/$ver/$name/start.conf"
+    if [ -f "$conf" ] && ! grep -qx manual "$conf"; then
+      echo manual | $SUDO tee "$conf" >/dev/null || true
+    fi
+    if [ "$status" = "online" ]; then
+      $SUDO pg_ctlcluster "$ver" "$name" stop >/dev/null 2>&1 || \
+        $SUDO service postgresql stop >/dev/null 2>&1 || true
+    fi
+  done
 fi
 
 echo "== installing postroom with its test extras"

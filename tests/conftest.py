@@ -321,3 +321,20 @@ class RawClient:
     def close(self) -> None:
         self.sock.close()
 
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[object]:
+    """One private PostgreSQL server for the whole session (``tests/postgres.py``), from
+    Debian's ``postgresql`` package: ``url(db)``, ``create_db(name)``, ``stop()``,
+    ``start()``. Fails, never skips, when PostgreSQL is not installed."""
+    from tests.postgres import PostgresUnavailable, start_postgres
+
+    try:
+        pg = start_postgres()
+    except PostgresUnavailable as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield pg
+    finally:
+        pg.destroy()

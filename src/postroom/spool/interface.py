@@ -3,9 +3,13 @@
 The SMTP intake enqueues; the queue manager reads conversion work and records its
 decisions, claims due recipients with a lease, records results, defers a whole
 destination and sends the notices owed; the admin API reads the views and acts. Every
-write is durable when its call returns. Two backends implement it today
-(:mod:`.sqlite`, :mod:`.memory`) and pass the same contract tests
-(``tests/contract/test_spool_contract.py``); a third is one module that passes them.
+write is durable when its call returns. Three backends implement it (:mod:`.sqlite`,
+:mod:`.memory`, :mod:`.postgres`) and pass the same contract tests
+(``tests/contract/test_spool_contract.py``).
+
+A backend whose database cannot be reached raises
+:class:`~.records.StorageUnavailable` from any verb, and one whose disk is full
+:class:`~.records.StorageFull`; both mean "try again later".
 """
 
 from __future__ import annotations
@@ -33,6 +37,11 @@ __all__ = ["Spool"]
 
 class Spool(Protocol):
     bodies: Path                      # where big messages' files live
+
+    async def start(self) -> None:
+        """Connect and listen for other nodes' commits (PostgreSQL); call once, in the
+        event loop that will use the spool."""
+        ...
 
     # --- receiving -----------------------------------------------------------------
     async def enqueue(self, message: NewMessage) -> None:
@@ -70,6 +79,13 @@ class Spool(Protocol):
         at once rather than after the lease."""
         ...
 
+    async def renew(self, claims: Sequence[Claim], now: float, owner: str, lease: float
+                    ) -> list[int]:
+        """Extend to ``now + lease`` the leases of ``claims`` still held by ``owner`` with
+        the same token (a long delivery keeps its claims); returns the ids whose claim
+        was lost (expired and taken by another owner, or finished meanwhile)."""
+        ...
+
     async def release_leases(self, owner: str) -> None:
         """Forget ``owner``'s leases (at its start: a crash left them behind)."""
         ...
@@ -98,6 +114,16 @@ class Spool(Protocol):
     async def notices_sent(self, sent: Sequence[NoticeSent], now: float) -> list[NoticeSent]:
         """Enqueue each report and clear what it answers, in one transaction; returns
         those actually sent (a notice someone else sent meanwhile is skipped)."""
+        ...
+
+    # --- nodes ---------------------------------------------------------------------
+    async def heartbeat(self, node: str, info: dict[str, Any], now: float) -> None:
+        """``node`` is alive: keep its ``info`` (pid, started, version, ...) and the time."""
+        ...
+
+    async def nodes(self, now: float) -> list[dict[str, Any]]:
+        """Every node seen, by name: ``name``, ``info``, ``last_seen``,
+        ``seconds_since`` and ``claims`` (the live leases it holds)."""
         ...
 
     # --- views and actions ---------------------------------------------------------

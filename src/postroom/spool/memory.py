@@ -78,6 +78,7 @@ class MemorySpool:
         self._dead: set[str] = set()
         self._next_id = 1
         self._listeners: list[Callable[[], None]] = []
+        self._nodes: dict[str, tuple[dict[str, Any], float]] = {}
 
     # --- helpers -------------------------------------------------------------------
     def _add_rcpt(self, mid: str, address: str, params: dict[str, str], direction: str,
@@ -146,6 +147,9 @@ class MemorySpool:
     def on_commit(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)
 
+    async def start(self) -> None:
+        pass
+
     # --- conversion ----------------------------------------------------------------
     async def pending_conversion(self, limit: int) -> list[Claim]:
         rows = sorted((r for r in self._rcpts.values() if r.state == State.CONVERSION),
@@ -193,6 +197,18 @@ class MemorySpool:
             r.lease_until, r.lease_owner, r.claim = now + lease, owner, r.claim + 1
             out.append(self._claim_of(r))
         return out
+
+    async def renew(self, claims: Sequence[Claim], now: float, owner: str, lease: float
+                    ) -> list[int]:
+        lost = []
+        for c in claims:
+            r = self._rcpts.get(c.rid)
+            if r is None or r.claim != c.token or r.lease_owner != owner or \
+                    r.state != State.DELIVERY:
+                lost.append(c.rid)
+                continue
+            r.lease_until = now + lease
+        return lost
 
     async def release_leases(self, owner: str) -> None:
         for r in self._rcpts.values():
@@ -280,6 +296,19 @@ class MemorySpool:
             for listener in self._listeners:
                 listener()
         return done
+
+    # --- nodes ---------------------------------------------------------------------
+    async def heartbeat(self, node: str, info: dict[str, Any], now: float) -> None:
+        self._nodes[node] = (copy.deepcopy(info), now)
+
+    async def nodes(self, now: float) -> list[dict[str, Any]]:
+        claims: dict[str, int] = {}
+        for r in self._rcpts.values():
+            if r.state == State.DELIVERY and r.lease_until > now:
+                claims[r.lease_owner] = claims.get(r.lease_owner, 0) + 1
+        return [{"name": name, "info": copy.deepcopy(info), "last_seen": seen,
+                 "seconds_since": max(0.0, now - seen), "claims": claims.get(name, 0)}
+                for name, (info, seen) in sorted(self._nodes.items())]
 
     # --- views ---------------------------------------------------------------------
     def summary(self) -> list[QueueSummary]:

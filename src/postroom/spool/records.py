@@ -14,11 +14,17 @@ from .states import QUEUES, Direction, State
 
 __all__ = ["Claim", "Conversion", "Filters", "MessageView", "NewMessage", "NewRecipient",
            "NoticeOwed", "NoticeSent", "QueueSummary", "RecipientView", "StorageFull",
-           "Target", "Transition", "new_queue_id"]
+           "StorageUnavailable", "Target", "Transition", "new_queue_id"]
 
 
 class StorageFull(Exception):
     """The disk (or the database) is full: the client should try again later."""
+
+
+class StorageUnavailable(Exception):
+    """The spool's database cannot be reached (refused, lost, shut down, no connection
+    in time): the client should try again later (451 4.3.0); the spool carries on by
+    itself once the database is back."""
 
 
 _ID_PREFIX = ""

@@ -99,6 +99,11 @@ CREATE INDEX IF NOT EXISTS recipients_message ON recipients (message);
 CREATE INDEX IF NOT EXISTS recipients_notice ON recipients (notice) WHERE notice != '';
 CREATE INDEX IF NOT EXISTS recipients_destination ON recipients (destination)
     WHERE state = 'delivery' AND direction = 'outbound';
+CREATE TABLE IF NOT EXISTS nodes (         -- the node(s) using this spool: one, here
+    name      TEXT PRIMARY KEY,
+    info      TEXT NOT NULL,               -- JSON: pid, started, version, ...
+    last_seen REAL NOT NULL
+);
 """
 
 # Columns added after the first release, for spools created before them.
@@ -318,6 +323,9 @@ class SqliteSpool:
     def on_commit(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)
 
+    async def start(self) -> None:
+        """Nothing to connect: the database was opened by the constructor."""
+
     def close(self) -> None:
         self._jobs.put(None)
         self._thread.join(timeout=30)
@@ -415,6 +423,15 @@ class SqliteSpool:
             return out
         return await self._write(job) if ids else []
 
+    async def renew(self, claims: Sequence[Claim], now: float, owner: str, lease: float
+                    ) -> list[int]:
+        def job(conn: sqlite3.Connection) -> list[int]:
+            return [c.rid for c in claims if conn.execute(
+                "UPDATE recipients SET lease_until = ? WHERE id = ? AND claim = ? "
+                "AND lease_owner = ? AND state = 'delivery'",
+                (now + lease, c.rid, c.token, owner)).rowcount == 0]
+        return await self._write(job) if claims else []
+
     async def release_leases(self, owner: str) -> None:
         await self._write(lambda conn: conn.execute(
             "UPDATE recipients SET lease_until = 0, lease_owner = '' "
@@ -509,6 +526,24 @@ class SqliteSpool:
             for listener in self._listeners:
                 listener()
         return done
+
+    # --- nodes ---------------------------------------------------------------------
+    async def heartbeat(self, node: str, info: dict[str, Any], now: float) -> None:
+        await self._write(lambda conn: conn.execute(
+            "INSERT INTO nodes (name, info, last_seen) VALUES (?, ?, ?) ON CONFLICT (name) "
+            "DO UPDATE SET info = excluded.info, last_seen = excluded.last_seen",
+            (node, json.dumps(info), now)))
+
+    async def nodes(self, now: float) -> list[dict[str, Any]]:
+        def q(c: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = c.execute(
+                "SELECT n.name, n.info, n.last_seen, (SELECT COUNT(*) FROM recipients r "
+                "WHERE r.lease_owner = n.name AND r.lease_until > ? AND r.state = 'delivery') "
+                "FROM nodes n ORDER BY n.name", (now,)).fetchall()
+            return [{"name": name, "info": json.loads(info), "last_seen": seen,
+                     "seconds_since": max(0.0, now - seen), "claims": claims}
+                    for name, info, seen, claims in rows]
+        return await self._read(q)
 
     # --- views ---------------------------------------------------------------------
     def summary(self) -> list[QueueSummary]:

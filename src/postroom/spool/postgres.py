@@ -320,15 +320,22 @@ class PostgresSpool:
         return self._sync_conn
 
     def _sync_run(self, fn: Callable[[psycopg.Connection[TupleRow]], T]) -> T:
+        """``fn`` on the synchronous connection. A connection that died while idle (the
+        server restarted) is replaced and ``fn`` runs once more: it only reads, or
+        migrates, which is all or nothing and idempotent."""
         with self._sync_lock:
-            try:
-                return fn(self._sync())
-            except _UNREACHABLE as exc:
-                if self._sync_conn is not None and (self._sync_conn.closed or
-                                                    self._sync_conn.broken):
-                    self._sync_conn.close()
-                    self._sync_conn = None
-                raise _unavailable(exc) from exc
+            for attempt in (1, 2):
+                reused = self._sync_conn is not None and not self._sync_conn.closed
+                try:
+                    return fn(self._sync())
+                except _UNREACHABLE as exc:
+                    if self._sync_conn is not None and (self._sync_conn.closed or
+                                                        self._sync_conn.broken):
+                        self._sync_conn.close()
+                        self._sync_conn = None
+                    if not (reused and attempt == 1 and self._sync_conn is None):
+                        raise _unavailable(exc) from exc
+            raise AssertionError("unreachable")
 
     def _ensure_schema(self) -> None:
         found, now = self._sync_run(migrate)

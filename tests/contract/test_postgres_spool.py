@@ -78,11 +78,12 @@ def test_two_nodes_claiming_the_same_work_never_both_get_a_recipient(
 
         async def worker(sp: PostgresSpool, owner: str) -> list[int]:
             got: list[int] = []
-            for _ in range(12):
+            for _ in range(40):
                 # what nobody holds, as every node sees it; then claimed for this node
-                due = await sp.due(Direction.OUTBOUND, time.time(), 40, "")
+                due = await sp.due(Direction.OUTBOUND, time.time(), 20, "")
                 got += [c.rid for c in await sp.claim(due, time.time(), owner, 300)]
             return got
+        await asyncio.gather(*(sp.nodes(time.time()) for sp in (a, a, b, b)))   # warm pools
         # both nodes see the same due rows and race for them, four claimers each (a
         # node's own claimers may take a row again from each other: that is its own
         # claim renewed, with a new token)

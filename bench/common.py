@@ -425,7 +425,8 @@ class PostroomServer:
 
     def __init__(self, *, smtp: dict[str, object] | None = None, smarthost: str = "",
                  domains: tuple[str, ...] = ("localhost",),
-                 delivery: dict[str, object] | None = None) -> None:
+                 delivery: dict[str, object] | None = None,
+                 extra: tuple[str, ...] = ()) -> None:
         self.work = Path(tempfile.mkdtemp(prefix="bench-postroom-"))
         self.port = free_port()
         self.processes, self.processes_note = postroom_processes_setting()
@@ -442,6 +443,7 @@ class PostroomServer:
                   "[admin]", f'listen = "127.0.0.1:{free_port()}"']
         if delivery:
             lines += ["[delivery]", *(f"{k} = {_toml_value(v)}" for k, v in delivery.items())]
+        lines += list(extra)              # more tables, such as [spool] and [node]
         if smarthost:
             lines += ["[[route]]", 'match = "*"', 'via = "smarthost"', f'host = "{smarthost}"',
                       'tls = "none"']

@@ -40,11 +40,13 @@ from common import (  # noqa: E402
     Meter,
     PostfixServer,
     PostroomServer,
+    Sink,
     children_cpu,
     closed_port,
     count_files,
     count_tree,
     cpu_busy_seconds,
+    descendants,
     finish,
     postfix_version,
     postroom_processes_setting,
@@ -60,7 +62,7 @@ from common import (  # noqa: E402
 
 SIZES = {   # the --quick figures, then the full ones
     "w1": (1000, 5000), "w2": (1000, 5000), "w3": (1000, 5000), "w4": (10_000, 100_000),
-    "w5": (500, 2000), "w5_msgs": (500, 2000), "w6": (3, 10),
+    "w5": (500, 2000), "w5_msgs": (500, 2000), "w6": (3, 10), "w7": (1000, 5000),
 }
 SIZE = 4096            # message payload, as in `smtp-source -l 4096`
 SESSIONS = 20
@@ -303,6 +305,82 @@ def w2(n: int) -> Workload:
         ["bench/relay.py's measurement: timed from the first connection until smtp-sink has "
          "counted every message. Postroom: a `[[route]] match = \"*\"` smart host to the "
          "sink, `tls = \"none\"`. Postfix: `relayhost = [127.0.0.1]:SINKPORT`."])
+
+
+# --- W7 ------------------------------------------------------------------------------
+def w7(n: int) -> Workload:
+    """W2's relay, with the queue shared by two nodes in one PostgreSQL."""
+    def two_nodes() -> Run:
+        sys.path.insert(0, str(ROOT))
+        from tests.postgres import start_postgres
+
+        pg = start_postgres()
+        sink = Sink()
+        nodes: list[PostroomServer] = []
+        try:
+            url = pg.create_db("bench")
+            nodes = [PostroomServer(smarthost=f"127.0.0.1:{sink.port}", extra=(
+                "[spool]", f'url = "{url}"', "[node]", f'name = "node-{i}"')) for i in "ab"]
+            for node in nodes:
+                node.start()
+            postmaster = int((pg.data / "postmaster.pid").read_text().split()[0])
+
+            def pids() -> list[int]:
+                return [postmaster, *descendants(postmaster)] + [
+                    p for node in nodes for p in node.pids()]
+            with Meter(pids, others=lambda: [sink.proc.pid]) as m:
+                half = n // 2
+                sources = [smtp_source(nodes[0].port, half, SIZE, SESSIONS // 2),
+                           smtp_source(nodes[1].port, n - half, SIZE, SESSIONS // 2)]
+                deadline = time.monotonic() + TIMEOUT
+                while sink.count() < n and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                m.stop()
+            for src in sources:
+                finish(src)
+            m.reaped()
+            if sink.count() < n:
+                raise RuntimeError(f"sink got {sink.count()} of {n} messages")
+            run = Run("Postroom", n, m.seconds).metered(m)
+            run.extra["note"] = ("two nodes, one PostgreSQL; server CPU and memory include "
+                                 "PostgreSQL's processes")
+            return run
+        finally:
+            for node in nodes:
+                node.stop()
+            sink.stop()
+            pg.destroy()
+
+    def one_node() -> Run:
+        r = relay.bench_postroom(n, SIZE, SESSIONS)
+        return Run("Postroom, one node (SQLite)", r.messages, r.seconds, r.cpu, r.server_cpu,
+                   r.other_cores, r.rss_mb, r.pss_mb, {"bench_cores": r.bench_cores})
+
+    def postfix() -> Run:
+        r = relay.bench_postfix(n, SIZE, SESSIONS)
+        return Run("Postfix", r.messages, r.seconds, r.cpu, r.server_cpu, r.other_cores,
+                   r.rss_mb, r.pss_mb, {"bench_cores": r.bench_cores})
+
+    runs = [guarded("Postroom", two_nodes), guarded("Postroom, one node (SQLite)", one_node),
+            guarded("Postfix", postfix)]
+    single = figure(runs[1], "rate")
+    pair = figure(runs[0], "rate")
+    return Workload(
+        "W7", "two nodes sharing a PostgreSQL queue, relay to smtp-sink",
+        [smtp_source_command(n // 2, SIZE, SESSIONS // 2, "rcpt@far.test") + "   # to each node",
+         "smtp-sink -c -u nobody 127.0.0.1:SINKPORT 256"], runs, STANDARD_COLUMNS,
+        [ratio_target("W7 two nodes on PostgreSQL, relay", runs, "rate", None),
+         server_cpu_row("W7", runs)],
+        ["As W2, but the load is split between two Postroom nodes whose queue is one "
+         "PostgreSQL database (`[spool] url`, each its own `[node] name`), both relaying to "
+         "the same sink. PostgreSQL runs on the same machine with `fsync = on` and "
+         "`synchronous_commit = on` (tests/postgres.py), and its processes count as the "
+         "server's. The second row is one node on its SQLite spool under the whole load, in "
+         "the same run"
+         + (f": two nodes on PostgreSQL reach {pair / single:.2f}× its rate." if single and pair
+            else "."),
+         "On two cores the nodes and PostgreSQL share the same CPUs, so this measures the "
+         "cost of the shared queue, not the capacity of two machines."])
 
 
 # --- W3 ------------------------------------------------------------------------------
@@ -1017,7 +1095,7 @@ def main() -> int:
     plan: list[tuple[str, Callable[[], Workload]]] = [
         ("W1", lambda: w1(n["w1"])), ("W2", lambda: w2(n["w2"])), ("W3", lambda: w3(n["w3"])),
         ("W4", lambda: w4(n["w4"])), ("W5", lambda: w5(n["w5"], n["w5_msgs"])),
-        ("W6", lambda: w6(n["w6"])),
+        ("W6", lambda: w6(n["w6"])), ("W7", lambda: w7(n["w7"])),
     ]
     only = {w.strip().upper() for w in args.only.split(",") if w.strip()}
     workloads = []

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import __version__
 from .address import AddressError, parse_path
 from .config import Config, ConfigError, ensure_token, load
 from .delivery import Agents
@@ -44,7 +45,7 @@ from .model import ComponentError
 from .policy import SessionSnapshot, check_rcpt
 from .qmgr import QueueManager
 from .smtp.server import ServerState, Session
-from .spool import Spool, SqliteSpool
+from .spool import Spool, open_spool
 from .store import MaildirStore
 from .tls import ensure_self_signed, server_context
 from .users import UserStore
@@ -64,7 +65,9 @@ RESTART_KEYS = (("smtp.listen", lambda c: c.smtp.listen),
                 ("data_dir", lambda c: c.data_dir),
                 ("tls", lambda c: (c.tls.cert_file, c.tls.key_file)),
                 ("admin.listen", lambda c: c.admin.listen),
-                ("dns.nameservers", lambda c: c.nameservers))
+                ("dns.nameservers", lambda c: c.nameservers),
+                ("spool", lambda c: c.spool),
+                ("node.name", lambda c: c.node))
 
 log = logging.getLogger("postroom.app")
 
@@ -221,7 +224,8 @@ class Postroom:
         c.data_dir.mkdir(parents=True, exist_ok=True)
         cert, key = tls_files(c)
         tls = server_context(cert, key)
-        self.spool: Spool = SqliteSpool(c.spool_path)
+        self.spool: Spool = open_spool(c.data_dir, c.spool.url)
+        await self.spool.start()
         self.users = UserStore(c.users_path)
         self.store = MaildirStore(c.mail_dir, c.hostname)
         self.events = EventLog(c.data_dir / "events.sqlite3", Levels.from_names(c.logging.levels),
@@ -246,7 +250,10 @@ class Postroom:
                 self.spool, agents, local_domains=frozenset(c.local_domains),
                 aliases=c.aliases, delivery=c.delivery, routes=c.routes, hostname=c.hostname,
                 started=self.started, metrics=self.metrics, events=self.events,
-                owner=socket.gethostname())
+                owner=c.node, lease=c.spool.lease_seconds, node_info={
+                    "pid": os.getpid(), "started": self.started, "version": __version__,
+                    "hostname": c.hostname,
+                    "spool": c.spool.redacted_url or "sqlite"})
             self.metrics.watch_queues(lambda: [(q.name, q.messages, q.recipients)
                                                for q in self.spool.summary()])
             if self._wake_fd >= 0:

@@ -88,6 +88,12 @@ def _print_status(data: dict[str, Any]) -> None:
     for c in data["components"]:
         note = f"  ({c['note']})" if c.get("note") else ""
         print(f"{c['name']:19} {c['state']:9} {_when(c.get('since'))}{note}")
+    nodes = data.get("nodes") or []
+    if len(nodes) > 1 or any(n["name"] != data.get("node") for n in nodes):
+        print(f"\n{'NODE':19} {'SEEN':9} CLAIMS  (this node: {data.get('node')})")
+        for n in nodes:
+            print(f"{n['name']:19} {_age(n.get('seconds_since')) + ' ago':9} "
+                  f"{n.get('claims', 0):6}  {n.get('info', {}).get('hostname', '')}")
 
 
 def _print_summary(data: dict[str, Any]) -> None:

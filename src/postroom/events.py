@@ -228,6 +228,12 @@ CATALOGUE: dict[int, EventKind] = {k.id: k for k in (
        "An unexpected error; the text has a reference that also appears in postroom.log "
        "with the details.",
        "Report it with the reference and the matching lines of postroom.log."),
+    _k(5003, "internal_processing", "minimum", "error", "spool unreachable",
+       "The queue's PostgreSQL database ([spool] url) cannot be reached: new mail is "
+       "answered 451 4.3.0 and deliveries wait. Said once a minute while it lasts; the "
+       "node resumes by itself when the database is back.",
+       "Check that PostgreSQL runs and that this node can reach it (postroom status, "
+       "psql with the same URL)."),
     _k(6001, "smtp_protocol", "maximum", "info", "conversation logged",
        "At maximum, each session's conversation goes to logs/protocol.jsonl; this event "
        "marks where a session's lines start.",

@@ -25,6 +25,7 @@ repeats it on restart (a duplicate, never a loss).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -60,6 +61,7 @@ from .spool import (
     Spool,
     State,
     StorageFull,
+    StorageUnavailable,
     Target,
     Transition,
     wants_notice,
@@ -86,8 +88,7 @@ def _domain(address: str) -> str:
 class QueueManager:
     BATCH = 256
     MESSAGES_PER_CONNECTION = 50
-    LEASE = 3600.0              # outbound: a claim lasts this long without a result
-    LOCAL_LEASE = 600.0
+    HEARTBEAT = 10.0            # seconds between this node's heartbeats in the spool
 
     def __init__(
         self,
@@ -106,6 +107,8 @@ class QueueManager:
         metrics: Metrics | None = None,
         events: EventLog | None = None,
         owner: str = "local",
+        lease: float = 600.0,
+        node_info: Mapping[str, Any] | None = None,
     ) -> None:
         self.spool = spool
         self.agents = agents
@@ -124,6 +127,11 @@ class QueueManager:
         self.hostname = hostname
         self.clock = clock
         self.owner = owner                  # whose claims these are (the node's name)
+        self.lease = lease                  # how long a claim lasts; renewed every third
+        self.node_info = dict(node_info or {})
+        self._held: dict[int, Claim] = {}   # claims in flight, renewed while they last
+        self._renewer: asyncio.Task[None] | None = None
+        self._unreachable_noted = -3600.0
         self.rng = rng or random.Random()
         self._wake = asyncio.Event()
         self._stopping = False
@@ -159,13 +167,19 @@ class QueueManager:
         self._wake.set()
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="qmgr")
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run(), name="qmgr")
+        self._renewer = loop.create_task(self._keep_claims(), name="qmgr-leases")
 
     async def stop(self) -> None:
         self._stopping = True
         self._wake.set()
         if self._task is not None:
             await self._task
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
         for task in list(self._outbound_tasks):
             task.cancel()
         if self._outbound_tasks:
@@ -191,9 +205,47 @@ class QueueManager:
             if days:
                 log.info("removed %d days of archived messages", days)
 
+    def _unreachable(self, exc: BaseException) -> None:
+        """The spool's database is away: said once a minute, retried every second."""
+        now = time.monotonic()
+        if now - self._unreachable_noted >= 60:
+            self._unreachable_noted = now
+            log.error("the spool is unreachable (%s); retrying every second", exc)
+            self._event(5003, f"the spool's database cannot be reached ({exc}): new mail "
+                        "is answered 451 4.3.0 and deliveries wait; retrying every second")
+
+    async def _keep_claims(self) -> None:
+        """Renew the claims in flight every third of the lease, so that a slow delivery
+        keeps them; say this node is alive every HEARTBEAT seconds."""
+        renewed = time.monotonic()
+        while not self._stopping:
+            try:
+                await self.spool.heartbeat(self.owner, self.node_info, self.clock())
+                if time.monotonic() - renewed >= self.lease / 3 and self._held:
+                    renewed = time.monotonic()
+                    lost = await self.spool.renew(list(self._held.values()), self.clock(),
+                                                  self.owner, self.lease)
+                    if lost:
+                        log.warning("%d claims in flight were lost (expired and taken by "
+                                    "another node, or finished meanwhile); their results "
+                                    "will not be recorded", len(lost))
+            except StorageUnavailable as exc:
+                self._unreachable(exc)
+            except StorageFull:
+                pass                            # said by the round that met it
+            except Exception:
+                log.exception("renewing claims failed; retrying")
+            await asyncio.sleep(min(self.HEARTBEAT, self.lease / 3))
+
     async def _run(self) -> None:
         # nothing of ours is in flight any more: a crash left its claims behind
-        await self.spool.release_leases(self.owner)
+        while not self._stopping:
+            try:
+                await self.spool.release_leases(self.owner)
+                break
+            except StorageUnavailable as exc:
+                self._unreachable(exc)
+                await asyncio.sleep(1)
         try:
             await self._sweep(self.started or time.time())
         except OSError as exc:
@@ -212,6 +264,10 @@ class QueueManager:
                         worked += await self.dispatch_outbound()
                     worked += await self.send_notices()
                     await self._sweep()
+            except StorageUnavailable as exc:
+                self._unreachable(exc)
+                worked = 0
+                await asyncio.sleep(1)
             except StorageFull:
                 self._event(5001, "the spool's disk is full: the queue manager cannot record "
                             "results; retrying every second")
@@ -379,7 +435,7 @@ class QueueManager:
                     self._connections[dest.key] < self.delivery.max_connections_per_destination:
                 stores.setdefault(dest.key, (dest, []))[1].append(d)
         claims = await self.spool.claim(local + [d for _, ds in stores.values() for d in ds],
-                                        now, self.owner, self.LOCAL_LEASE)
+                                        now, self.owner, self.lease)
         claimed = {c.rid: c for c in claims}
         for dest, ds in stores.values():
             self._start(dest, [claimed[d.rid] for d in ds if d.rid in claimed])
@@ -387,8 +443,14 @@ class QueueManager:
         if mine:
             agent = self.agents.for_route(LOCAL_ROUTE)
             assert agent is not None, "the local agent is always registered"
-            results = await agent.deliver(Destination(LOCAL_ROUTE, ""), await self._messages(mine))
-            await self._record([(claimed[r.recipient], r) for r in results])
+            self._held.update((c.rid, c) for c in mine)
+            try:
+                results = await agent.deliver(Destination(LOCAL_ROUTE, ""),
+                                              await self._messages(mine))
+                await self._record([(claimed[r.recipient], r) for r in results])
+            finally:
+                for c in mine:
+                    self._held.pop(c.rid, None)
         return len(claims)
 
     def _start(self, dest: Destination, claims: list[Claim]) -> None:
@@ -396,6 +458,7 @@ class QueueManager:
         if not claims:
             return
         self._in_flight.update(c.rid for c in claims)
+        self._held.update((c.rid, c) for c in claims)
         self._connections[dest.key] += 1
         task = asyncio.get_running_loop().create_task(self._deliver_remote(dest, claims))
         self._outbound_tasks.add(task)
@@ -521,7 +584,7 @@ class QueueManager:
             return 0
         # Claimed before starting: a delivery that finishes at once must find its claim.
         wanted = unroutable + [c for _, cs in chosen for c in cs]
-        claimed = {c.rid: c for c in await self.spool.claim(wanted, now, self.owner, self.LEASE)}
+        claimed = {c.rid: c for c in await self.spool.claim(wanted, now, self.owner, self.lease)}
         if unroutable:
             await self._record([(claimed[d.rid], DeliveryResult(
                 d.rid, False, False, Reply(550, "5.4.4", "Unable to route: no address space "
@@ -562,6 +625,8 @@ class QueueManager:
             if self._connections[dest.key] <= 0:
                 del self._connections[dest.key]
             self._in_flight.difference_update(c.rid for c in claims)
+            for c in claims:
+                self._held.pop(c.rid, None)
             self._wake.set()
 
     async def _back_off(self, dest: Destination, reply: str = "",

@@ -139,6 +139,8 @@ def queued(queue_id: str) -> Reply:
 
 
 STORAGE_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
+SPOOL_UNAVAILABLE = Reply(451, "4.3.0", "The queue's database cannot be reached; try again "
+                                        "later")
 
 
 def internal_error(reference: str) -> Reply:

@@ -193,6 +193,7 @@ NO_LITERAL_DEFAULT = {
     ("", "hostname"),         # the machine's name
     ("route", "match"),       # required: no default
     ("smtp", "min_free_space"),   # 1.5 × max_message_size
+    ("node", "name"),         # the machine's name
 }
 ROUTE_FUNCTION = "_routes"    # reads each [[route]] table: r.get(t, key, "name", ...)
 

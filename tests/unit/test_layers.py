@@ -47,7 +47,7 @@ FORBIDDEN = {
 PURE = {"model", "replies", "address", "policy", "routing", "bounce", "conversion"}
 IO_MODULES = {"asyncio", "socket", "sqlite3", "ssl", "subprocess", "threading", "os"}
 # Where SQL may live: the spool's SQLite backend and the user and event stores.
-SQL_HOMES = {"spool/sqlite.py", "users.py", "events.py"}
+SQL_HOMES = {"spool/sqlite.py", "spool/postgres.py", "users.py", "events.py"}
 
 
 def _component(path: Path) -> str:

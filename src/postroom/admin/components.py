@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -10,7 +12,8 @@ from .common import AdminBackend, Context, Endpoint
 
 def routes(backend: AdminBackend, ctx: Context) -> list[Endpoint]:
     async def status(request: Request) -> Response:
-        return JSONResponse({"components": backend.status()})
+        return JSONResponse({"components": backend.status(), "node": backend.config.node,
+                             "nodes": await backend.spool.nodes(time.time())})
 
     async def component(request: Request) -> Response:
         return JSONResponse(await backend.component(request.path_params["name"],

@@ -22,8 +22,10 @@ from .schema import (
     LOG_CATEGORIES,
     LOG_LEVELS,
     LOGGING_KEYS,
+    NODE_KEYS,
     ROUTE_KEYS,
     SMTP_KEYS,
+    SPOOL_KEYS,
     TOP_KEYS,
     AdminConfig,
     Config,
@@ -33,7 +35,9 @@ from .schema import (
     Problem,
     Route,
     SmtpConfig,
+    SpoolConfig,
     TlsConfig,
+    redact_url,
 )
 
 __all__ = [
@@ -479,14 +483,46 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: str) -> Config:
         levels=levels, retention=r.positive(lg, "logging.", "retention", 5),
         archive_days=r.positive(lg, "logging.", "archive_days", 7))
 
+    sp = r.section("spool", SPOOL_KEYS)
+    spool = SpoolConfig(
+        url=r.convert(sp, "spool.", "url", _spool_url, ""),
+        lease_seconds=r.convert(sp, "spool.", "lease_seconds", _lease, SpoolConfig().lease_seconds))
+    nd = r.section("node", NODE_KEYS)
+    node = r.convert(nd, "node.", "name", _node_name, "") or socket.gethostname()
+
     if r.problems:
         raise ConfigError(source, r.problems)
     return Config(
         hostname=hostname, data_dir=data_dir, smtp=smtp, tls=tls,
         local_domains=tuple(dict.fromkeys(local_domains)), trusted_networks=tuple(nets),
         aliases=aliases, delivery=delivery, routes=routes, nameservers=nameservers,
-        admin=AdminConfig(admin_listen), logging=logging_config, source=source,
+        admin=AdminConfig(admin_listen), logging=logging_config, spool=spool, node=node,
+        source=source,
     )
+
+
+def _spool_url(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string, not {value!r}")
+    if value and not value.startswith(("postgresql://", "postgres://")):
+        raise ValueError(f"{redact_url(value)!r}: give a PostgreSQL URL, "
+                         "\"postgresql://USER@HOST:PORT/DB\" (or \"\" for SQLite in data_dir)")
+    return value
+
+
+def _lease(value: object) -> float:
+    seconds = _positive_duration(value)
+    if seconds < 30:
+        raise ValueError(f"{value!r}: at least 30 seconds (a claim is renewed every third of it)")
+    return seconds
+
+
+def _node_name(value: object) -> str:
+    if not isinstance(value, str) or not value or len(value) > 64 or \
+            not all(c.isalnum() or c in "-_." for c in value):
+        raise ValueError(f"{value!r}: letters, digits, '-', '_' and '.', at most 64 "
+                         "(default: the hostname)")
+    return value
 
 
 def _log_level(value: object) -> str:

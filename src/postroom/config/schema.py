@@ -141,6 +141,27 @@ class AdminConfig:
 
 
 @dataclass(frozen=True)
+class SpoolConfig:
+    url: str = ""                  # postgresql://...: the shared queue; "": SQLite in data_dir
+    lease_seconds: float = 600.0   # how long a claim lasts without renewal
+
+    @property
+    def redacted_url(self) -> str:
+        """The URL without its password, for logs and status."""
+        return redact_url(self.url)
+
+
+def redact_url(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    auth, at, host = rest.rpartition("@")
+    if not at or ":" not in auth:
+        return url
+    return f"{scheme}://{auth.split(':', 1)[0]}:***@{host}"
+
+
+@dataclass(frozen=True)
 class Config:
     hostname: str
     data_dir: Path
@@ -157,6 +178,8 @@ class Config:
     nameservers: tuple[str, ...] = ()
     admin: AdminConfig = field(default_factory=AdminConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    node: str = ""                 # [node] name: this node in leases, events and status
     source: str = "<defaults>"
 
     @property
@@ -191,7 +214,9 @@ class Config:
 
 
 TOP_KEYS = {"hostname", "data_dir", "smtp", "tls", "domains", "relay", "aliases", "delivery",
-            "route", "dns", "admin", "logging"}
+            "route", "dns", "admin", "logging", "spool", "node"}
+SPOOL_KEYS = {"url", "lease_seconds"}
+NODE_KEYS = {"name"}
 LOG_CATEGORIES = ("initialization", "addressing", "message_transfer", "smtp_interface",
                   "internal_processing", "smtp_protocol", "message_archival")
 LOG_LEVELS = ("none", "minimum", "medium", "maximum")

@@ -282,6 +282,7 @@ class Console:
         status = await self.call("GET", "/api/status")
         return self.render(request, "dashboard.html", {
             "title": "Dashboard", "components": status["components"],
+            "node": status.get("node", ""), "nodes": status.get("nodes", []),
             **await self._dashboard_live()}, session=s)
 
     async def _dashboard_live(self) -> dict[str, Any]:

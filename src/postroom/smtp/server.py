@@ -38,7 +38,14 @@ from ..policy import (
     check_rcpt,
     peer_address,
 )
-from ..spool import NewMessage, Spool, StorageFull, is_disk_full, new_queue_id
+from ..spool import (
+    NewMessage,
+    Spool,
+    StorageFull,
+    StorageUnavailable,
+    is_disk_full,
+    new_queue_id,
+)
 from .protocol import (
     NEED_DATA,
     AuthCredentials,
@@ -76,6 +83,9 @@ def reply_for_exception(exc: BaseException, session_id: str) -> Reply:
     if isinstance(exc, StorageFull):
         log.error("session=%s storage full: %s", session_id, exc)
         return replies.STORAGE_FULL
+    if isinstance(exc, StorageUnavailable):
+        log.error("session=%s the spool is unreachable: %s", session_id, exc)
+        return replies.SPOOL_UNAVAILABLE
     reference = f"{session_id}-{secrets.token_hex(3)}"
     log.error("session=%s unexpected error, reference %s", session_id, reference, exc_info=exc)
     return replies.internal_error(reference)

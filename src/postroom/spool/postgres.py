@@ -52,6 +52,9 @@ from psycopg_pool.pool_async import StopWorker
 
 from ..body import CHUNK, Body
 from .records import (
+    RECIPIENT_COLUMNS as _RECIPIENT_COLUMNS,
+)
+from .records import (
     AttemptView,
     Claim,
     Conversion,
@@ -65,6 +68,9 @@ from .records import (
     StorageFull,
     StorageUnavailable,
     Transition,
+)
+from .records import (
+    recipient_view as _recipient_view,
 )
 from .states import QUEUES, State, check_move, wants_notice
 
@@ -199,18 +205,6 @@ def _unavailable(exc: BaseException) -> Exception:
 _ROLLED_BACK = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure,
                 pg_errors.TransactionRollback)
 _UNREACHABLE = (psycopg.OperationalError, psycopg.InterfaceError)
-
-_RECIPIENT_COLUMNS = (
-    "r.id, r.message, r.address, r.direction, r.state, r.attempts, r.held, r.next_attempt, "
-    "r.last_reply, r.detail, m.sender, m.received, m.size, r.params, r.notice, r.parent, "
-    "r.lease_owner, r.lease_until")
-
-
-def _recipient_view(row: Sequence[Any]) -> RecipientView:
-    return RecipientView(row[0], row[1], row[2], row[3], row[4], row[5], bool(row[6]), row[7],
-                         row[8], json.loads(row[9] or "{}"), row[10], row[11], row[12],
-                         json.loads(row[13] or "{}"), row[14], row[15], row[16], row[17])
-
 
 class PostgresSpool:
     """The queue in PostgreSQL, shared by every node that has the same ``url``."""

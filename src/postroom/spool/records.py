@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -236,6 +238,20 @@ class RecipientView:
     parent: int | None = None
     lease_owner: str = ""
     lease_until: float = 0.0
+
+
+# The columns a database backend selects for a RecipientView (recipients r, messages m).
+RECIPIENT_COLUMNS = (
+    "r.id, r.message, r.address, r.direction, r.state, r.attempts, r.held, r.next_attempt, "
+    "r.last_reply, r.detail, m.sender, m.received, m.size, r.params, r.notice, r.parent, "
+    "r.lease_owner, r.lease_until")
+
+
+def recipient_view(row: Sequence[Any]) -> RecipientView:
+    """A row of RECIPIENT_COLUMNS as a RecipientView (JSON columns as text)."""
+    return RecipientView(row[0], row[1], row[2], row[3], row[4], row[5], bool(row[6]), row[7],
+                         row[8], json.loads(row[9] or "{}"), row[10], row[11], row[12],
+                         json.loads(row[13] or "{}"), row[14], row[15], row[16], row[17])
 
 
 @dataclass(frozen=True, slots=True)

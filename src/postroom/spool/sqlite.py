@@ -30,6 +30,9 @@ from typing import Any, TypeVar
 
 from ..body import Body
 from .records import (
+    RECIPIENT_COLUMNS as _RECIPIENT_COLUMNS,
+)
+from .records import (
     AttemptView,
     Claim,
     Conversion,
@@ -42,6 +45,9 @@ from .records import (
     RecipientView,
     StorageFull,
     Transition,
+)
+from .records import (
+    recipient_view as _recipient_view,
 )
 from .states import QUEUES, State, check_move, wants_notice
 
@@ -164,18 +170,6 @@ def _body(bodies: Path, data: bytes, body_file: str, size: int) -> Body:
     if not body_file:
         return Body(data)
     return Body(data, bodies / body_file, size - len(data))
-
-
-_RECIPIENT_COLUMNS = (
-    "r.id, r.message, r.address, r.direction, r.state, r.attempts, r.held, r.next_attempt, "
-    "r.last_reply, r.detail, m.sender, m.received, m.size, r.params, r.notice, r.parent, "
-    "r.lease_owner, r.lease_until")
-
-
-def _recipient_view(row: Sequence[Any]) -> RecipientView:
-    return RecipientView(row[0], row[1], row[2], row[3], row[4], row[5], bool(row[6]), row[7],
-                         row[8], json.loads(row[9] or "{}"), row[10], row[11], row[12],
-                         json.loads(row[13] or "{}"), row[14], row[15], row[16], row[17])
 
 
 class SqliteSpool:

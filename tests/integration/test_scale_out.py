@@ -123,8 +123,9 @@ def test_a_dead_nodes_claimed_mail_is_delivered_by_the_other_after_its_leases(
             killed = time.monotonic()
             b = node(server_factory, database, "node-b", out.port)
             # B sees A and its claims, and leaves them alone while they last
-            status = json.loads(b.cli("status", "--json").stdout)
-            assert {n["name"] for n in status["nodes"]} == {"node-a", "node-b"}
+            def names() -> set[str]:                     # B's first heartbeat
+                return {n["name"] for n in json.loads(b.cli("status", "--json").stdout)["nodes"]}
+            assert wait_until(lambda: names() == {"node-a", "node-b"}, 10), names()
             time.sleep(max(0.0, 10 - (time.monotonic() - killed)))
             assert out.messages() == [], "node B took mail that node A still held"
             # after the 30 s leases, B delivers everything

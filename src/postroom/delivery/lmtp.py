@@ -38,7 +38,7 @@ from ..config import DeliveryConfig
 from ..model import DeliveryResult, Reply
 from ..smtp.client import Client, HopError, Transaction, Transcript, wire_chunks
 from . import Destination, OutboundMessage, OutboundRecipient
-from .smtp import needs_smtputf8
+from .smtp import mail_parameters, needs_smtputf8
 
 __all__ = ["LmtpDeliveryAgent"]
 
@@ -186,14 +186,7 @@ class LmtpDeliveryAgent:
                           f"limit {size} of {target.label}")
             return [self._result(r, reply, "MAIL", target, dest, transcript)
                     for r in message.recipients], None
-        params = ""
-        if client.offers("SIZE"):
-            params += f" SIZE={len(message.data)}"
-        if message.mail_params.get("BODY", "").upper() == "8BITMIME" and client.offers("8BITMIME"):
-            params += " BODY=8BITMIME"
-        if needs_smtputf8(message):
-            params += " SMTPUTF8"
-        tx = await client.send(message.sender, params,
+        tx = await client.send(message.sender, mail_parameters(client, message),
                                [(r.address, "") for r in message.recipients],
                                wire_chunks(message.data.chunks()))
         out = [self._outcome(tx, i, r, target, dest, transcript)

@@ -50,6 +50,19 @@ def needs_smtputf8(message: OutboundMessage) -> bool:
         not r.address.isascii() for r in message.recipients)
 
 
+def mail_parameters(client: Client, message: OutboundMessage) -> str:
+    """MAIL FROM's SIZE, BODY and SMTPUTF8, as far as the server offers them (SMTP and
+    LMTP alike; DSN's are SMTP's own)."""
+    params = ""
+    if client.offers("SIZE"):
+        params += f" SIZE={len(message.data)}"
+    if message.mail_params.get("BODY", "").upper() == "8BITMIME" and client.offers("8BITMIME"):
+        params += " BODY=8BITMIME"
+    if needs_smtputf8(message):
+        params += " SMTPUTF8"
+    return params
+
+
 class SmtpDeliveryAgent:
     def __init__(self, resolver: Resolver, hostname: str, config: DeliveryConfig) -> None:
         self.resolver = resolver
@@ -203,13 +216,7 @@ class SmtpDeliveryAgent:
                                  f"{len(message.data)} exceeds the size limit {size} of "
                                  f"{name} [{ip}]"), "MAIL", name, ip, dest, transcript)
                     for r in message.recipients]
-        params = ""
-        if client.offers("SIZE"):
-            params += f" SIZE={len(message.data)}"
-        if message.mail_params.get("BODY", "").upper() == "8BITMIME" and client.offers("8BITMIME"):
-            params += " BODY=8BITMIME"
-        if needs_smtputf8(message):
-            params += " SMTPUTF8"
+        params = mail_parameters(client, message)
         dsn = client.offers("DSN")
         if dsn:
             if "RET" in message.mail_params:

@@ -52,9 +52,7 @@ from psycopg_pool.pool_async import StopWorker
 
 from ..body import CHUNK, Body
 from .records import (
-    RECIPIENT_COLUMNS as _RECIPIENT_COLUMNS,
-)
-from .records import (
+    RECIPIENT_COLUMNS,
     AttemptView,
     Claim,
     Conversion,
@@ -68,9 +66,7 @@ from .records import (
     StorageFull,
     StorageUnavailable,
     Transition,
-)
-from .records import (
-    recipient_view as _recipient_view,
+    recipient_view,
 )
 from .states import QUEUES, State, check_move, wants_notice
 
@@ -835,10 +831,10 @@ class PostgresSpool:
 
         async def q(conn: AConn) -> list[RecipientView]:
             cur = await conn.execute(
-                f"SELECT {_RECIPIENT_COLUMNS} FROM recipients r JOIN messages m "
+                f"SELECT {RECIPIENT_COLUMNS} FROM recipients r JOIN messages m "
                 f"ON m.id = r.message WHERE {where} ORDER BY m.received, r.id",
                 args)  # type: ignore[arg-type]
-            return [_recipient_view(row) for row in await cur.fetchall()]
+            return [recipient_view(row) for row in await cur.fetchall()]
         return await self._run(q, tx=False)
 
     async def message(self, mid: str) -> MessageView | None:
@@ -850,9 +846,9 @@ class PostgresSpool:
             if row is None:
                 return None
             cur = await conn.execute(
-                f"SELECT {_RECIPIENT_COLUMNS} FROM recipients r JOIN messages m "
+                f"SELECT {RECIPIENT_COLUMNS} FROM recipients r JOIN messages m "
                 "ON m.id = r.message WHERE r.message = %s ORDER BY r.id", (mid,))
-            rcpts = tuple(_recipient_view(r) for r in await cur.fetchall())
+            rcpts = tuple(recipient_view(r) for r in await cur.fetchall())
             cur = await conn.execute("SELECT recipient, at, reply, detail FROM attempts "
                                      "WHERE message = %s ORDER BY id", (mid,))
             attempts = tuple(AttemptView(a[0], a[1], a[2], json.loads(a[3] or "{}"))

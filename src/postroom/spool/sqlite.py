@@ -30,9 +30,7 @@ from typing import Any, TypeVar
 
 from ..body import Body
 from .records import (
-    RECIPIENT_COLUMNS as _RECIPIENT_COLUMNS,
-)
-from .records import (
+    RECIPIENT_COLUMNS,
     AttemptView,
     Claim,
     Conversion,
@@ -45,9 +43,7 @@ from .records import (
     RecipientView,
     StorageFull,
     Transition,
-)
-from .records import (
-    recipient_view as _recipient_view,
+    recipient_view,
 )
 from .states import QUEUES, State, check_move, wants_notice
 
@@ -547,8 +543,8 @@ class SqliteSpool:
         where, args = _where(filters, now)
 
         def q(c: sqlite3.Connection) -> list[RecipientView]:
-            return [_recipient_view(row) for row in c.execute(
-                f"SELECT {_RECIPIENT_COLUMNS} FROM recipients r JOIN messages m "
+            return [recipient_view(row) for row in c.execute(
+                f"SELECT {RECIPIENT_COLUMNS} FROM recipients r JOIN messages m "
                 f"ON m.id = r.message WHERE {where} ORDER BY m.received, r.id", args)]
         return await self._read(q)
 
@@ -560,8 +556,8 @@ class SqliteSpool:
                             "body_file FROM messages WHERE id = ?", (mid,)).fetchone()
             if row is None:
                 return None
-            rcpts = tuple(_recipient_view(r) for r in c.execute(
-                f"SELECT {_RECIPIENT_COLUMNS} FROM recipients r JOIN messages m "
+            rcpts = tuple(recipient_view(r) for r in c.execute(
+                f"SELECT {RECIPIENT_COLUMNS} FROM recipients r JOIN messages m "
                 "ON m.id = r.message WHERE r.message = ? ORDER BY r.id", (mid,)))
             attempts = tuple(AttemptView(a[0], a[1], a[2], json.loads(a[3] or "{}"))
                              for a in c.execute("SELECT recipient, at, reply, detail FROM "

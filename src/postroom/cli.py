@@ -106,8 +106,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          f"{config.admin.listen}: {exc.strerror or exc}")
         listeners = bind_listeners(config)
         tls_files(config)
-        # create the spool and the user store once, before any process starts threads
-        SqliteSpool(config.spool_path).close()
+        # create the spool (SQLite; a PostgreSQL spool is migrated by the main process
+        # when it connects) and the user store once, before any process starts threads
+        if not config.spool.url:
+            SqliteSpool(config.spool_path).close()
         UserStore(config.users_path).close()
         connect_events(config.data_dir / "events.sqlite3").close()
     except ssl.SSLError as exc:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -201,6 +202,28 @@ def run_dialog(dialog: Dialog, server: ServerProcess) -> list[str]:
 def _names(server: ServerProcess, address: str) -> set[str]:
     d = server.maildir(address)
     return {p.name for p in d.iterdir()} if d.is_dir() else set()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The shared server of tests/conftest.py (alice and bob at example.test, the same
+    aliases), with error_sleep 0.05 s: dialogs that go past soft_error_limit (010) then
+    take a fraction of a second. That the wait is real is tested in
+    tests/integration/test_relay_scan.py."""
+    work = tmp_path_factory.mktemp("dialogs")
+    sp = ServerProcess(work, """
+        [smtp]
+        error_sleep = "0.05s"
+        [aliases]
+        "postmaster@example.test" = ["alice@example.test"]
+        "team@example.test" = ["alice@example.test", "bob@example.test"]
+        "outside@example.test" = ["carol@remote.example"]
+        """)
+    sp.add_user("alice@example.test")
+    sp.add_user("bob@example.test", "hunter2")
+    sp.start()
+    yield sp
+    sp.stop()
 
 
 @pytest.mark.parametrize("path", DIALOGS, ids=[p.stem for p in DIALOGS])

@@ -52,7 +52,8 @@ def test_a_config_with_only_a_hostname_gets_every_default(tmp_path: Path) -> Non
     assert c.smtp.max_message_size == 26214400
     assert c.smtp.max_recipients == 100
     assert c.smtp.command_timeout == 300.0 and c.smtp.data_timeout == 600.0
-    assert c.smtp.max_errors == 10
+    # Postfix's smtpd_hard_error_limit, smtpd_soft_error_limit, smtpd_error_sleep_time
+    assert (c.smtp.max_errors, c.smtp.soft_error_limit, c.smtp.error_sleep) == (20, 10, 1.0)
     assert c.smtp.auth_on_mx is False
     assert c.tls.cert_file is None and c.tls.key_file is None
     assert c.local_domains == ("localhost",)
@@ -141,6 +142,14 @@ ERROR_CASES = [
     ("size_negative", "[smtp]\nmax_message_size = -1", "smtp.max_message_size",
      "greater than zero"),
     ("max_errors_zero", "[smtp]\nmax_errors = 0", "smtp.max_errors", "greater than zero"),
+    ("soft_error_limit_zero", "[smtp]\nsoft_error_limit = 0", "smtp.soft_error_limit",
+     "greater than zero"),
+    ("error_sleep_not_a_duration", '[smtp]\nerror_sleep = "soon"', "smtp.error_sleep",
+     "is not a duration"),
+    ("error_sleep_negative", "[smtp]\nerror_sleep = -1", "smtp.error_sleep",
+     "cannot be negative"),
+    ("error_sleep_past_a_client_s_patience", '[smtp]\nerror_sleep = "5m"', "smtp.error_sleep",
+     "less than 5m"),
     ("connections_zero", "[smtp]\nmax_connections = 0", "smtp.max_connections",
      "greater than zero"),
     ("per_peer_string", '[smtp]\nmax_connections_per_peer = "5"', "smtp.max_connections_per_peer",
@@ -403,6 +412,32 @@ def test_warnings_flag_trusted_networks_that_make_an_open_relay(
         assert w.key == "relay.trusted_networks"
         assert network in w.message
         assert str(w).startswith("relay.trusted_networks: OPEN RELAY")
+
+
+@pytest.mark.parametrize(("smtp", "warned"), [
+    ("max_errors = 10", True),                      # what files written before said
+    ("max_errors = 5\nsoft_error_limit = 5", True),
+    ("max_errors = 11", False),
+    ("soft_error_limit = 3\nmax_errors = 4", False),
+])
+def test_warnings_flag_a_hard_error_limit_that_never_lets_the_soft_one_act(
+        tmp_path: Path, smtp: str, warned: bool) -> None:
+    c = parse(BASE + f"[smtp]\n{smtp}\n", tmp_path)
+    flagged = [w for w in c.warnings() if w.key == "smtp.max_errors"]
+    assert bool(flagged) is warned
+    if warned:
+        assert "soft_error_limit" in flagged[0].message and "scanner" in flagged[0].message
+
+
+@pytest.mark.parametrize(("value", "seconds"), [('"0s"', 0.0), ('"250ms"', None), ("0.05", 0.05),
+                                                ('"2s"', 2.0)])
+def test_error_sleep_is_a_duration_that_may_be_zero(tmp_path: Path, value: str,
+                                                     seconds: float | None) -> None:
+    if seconds is None:
+        with pytest.raises(ConfigError):
+            parse(BASE + f"[smtp]\nerror_sleep = {value}\n", tmp_path)
+        return
+    assert parse(BASE + f"[smtp]\nerror_sleep = {value}\n", tmp_path).smtp.error_sleep == seconds
 
 
 # --- the template written on first start ----------------------------------------------------

@@ -1029,6 +1029,89 @@ def test_errors_answered_by_the_caller_count_towards_the_limit_and_close() -> No
     assert isinstance(h.events[-1], Closed), h.events
 
 
+def _delays(h: Harness, *commands: str) -> list[float]:
+    """Send each command on its own and note the delay the core asks for its reply."""
+    out = []
+    for command in commands:
+        h.lines(command)
+        out.append(h.core.take_delay())
+    return out
+
+
+def test_the_default_limits_are_postfix_s_slow_after_10_close_at_20() -> None:
+    h = ehlo()
+    delays = _delays(h, *["FROB"] * 20)
+    assert delays == [0.0] * 10 + [1.0] * 10      # each error reply past the 10th waits 1 s
+    assert h.replies[1:] == [said(replies.UNKNOWN_COMMAND)] * 20 + [
+        said(replies.TOO_MANY_ERRORS)]
+    assert h.events == [Closed("too many errors")]
+    # the 421 is the server's verdict, not a 21st error (the log said "11" of 10 before)
+    assert h.core.errors == 20
+
+
+def test_relay_refusals_count_as_errors_and_are_delayed_past_the_soft_limit() -> None:
+    caps = Capabilities(HOST, soft_error_limit=2, max_errors=4, error_sleep=0.25)
+    h = in_transaction(caps=caps, answer=lambda ev: replies.relay_denied(ev.recipient)
+                       if isinstance(ev, RcptTo) else default_answer(ev))
+    delays = _delays(h, *(f"RCPT TO:<r{i}@far.example>" for i in range(4)))
+    assert delays == [0.0, 0.0, 0.25, 0.25]
+    assert h.replies[-1] == said(replies.TOO_MANY_ERRORS)
+    assert h.replies[-2] == "550 5.7.1 Relaying mail to <r3@far.example> is not allowed"
+    assert h.core.phase is Phase.CLOSED
+
+
+def test_only_error_replies_wait_past_the_soft_limit() -> None:
+    h = ehlo(caps=Capabilities(HOST, soft_error_limit=1, max_errors=100, error_sleep=0.5))
+    delays = _delays(h, "FROB", "FROB", "NOOP", "RSET", "MAIL FROM:<a@far.example>",
+                     "RCPT TO:<b@far.example>", "FROB")
+    assert delays == [0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.5]
+
+
+def test_pipelined_error_replies_add_up_their_delays_for_one_write() -> None:
+    h = ehlo(caps=Capabilities(HOST, soft_error_limit=1, max_errors=100, error_sleep=0.5))
+    h.feed(b"FROB\r\nFROB\r\nNOOP\r\nFROB\r\nFROB\r\n")
+    assert h.core.take_delay() == 1.5
+    assert h.core.take_delay() == 0.0            # taken once
+    assert h.codes[1:] == [502, 502, 250, 502, 502]
+
+
+def test_a_queued_message_resets_the_count_as_postfix_does_without_delivering_mail() -> None:
+    h = ehlo(caps=Capabilities(HOST, soft_error_limit=2, max_errors=3, error_sleep=1.0))
+    h.lines("FROB", "FROB", "MAIL FROM:<a@far.example>", "RCPT TO:<b@far.example>", "DATA")
+    h.feed(b"Subject: x\r\n\r\nhi\r\n.\r\n")
+    assert h.last == said(QUEUED)
+    assert _delays(h, "FROB", "FROB", "FROB") == [0.0, 0.0, 1.0]
+    assert h.core.errors == 5 and h.core.errors_without_mail == 3
+    assert h.events[-1] == Closed("too many errors")
+
+
+def test_a_refused_message_does_not_reset_the_count() -> None:
+    h = ehlo(caps=Capabilities(HOST, max_errors=2),
+             answer=lambda ev: Reply(554, "5.6.0", "no") if isinstance(ev, MessageReceived)
+             else default_answer(ev))
+    h.lines("FROB", "MAIL FROM:<a@far.example>", "RCPT TO:<b@far.example>", "DATA")
+    h.feed(b"hi\r\n.\r\n")
+    assert h.replies[-2:] == ["554 5.6.0 no", said(replies.TOO_MANY_ERRORS)]
+
+
+def test_a_soft_limit_at_or_above_the_hard_limit_never_delays() -> None:
+    h = ehlo(caps=Capabilities(HOST, soft_error_limit=5, max_errors=5))
+    assert _delays(h, *["FROB"] * 5) == [0.0] * 5
+    assert h.last == said(replies.TOO_MANY_ERRORS)
+
+
+def test_error_sleep_zero_never_delays() -> None:
+    h = ehlo(caps=Capabilities(HOST, soft_error_limit=1, max_errors=20, error_sleep=0.0))
+    assert _delays(h, *["FROB"] * 5) == [0.0] * 5
+
+
+def test_close_with_is_not_counted_as_an_error_nor_delayed() -> None:
+    h = ehlo(caps=Capabilities(HOST, soft_error_limit=1, max_errors=20))
+    _delays(h, "FROB", "FROB")
+    h.core.close_with(replies.timeout(HOST))
+    assert h.core.errors == 2 and h.core.take_delay() == 0.0
+
+
 def test_caller_421_closes_the_session() -> None:
     h = in_transaction(answer=lambda ev: Reply(421, "4.3.2", "shutting down")
                        if isinstance(ev, RcptTo) else default_answer(ev))

@@ -37,8 +37,12 @@ data_timeout = "10m"
 # Caps on simultaneous connections, in total and from one address ("421 4.7.0").
 max_connections = 1000
 max_connections_per_peer = 50
-# Errors in one session before the server says "421" and hangs up.
-max_errors = 10
+# Errors a client may make without sending mail (refused recipients count). Past
+# soft_error_limit each error reply waits error_sleep; at max_errors the server says
+# "421 4.7.0" and hangs up. Postfix's smtpd_soft/hard_error_limit, smtpd_error_sleep_time.
+soft_error_limit = 10
+error_sleep = "1s"
+max_errors = 20
 # SMTP front-end processes sharing the listeners (the main one included). More than
 # one uses more cores; connection caps and AUTH throttling then count per process.
 processes = 1

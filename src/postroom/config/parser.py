@@ -175,6 +175,14 @@ def _schedule(value: object) -> tuple[float, ...]:
     return tuple(_positive_duration(v) for v in value)
 
 
+def _error_sleep(value: object) -> float:
+    seconds = parse_duration(value)
+    if seconds >= 300:
+        raise ValueError(f"{value!r}: less than 5m, the time a client waits for a reply "
+                         "(RFC 5321 4.5.3.2); \"0s\" never waits")
+    return seconds
+
+
 def _min_free(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError("give a number of bytes, 0 or more (0: no reserve)")
@@ -382,6 +390,8 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: str) -> Config:
         max_connections_per_peer=r.positive(s, "smtp.", "max_connections_per_peer",
                                             d.max_connections_per_peer),
         max_errors=r.positive(s, "smtp.", "max_errors", d.max_errors),
+        soft_error_limit=r.positive(s, "smtp.", "soft_error_limit", d.soft_error_limit),
+        error_sleep=r.convert(s, "smtp.", "error_sleep", _error_sleep, d.error_sleep),
         auth_on_mx=r.get(s, "smtp.", "auth_on_mx", bool, d.auth_on_mx),
         auth_failure_limit=r.positive(s, "smtp.", "auth_failure_limit", d.auth_failure_limit),
         auth_failure_window=r.convert(

@@ -56,7 +56,12 @@ class SmtpConfig:
     data_timeout: float = 600.0
     max_connections: int = 1000
     max_connections_per_peer: int = 50
-    max_errors: int = 10
+    # Postfix's smtpd_hard_error_limit, smtpd_soft_error_limit, smtpd_error_sleep_time:
+    # errors "without delivering mail"; past the soft limit each error reply waits
+    # error_sleep; at max_errors the session gets 421 4.7.0 and is closed
+    max_errors: int = 20
+    soft_error_limit: int = 10
+    error_sleep: float = 1.0
     auth_on_mx: bool = False
     auth_failure_limit: int = 5
     auth_failure_window: float = 600.0
@@ -210,6 +215,14 @@ class Config:
                     f"OPEN RELAY: {net} lets a large part of the Internet relay through this "
                     "server without authentication; list only your own networks",
                 ))
+        s = self.smtp
+        if s.max_errors <= s.soft_error_limit:
+            found.append(Problem(
+                "smtp.max_errors",
+                f"{s.max_errors} is not above soft_error_limit ({s.soft_error_limit}): a "
+                "session is closed before it is ever slowed down, and an open-relay "
+                "scanner (16 tricks on one connection) gets no verdict; Postfix's limits "
+                "are 20 and 10 (files written before soft_error_limit said max_errors = 10)"))
         return found
 
 
@@ -229,6 +242,6 @@ ROUTE_KEYS = {"match", "via", "host", "path", "tls", "tls_verify", "username", "
 SMTP_KEYS = {
     "listen", "submission", "submissions", "max_message_size", "max_recipients",
     "command_timeout", "data_timeout", "max_connections", "max_connections_per_peer",
-    "max_errors", "auth_on_mx", "auth_failure_limit", "auth_failure_window", "processes",
-    "min_free_space",
+    "max_errors", "soft_error_limit", "error_sleep", "auth_on_mx", "auth_failure_limit",
+    "auth_failure_window", "processes", "min_free_space",
 }

@@ -23,6 +23,12 @@ Invariants:
   can become a second, smuggled message.
 - After STARTTLS any bytes already buffered are discarded and the session returns to
   its pre-EHLO state (RFC 3207 §4.2).
+- Error limits, as Postfix's smtpd_soft_error_limit and smtpd_hard_error_limit: every
+  reply with code 400 or more is an error (except ``452 4.5.3``, flow control), counted
+  since the session last queued a message. Each error reply past ``soft_error_limit``
+  asks for ``error_sleep`` seconds of delay (:meth:`ServerProtocol.take_delay`); the
+  error that reaches ``max_errors`` is followed by ``421 4.7.0`` and the close. The core
+  never waits itself: the adapter waits before writing the replies.
 """
 
 from __future__ import annotations
@@ -61,7 +67,9 @@ class Capabilities:
     hostname: str
     max_message_size: int = 26214400
     max_recipients: int = 100
-    max_errors: int = 20
+    max_errors: int = 20              # the hard limit: 421 and close ([smtp] max_errors)
+    soft_error_limit: int = 10        # past this many errors, each error reply waits ...
+    error_sleep: float = 1.0          # ... this many seconds (take_delay)
     starttls: bool = False            # a TLS context is available for STARTTLS
     auth: bool = False                # AUTH is offered on this listener (only once TLS is on)
     postmaster_domain: str = "localhost"
@@ -139,7 +147,9 @@ class ServerProtocol:
         self.esmtp = False
         self.auth_user: str | None = None
         self.envelope = Envelope()
-        self.errors = 0
+        self.errors = 0                        # error replies in this session
+        self.errors_without_mail = 0           # the same since a message was last queued
+        self._delay = 0.0                      # seconds to wait before the next write
         self._in = bytearray()
         self._out: list[bytes] = []
         self._pending: Event | None = None
@@ -165,6 +175,13 @@ class ServerProtocol:
         self._out.clear()
         return out
 
+    def take_delay(self) -> float:
+        """Seconds to wait before writing the output taken with :meth:`take_output`:
+        ``error_sleep`` for each error reply in it past ``soft_error_limit``. The caller
+        waits without holding up other sessions; the core has already moved on."""
+        delay, self._delay = self._delay, 0.0
+        return delay
+
     @property
     def buffered(self) -> int:
         return len(self._in)
@@ -177,21 +194,26 @@ class ServerProtocol:
         self._send(replies.greeting(self.caps.hostname))
 
     def close_with(self, reply: Reply) -> None:
-        """Send a final reply (timeout, shutdown) and stop processing input."""
-        self._send(reply)
+        """Send a final reply (timeout, shutdown) and stop processing input. The
+        server's own verdict: it is not counted as the client's error, nor delayed."""
+        self._out.append(reply.render())
         self.phase = Phase.CLOSED
 
     def _send(self, reply: Reply) -> None:
         # 452 4.5.3 is flow control (RFC 5321 4.5.3.1.10), not a client error
         if reply.code >= 400 and reply is not replies.TOO_MANY_RECIPIENTS:
             self.errors += 1
+            self.errors_without_mail += 1
+            if self.errors_without_mail > self.caps.soft_error_limit:
+                self._delay += self.caps.error_sleep
         self._out.append(reply.render())
 
     def _error(self, reply: Reply) -> Closed | None:
-        """Send an error reply; past the error limit, say 421 and close."""
+        """Send an error reply; at the hard limit, say 421 and close."""
         self._send(reply)
-        if self.errors >= self.caps.max_errors:
-            self._send(replies.TOO_MANY_ERRORS)
+        if self.errors_without_mail >= self.caps.max_errors:
+            # the server's own verdict, not another client error: not counted, not delayed
+            self._out.append(replies.TOO_MANY_ERRORS.render())
             self.phase = Phase.CLOSED
             return Closed("too many errors")
         return None
@@ -214,6 +236,8 @@ class ServerProtocol:
         elif isinstance(ev, MessageReceived):
             self.envelope = Envelope()
             self._junk_commands = 0
+            if reply.is_positive:   # Postfix's limits count errors "without delivering mail"
+                self.errors_without_mail = 0
         elif isinstance(ev, AuthCredentials):
             if reply.code == 235:
                 self.auth_user = ev.username

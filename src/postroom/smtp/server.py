@@ -170,6 +170,7 @@ class ServerState:
         return Capabilities(
             hostname=self.config.hostname, max_message_size=s.max_message_size,
             max_recipients=s.max_recipients, max_errors=s.max_errors,
+            soft_error_limit=s.soft_error_limit, error_sleep=s.error_sleep,
             starttls=self.tls is not None and listener != "submissions",
             auth=self.tls is not None and (listener != "mx" or s.auth_on_mx),
             postmaster_domain=self.config.local_domains[0],
@@ -187,6 +188,7 @@ class Session(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = ""
         self._readable = asyncio.Event()
+        self._interrupted = asyncio.Event()      # ends an error delay: shutdown, lost
         self._lost = False
         self._paused = False
         self._counted = False
@@ -271,6 +273,7 @@ class Session(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
         self._readable.set()
+        self._interrupted.set()
         if self._counted:
             self._counted = False
             st = self.state
@@ -292,6 +295,7 @@ class Session(asyncio.Protocol):
     def shutdown(self) -> None:
         """Ask the session to end at its next wait for input."""
         self._readable.set()
+        self._interrupted.set()
 
     # --- the session loop ----------------------------------------------------------
     def _log_protocol(self, direction: str, data: bytes) -> None:
@@ -319,6 +323,17 @@ class Session(asyncio.Protocol):
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.write(out)
 
+    async def _error_delay(self) -> None:
+        """Wait as the core asks before writing its replies (error replies past [smtp]
+        soft_error_limit); other sessions go on meanwhile. A shutdown or a lost
+        connection ends the wait; more input does not."""
+        delay = self.core.take_delay()
+        if delay > 0 and not self._interrupted.is_set():
+            try:
+                await asyncio.wait_for(self._interrupted.wait(), delay)
+            except TimeoutError:
+                pass
+
     def _progress(self) -> None:
         self._progress_at = time.monotonic()
         self._progress_bytes = self._received
@@ -338,6 +353,7 @@ class Session(asyncio.Protocol):
                         self._take_body()
                     elif self._body is not None:     # refused, or the session moved on
                         self._drop_body()
+                    await self._error_delay()
                     self._flush()
                     if core.phase is Phase.CLOSED or self._lost:
                         break

@@ -225,7 +225,7 @@ class Postroom:
         cert, key = tls_files(c)
         tls = server_context(cert, key)
         self.spool: Spool = open_spool(c.data_dir, c.spool.url)
-        await self.spool.start()
+        await self.spool.start(listen=self.main)
         self.users = UserStore(c.users_path)
         self.store = MaildirStore(c.mail_dir, c.hostname)
         self.events = EventLog(c.data_dir / "events.sqlite3", Levels.from_names(c.logging.levels),
@@ -527,7 +527,7 @@ class Postroom:
             self.local.executor.shutdown(wait=True)
         await self._reap_children()
         if hasattr(self, "spool"):
-            self.spool.close()
+            await self.spool.aclose()
         if hasattr(self, "users"):
             self.users.close()
         if hasattr(self, "events"):

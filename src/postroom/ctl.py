@@ -167,6 +167,9 @@ def _print_reasons(data: dict[str, Any]) -> None:
 
 
 def _print_stats(data: dict[str, Any]) -> None:
+    if "nodes" in data:
+        print("# added up over " + ", ".join(
+            f"{n['name']} (heartbeat {_age(n['seconds_since'])} ago)" for n in data["nodes"]))
     for name, samples in sorted(data["metrics"].items()):
         for s in samples:
             labels = ",".join(f"{k}={v}" for k, v in sorted(s["labels"].items()))
@@ -287,8 +290,13 @@ def add_commands(sub: Any, with_config: Callable[[argparse.ArgumentParser],
             f"reloaded {d['reloaded']}" + (f"; a restart is needed to change: "
                                            f"{', '.join(d['needs_restart'])}"
                                            if d["needs_restart"] else ""))))
-    read("stats", "the counters (also at /metrics)").set_defaults(
-        fn=lambda a: _run(a, lambda c: c.call("GET", "/api/stats"), _print_stats))
+    st = read("stats", "the counters (also at /metrics)")
+    st.add_argument("--all-nodes", action="store_true",
+                    help="add up every node's counters (several nodes on one PostgreSQL "
+                         "spool: as each published them with its last heartbeat)")
+    st.set_defaults(fn=lambda a: _run(
+        a, lambda c: c.call("GET", "/api/stats" + ("?nodes=all" if a.all_nodes else "")),
+        _print_stats))
 
     lg = read("logging", "diagnostic logging: each category's level")
     lg.set_defaults(fn=lambda a: _run(a, lambda c: c.call("GET", "/api/logging"),

@@ -8,6 +8,7 @@ prints the same numbers.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -18,7 +19,9 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-__all__ = ["Metrics", "multiprocess", "status_label"]
+__all__ = ["Metrics", "add_up", "multiprocess", "status_label"]
+
+log = logging.getLogger("postroom.metrics")
 
 _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}\Z")
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -36,15 +39,40 @@ class _QueueCollector(Collector):
         self.read = read
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        up = GaugeMetricFamily("postroom_spool_up",
+                               "1 when the spool's database answered this scrape, else 0")
+        try:
+            queues = list(self.read())
+        except Exception as exc:      # PostgreSQL away: the other metrics still serve
+            log.debug("queue gauges unavailable: %s", exc)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
         msgs = GaugeMetricFamily("postroom_queue_messages", "Messages in each queue",
                                  labels=["queue"])
         rcpts = GaugeMetricFamily("postroom_queue_recipients", "Recipients in each queue",
                                   labels=["queue"])
-        for name, m, r in self.read():
+        for name, m, r in queues:
             msgs.add_metric([name], m)
             rcpts.add_metric([name], r)
         yield msgs
         yield rcpts
+
+
+def add_up(snapshots: Iterable[dict[str, list[dict[str, Any]]]]
+           ) -> dict[str, list[dict[str, Any]]]:
+    """Several nodes' :meth:`Metrics.counters` as one, each sample summed by its labels."""
+    sums: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for snap in snapshots:
+        for name, samples in snap.items():
+            by_labels = sums.setdefault(name, {})
+            for s in samples:
+                key = tuple(sorted((str(k), str(v)) for k, v in s["labels"].items()))
+                by_labels[key] = by_labels.get(key, 0.0) + float(s["value"])
+    return {name: [{"labels": dict(k), "value": v} for k, v in sorted(by_labels.items())]
+            for name, by_labels in sums.items()}
 
 
 def multiprocess() -> bool:
@@ -94,6 +122,11 @@ class Metrics:
 
     def watch_queues(self, read: Callable[[], Iterable[tuple[str, int, int]]]) -> None:
         self.exposition.register(_QueueCollector(read))
+
+    def counters(self) -> dict[str, list[dict[str, Any]]]:
+        """The counters only (``*_total``), as in :meth:`snapshot`: what this node
+        publishes with its heartbeat, for :func:`add_up` across nodes."""
+        return {k: v for k, v in self.snapshot().items() if k.endswith("_total")}
 
     def snapshot(self) -> dict[str, Any]:
         """Every sample as plain JSON: {metric: [{"labels": {...}, "value": v}, ...]}."""

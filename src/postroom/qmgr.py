@@ -220,7 +220,12 @@ class QueueManager:
         renewed = time.monotonic()
         while not self._stopping:
             try:
-                await self.spool.heartbeat(self.owner, self.node_info, self.clock())
+                # this node's counters travel with its heartbeat: ``postroom stats
+                # --all-nodes`` adds up every node's (read in a thread: with several
+                # processes, they are files)
+                counters = await asyncio.to_thread(self.metrics.counters)
+                await self.spool.heartbeat(self.owner, {**self.node_info, "counters": counters},
+                                           self.clock())
                 if time.monotonic() - renewed >= self.lease / 3 and self._held:
                     renewed = time.monotonic()
                     lost = await self.spool.renew(list(self._held.values()), self.clock(),

@@ -119,6 +119,8 @@ def test_a_dead_nodes_claimed_mail_is_delivered_by_the_other_after_its_leases(
             status = json.loads(a.cli("status", "--json").stdout)
             assert [n["name"] for n in status["nodes"]] == ["node-a"]
             assert status["nodes"][0]["claims"] == 6
+            # A's counters reach the database with its heartbeats
+            assert wait_until(lambda: counted(a, "postroom_messages_received_total") == 6, 15)
             a.kill9()
             killed = time.monotonic()
             b = node(server_factory, database, "node-b", out.port)
@@ -135,8 +137,19 @@ def test_a_dead_nodes_claimed_mail_is_delivered_by_the_other_after_its_leases(
             duplicates = sum(n - 1 for n in got.values())
             assert duplicates == 0, f"duplicates: {duplicates}"      # A never reached DATA
             assert wait_until(lambda: queued_ids(b) == [], 10)
+            # the counters are shared: B adds up A's last published ones and its own
+            assert wait_until(
+                lambda: counted(b, "postroom_recipients_delivered_total") == 6, 15)
+            assert counted(b, "postroom_messages_received_total") == 6     # all A's
+            assert "node-a" in b.cli("stats", "--all-nodes").stdout
     finally:
         tarpit.close()
+
+
+def counted(sp: ServerProcess, name: str) -> float:
+    """``name`` added up over every node's published counters (stats --all-nodes)."""
+    data = json.loads(sp.cli("stats", "--all-nodes", "--json").stdout)
+    return sum(s["value"] for s in data["metrics"].get(name, ()))
 
 
 def queued_ids(sp: ServerProcess) -> list[str]:
@@ -165,6 +178,11 @@ def test_postgresql_stopped_mid_load_loses_no_accepted_message(
             assert wait_until(lambda: sum(c == 250 for c, _ in results) >= 20, 30)
             postgres_server.stop()
             assert wait_until(lambda: any(c == 451 for c, _ in results[-5:]), 20), results[-5:]
+            # the operations commands say what is wrong; the counters still serve
+            down = a.cli("queue", check=False)
+            assert down.returncode != 0
+            assert "spool's database cannot be reached" in down.stderr + down.stdout
+            assert "postroom_spool_up 0" in a.cli("stats").stdout
             time.sleep(1)
             postgres_server.start()
             before = len(results)

@@ -17,7 +17,7 @@ from ..config import Config, ConfigError, parse_duration
 from ..events import EventLog
 from ..metrics import Metrics
 from ..model import ComponentError
-from ..spool import Filters, Spool
+from ..spool import Filters, Spool, StorageUnavailable
 from ..spool.views import QueueError
 from ..users import UserError, UserStore
 
@@ -63,7 +63,8 @@ class Context:
 
 
 def guarded(handler: Handler, token: str) -> Handler:
-    """``handler`` behind the bearer token; the API's expected errors answer 400."""
+    """``handler`` behind the bearer token; the API's expected errors answer 400, and
+    an unreachable spool database 503 (the command line prints the message)."""
     async def run(request: Request) -> Response:
         given = request.headers.get("authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
@@ -74,6 +75,8 @@ def guarded(handler: Handler, token: str) -> Handler:
         except (QueueError, ComponentError, ConfigError, UserError,
                 ValueError) as exc:
             return _error(400, str(exc))
+        except StorageUnavailable as exc:
+            return _error(503, f"the spool's database cannot be reached: {exc}")
     return run
 
 

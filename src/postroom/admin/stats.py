@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from ..metrics import Metrics
+from ..metrics import Metrics, add_up
 from .common import AdminBackend, Context, Endpoint
 
 # The counters the console charts, summed over their labels.
@@ -80,7 +80,14 @@ def routes(backend: AdminBackend, ctx: Context) -> list[Endpoint]:
     ctx.background.append(history.run)          # sampled while the API serves
 
     async def stats(request: Request) -> Response:
-        return JSONResponse({"metrics": backend.metrics.snapshot()})
+        if request.query_params.get("nodes") != "all":
+            return JSONResponse({"metrics": backend.metrics.snapshot()})
+        # every node's counters, as each last published them with its heartbeat
+        nodes = await backend.spool.nodes(time.time())
+        return JSONResponse({
+            "metrics": add_up(n["info"].get("counters") or {} for n in nodes),
+            "nodes": [{"name": n["name"], "seconds_since": n["seconds_since"]}
+                      for n in nodes]})
 
     async def metrics(request: Request) -> Response:
         data = await asyncio.get_running_loop().run_in_executor(

@@ -38,9 +38,10 @@ __all__ = ["Spool"]
 class Spool(Protocol):
     bodies: Path                      # where big messages' files live
 
-    async def start(self) -> None:
-        """Connect and listen for other nodes' commits (PostgreSQL); call once, in the
-        event loop that will use the spool."""
+    async def start(self, listen: bool = True) -> None:
+        """Connect, and with ``listen`` wake the ``on_commit`` listeners at other
+        nodes' commits too (PostgreSQL: the process that runs the queue listens; front
+        ends need not). Call once, in the event loop that will use the spool."""
         ...
 
     # --- receiving -----------------------------------------------------------------
@@ -146,3 +147,7 @@ class Spool(Protocol):
     async def sweep_bodies(self, started: float = 0.0) -> int: ...
 
     def close(self) -> None: ...
+
+    async def aclose(self) -> None:
+        """:meth:`close`, waiting in the loop for connections to end cleanly."""
+        ...

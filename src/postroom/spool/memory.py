@@ -147,8 +147,11 @@ class MemorySpool:
     def on_commit(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)
 
-    async def start(self) -> None:
+    async def start(self, listen: bool = True) -> None:
         pass
+
+    async def aclose(self) -> None:
+        self.close()
 
     # --- conversion ----------------------------------------------------------------
     async def pending_conversion(self, limit: int) -> list[Claim]:

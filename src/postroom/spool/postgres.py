@@ -231,16 +231,17 @@ class PostgresSpool:
         self._materialising: dict[str, asyncio.Lock] = {}
 
     # --- connections ---------------------------------------------------------------
-    async def start(self) -> None:
-        """Open the pool, create or migrate the schema, and LISTEN for other nodes'
-        commits. A database that cannot be reached yet is not an error here: the verbs
-        say so (StorageUnavailable) until it is back."""
+    async def start(self, listen: bool = True) -> None:
+        """Open the pool, create or migrate the schema, and (``listen``) LISTEN for
+        other nodes' commits on a connection of its own. A database that cannot be
+        reached yet is not an error here: the verbs say so (StorageUnavailable) until
+        it is back."""
         try:
             await self._ready()
         except StorageUnavailable as exc:
             log.warning("the spool's database cannot be reached yet (%s); "
                         "carrying on, retrying at every use", exc)
-        if self._listen_task is None:
+        if listen and self._listen_task is None:
             self._listen_task = asyncio.get_running_loop().create_task(
                 self._listen(), name="spool-listen")
 

@@ -313,8 +313,11 @@ class SqliteSpool:
     def on_commit(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)
 
-    async def start(self) -> None:
+    async def start(self, listen: bool = True) -> None:
         """Nothing to connect: the database was opened by the constructor."""
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)
 
     def close(self) -> None:
         self._jobs.put(None)

@@ -218,6 +218,8 @@ class Postroom:
         self.children = children or []
         self._servers: list[asyncio.Server] = []
         self._stopped = asyncio.Event()
+        self._stop: asyncio.Event | None = None     # run_until_signalled waits on it
+        self._stop_reason = "on a signal"
 
     async def start(self) -> list[BoundListener]:
         c = self.config
@@ -349,7 +351,8 @@ class Postroom:
             raise ComponentError(f"unknown action {action!r}: use stop, start or restart")
         if name == "admin":
             raise ComponentError("the admin API cannot stop itself (nothing could start it "
-                                 "again); stop the whole server with SIGTERM instead")
+                                 "again); stop the whole server with 'postroom stop' (no "
+                                 "component) or SIGTERM instead")
         before = next(c["state"] for c in self.status() if c["name"] == name)
         if before == "disabled":
             raise ComponentError(f"{name} has no listener in the configuration")
@@ -558,9 +561,18 @@ class Postroom:
             except (ProcessLookupError, ChildProcessError):
                 pass
 
+    def request_stop(self, reason: str) -> None:
+        """Stop the whole server as SIGTERM does ('postroom stop' through the admin API),
+        once the caller has answered: the stop begins at the loop's next turn."""
+        if self._stop is None or not self.main:
+            raise ComponentError("this server was not started by 'postroom serve': stop it "
+                                 "the way it was started")
+        self._stop_reason = reason
+        asyncio.get_running_loop().call_soon(self._stop.set)
+
     async def run_until_signalled(self, on_started: object = None) -> None:
         loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
+        stop = self._stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         if not self.main:
@@ -574,7 +586,8 @@ class Postroom:
         if callable(on_started):
             on_started(self.listeners)
         await stop.wait()
-        log.info("signal received, shutting down")
+        log.info("stopping %s", self._stop_reason)
         if self.main and hasattr(self, "events"):
-            self.events.emit(1002, f"Postroom (pid {os.getpid()}) is stopping on a signal")
+            self.events.emit(1002, f"Postroom (pid {os.getpid()}) is stopping "
+                             f"{self._stop_reason}")
         await self.stop()

@@ -86,7 +86,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             host = f"[{admin.host}]" if ":" in admin.host else admin.host
             lines += [f"Web console: http://{host}:{admin.port}/ (log in with an admin account:",
                       f"  postroom users add you@{domain} --admin --password-stdin)"]
-        lines.append("Stop with Ctrl-C (or SIGTERM).")
+        lines.append("Stop with Ctrl-C, 'postroom stop' or SIGTERM.")
         # one write, so that log lines from the other thread cannot land inside it
         sys.stdout.write("\n".join(lines) + "\n")
         sys.stdout.flush()

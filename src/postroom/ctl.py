@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import urllib.error
@@ -240,6 +241,80 @@ def _run(args: argparse.Namespace, call: Callable[[ApiClient], Any],
     return 0
 
 
+def _process_gone(pid: int) -> bool:
+    """Whether process ``pid`` has exited (a zombie that its parent has not yet reaped
+    has exited too)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False                   # alive, and another user's
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[:1] == ["Z"]
+
+
+def _api_gone(client: ApiClient) -> bool:
+    try:
+        client.call("GET", "/api/status")
+    except AdminApiError:
+        return True
+    return False
+
+
+def _stop_server(args: argparse.Namespace) -> int:
+    """``postroom stop``: the whole server, as SIGTERM stops it (``postfix stop``), and
+    wait until it is gone."""
+    try:
+        client = ApiClient(_config(args), timeout=15.0)
+        data = client.call("POST", "/api/stop")
+    except (ConfigError, AdminApiError) as exc:
+        print(f"postroom: {exc}", file=sys.stderr)
+        return 1
+    pid = int(data["pid"])
+    if not args.json:
+        print(f"stopping Postroom (pid {pid}): no new connections, open sessions are told "
+              "421 4.3.2, queued mail stays queued", flush=True)
+    started = time.monotonic()
+    while not (_process_gone(pid) and _api_gone(client)):
+        if time.monotonic() - started > args.timeout:
+            print(f"postroom: the server (pid {pid}) is still stopping after "
+                  f"{args.timeout:g}s: deliveries under way finish first; see it go with "
+                  f"'postroom status', or end it with 'kill {pid}'", file=sys.stderr)
+            return 1
+        time.sleep(0.1)
+    seconds = round(time.monotonic() - started, 1)
+    if args.json:
+        print(json.dumps({**data, "stopped": True, "seconds": seconds}, indent=2))
+    else:
+        print(f"Postroom stopped (pid {pid}, after {seconds:g}s)")
+    return 0
+
+
+def _start_server(args: argparse.Namespace) -> int:
+    """``postroom start`` without a component: the server is started by ``postroom
+    serve``, which runs in the foreground; say so, and whether one already runs."""
+    try:
+        client = ApiClient(_config(args), timeout=5.0)
+        client.call("GET", "/api/status")
+    except ConfigError as exc:
+        print(f"postroom: {exc}", file=sys.stderr)
+        return 1
+    except AdminApiError:
+        print(f"postroom: 'postroom start' starts a stopped component; the server itself "
+              f"runs in the foreground:\n  postroom serve -c {args.config}\n(under systemd "
+              "or another service manager to keep it running; it stops cleanly with "
+              "'postroom stop' or SIGTERM)", file=sys.stderr)
+        return 1
+    print(f"postroom: the server is already running (its admin API answers at "
+          f"{client.base}); 'postroom start COMPONENT' starts a stopped component "
+          "(see 'postroom status')", file=sys.stderr)
+    return 1
+
+
 def _events(args: argparse.Namespace) -> int:
     query = {"since": args.since, "severity": args.severity, "category": args.category,
              "queue_id": args.queue_id, "limit": args.limit}
@@ -279,12 +354,20 @@ def add_commands(sub: Any, with_config: Callable[[argparse.ArgumentParser],
     read("status", "each component's state").set_defaults(
         fn=lambda a: _run(a, lambda c: c.call("GET", "/api/status"), _print_status))
     for action in ("stop", "start", "restart"):
-        p = read(action, f"{action} one component")
-        p.add_argument("component", help="smtp, submission, conversion, queue-manager, "
-                                         "local-delivery or outbound-delivery")
+        p = read(action, {"stop": "stop one component, or without one the whole server",
+                          "start": "start one stopped component",
+                          "restart": "restart one component"}[action])
+        p.add_argument("component", nargs=None if action == "restart" else "?",
+                       help="smtp, submission, conversion, queue-manager, local-delivery "
+                            "or outbound-delivery")
+        if action == "stop":
+            p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                           help="without a component: how long to wait for the server to "
+                                "be gone (default 60)")
         p.set_defaults(fn=lambda a, action=action: _run(
             a, lambda c: c.call("POST", f"/api/components/{a.component}/{action}"),
-            lambda d: print(f"{d['name']}: {d['state']}")))
+            lambda d: print(f"{d['name']}: {d['state']}")) if a.component else
+            _stop_server(a) if action == "stop" else _start_server(a))
     read("reload", "re-read the config without dropping connections or mail").set_defaults(
         fn=lambda a: _run(a, lambda c: c.call("POST", "/api/reload"), lambda d: print(
             f"reloaded {d['reloaded']}" + (f"; a restart is needed to change: "

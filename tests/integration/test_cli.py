@@ -174,3 +174,67 @@ def test_queue_without_a_running_server_says_so_and_touches_nothing(tmp_path: Pa
     assert "has the server been started" in cp.stderr and "Traceback" not in cp.stderr
     assert cp.stdout == ""
     assert not os.path.exists(tmp_path / "postroom-data" / "spool.sqlite3")
+
+
+# --- stop and start without a component, as 'postfix stop' and 'postfix start' ---------
+def test_stop_without_a_component_stops_the_whole_server_cleanly_and_keeps_the_queue(
+        server_factory) -> None:  # type: ignore[no-untyped-def]
+    sp: ServerProcess = server_factory("[smtp]\nprocesses = 2")
+    with sp.smtp() as s:             # outbound, and the DNS is dead: it waits in the queue
+        s.sendmail("alice@example.test", ["carol@far.example"], b"Subject: kept\r\n\r\nx\r\n")
+    idle = RawClient(sp.mx_port)
+    assert idle.reply()[0] == 220
+    assert sp.proc is not None
+    pid = sp.proc.pid
+    children = [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
+                                               text=True).stdout.split()]
+    assert children, "processes = 2 forks a front end"
+    lines = sp.cli("stop").stdout.splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0] == (f"stopping Postroom (pid {pid}): no new connections, open sessions "
+                        "are told 421 4.3.2, queued mail stays queued")
+    assert lines[1].startswith(f"Postroom stopped (pid {pid}, after ")
+    # the command returned once the server was gone: it exited, cleanly, with its front end
+    assert sp.proc.poll() == 0
+    assert not any(os.path.exists(f"/proc/{child}") for child in children)
+    code, text = idle.reply()          # the open session was told, not just dropped
+    assert code == 421 and "4.3.2" in text
+    idle.close()
+    log = sp.log_text()
+    assert "stopping at the admin API's request (postroom stop)" in log
+    assert "postroom stopped" in log and "Traceback" not in log
+    # started again: the message is still queued, and the event log says who stopped it
+    sp.start()
+    assert sp.queue()["outbound-delivery"]["messages"] == 1
+    events = sp.cli("events", "--json").stdout
+    assert f"Postroom (pid {pid}) is stopping at the admin API's request" in events
+    got = json.loads(sp.cli("stop", "--json").stdout)
+    assert got["stopping"] is True and got["stopped"] is True and got["pid"] != pid
+    assert sp.proc.wait(timeout=5) == 0
+
+
+def test_stop_when_the_server_is_not_running_says_so(server_factory) -> None:  # type: ignore[no-untyped-def]
+    sp: ServerProcess = server_factory()
+    sp.stop()
+    cp = sp.cli("stop", check=False)
+    assert cp.returncode == 1 and cp.stdout == ""
+    assert "cannot reach the admin API" in cp.stderr and "Traceback" not in cp.stderr
+
+
+def test_start_without_a_component_says_how_to_start_the_server(server_factory) -> None:  # type: ignore[no-untyped-def]
+    sp: ServerProcess = server_factory(start=False)
+    cp = sp.cli("start", check=False)
+    assert cp.returncode == 1 and cp.stdout == ""
+    assert f"postroom serve -c {sp.config}" in cp.stderr and "Traceback" not in cp.stderr
+    sp.start()
+    cp = sp.cli("start", check=False)
+    assert cp.returncode == 1
+    assert "already running" in cp.stderr and "postroom start COMPONENT" in cp.stderr
+    assert sp.proc is not None and sp.proc.poll() is None       # and it was left alone
+    assert sp.cli("stop", "outbound-delivery").stdout.strip() == "outbound-delivery: stopped"
+    assert sp.cli("start", "outbound-delivery").stdout.strip() == "outbound-delivery: running"
+
+
+def test_restart_still_needs_a_component(tmp_path: Path) -> None:
+    cp = run(["restart"], tmp_path)
+    assert cp.returncode == 2 and "component" in cp.stderr

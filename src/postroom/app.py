@@ -245,7 +245,7 @@ class Postroom:
             self.agent = SmtpDeliveryAgent(self.resolver, c.hostname, c.delivery)
             self.lmtp = LmtpDeliveryAgent(c.hostname, c.delivery)
             self.local = LocalDeliveryAgent(self.store, self.users.exists, c.aliases,
-                                            ThreadPoolExecutor(8, "local-delivery"))
+                                            ThreadPoolExecutor(4, "local-delivery"))
             agents = Agents({"local": self.local, "mx": self.agent, "smarthost": self.agent,
                              "lmtp": self.lmtp})
             self.qmgr = QueueManager(

@@ -419,10 +419,13 @@ class EventLog:
         while True:
             item = self._queue.get()
             batch = [item]
-            deadline = time.monotonic() + self.FLUSH_EVERY
-            while item is not None and len(batch) < 1000:
+            if item is not None:
+                # sleep rather than wait for each next item: a waiting reader is woken
+                # (a futex and a GIL hand-off) by every put, one per event
+                time.sleep(self.FLUSH_EVERY)
+            while item is not None and len(batch) < 5000:
                 try:
-                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    item = self._queue.get_nowait()
                 except queue.Empty:
                     break
                 batch.append(item)

@@ -7,10 +7,13 @@ follows a message. Passwords and AUTH exchanges are never logged.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
-import logging.handlers
+import os
 import queue
 import sys
+import threading
+import time
 from pathlib import Path
 
 __all__ = ["setup_logging", "stop_logging"]
@@ -18,63 +21,152 @@ __all__ = ["setup_logging", "stop_logging"]
 FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 
-class _LogFile(logging.handlers.RotatingFileHandler):
-    """The log file; when it cannot be written (a full disk), says so once on stderr
-    instead of printing a traceback per line."""
-
-    _complained = False
-
-    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - stdlib name
-        if not self._complained:
-            self._complained = True
-            sys.stderr.write(f"postroom: cannot write the log file {self.baseFilename} "
-                             "(disk full?); log lines are lost until it can be written again\n")
-            sys.stderr.write(self.format(record) + "\n")
+FLUSH_EVERY = 0.05          # seconds a batch of log lines waits for company
+MAX_BYTES = 50 * 1024 * 1024
+BACKUPS = 5
 
 
-_listener: logging.handlers.QueueListener | None = None
+class _LogFile:
+    """``postroom.log``, written a batch at a time. The process that rotates counts
+    what it wrote and renames the file past MAX_BYTES (``.1`` ... ``.5``); the others
+    (SMTP front ends) reopen it by name once a batch when it was renamed. When it cannot
+    be written (a full disk), says so once on stderr instead of once per line."""
+
+    def __init__(self, path: Path, rotate: bool) -> None:
+        self.path = path
+        self.rotate = rotate
+        self._complained = False
+        self._fd = -1
+        self._size = 0
+        self._open()
+
+    def _open(self) -> None:
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._size = os.fstat(self._fd).st_size
+
+    def _renamed(self) -> bool:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return True
+        mine = os.fstat(self._fd)
+        return (st.st_ino, st.st_dev) != (mine.st_ino, mine.st_dev)
+
+    def _rollover(self) -> None:
+        os.close(self._fd)
+        for i in range(BACKUPS - 1, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{i}")
+            if older.exists():
+                os.replace(older, self.path.with_name(f"{self.path.name}.{i + 1}"))
+        os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+        self._open()
+
+    def write(self, data: bytes) -> None:
+        try:
+            if self.rotate and self._size and self._size + len(data) > MAX_BYTES:
+                self._rollover()
+            elif not self.rotate and self._renamed():
+                os.close(self._fd)
+                self._open()
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view):]
+            self._size += len(data)
+        except OSError as exc:
+            if not self._complained:
+                self._complained = True
+                sys.stderr.write(f"postroom: cannot write the log file {self.path} "
+                                 f"({exc.strerror or exc}; disk full?); log lines are lost "
+                                 "until it can be written again\n")
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class _Batched(logging.Handler):
+    """Formats each line where it is logged and hands it to a thread that writes the
+    lines in batches: one write per FLUSH_EVERY, not a write and a thread wake-up per
+    line (both cost the event loop CPU it spends on mail)."""
+
+    def __init__(self, stderr: bool, file: _LogFile | None) -> None:
+        super().__init__()
+        self.stderr = stderr
+        self.file = file
+        self._lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._write, name="log-writer", daemon=True)
+        self._thread.start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._lines.put(self.format(record))
+        except Exception:  # noqa: BLE001 - logging must never break the caller
+            self.handleError(record)
+
+    def _write(self) -> None:
+        while True:
+            first = self._lines.get()
+            if first is not None:
+                time.sleep(FLUSH_EVERY)          # let the batch fill
+            batch = [first]
+            while batch[-1] is not None:
+                try:
+                    batch.append(self._lines.get_nowait())
+                except queue.Empty:
+                    break
+            lines = [line for line in batch if line is not None]
+            if lines:
+                text = "\n".join(lines) + "\n"
+                if self.stderr:
+                    with contextlib.suppress(Exception):
+                        sys.stderr.write(text)
+                        sys.stderr.flush()
+                if self.file is not None:
+                    self.file.write(text.encode("utf-8", "replace"))
+            if batch[-1] is None:
+                return
+
+    def close(self) -> None:
+        """Write out what is queued and stop the writer thread."""
+        if self._thread.is_alive():
+            self._lines.put(None)
+            self._thread.join(timeout=5)
+        if self.file is not None:
+            self.file.close()
+        super().close()
+
+
+_handler: _Batched | None = None
 
 
 def setup_logging(log_dir: Path | None, *, level: int = logging.INFO, stderr: bool = True,
                   rotate: bool = True) -> None:
     """Log lines are formatted where they happen and written by a background thread, so
     that neither the event loop nor the spool writer waits for the log file."""
-    global _listener
+    global _handler
     stop_logging()
     root = logging.getLogger("postroom")
     root.setLevel(level)
     for handler in list(root.handlers):
         root.removeHandler(handler)
         handler.close()
-    formatter = logging.Formatter(FORMAT)
-    handlers: list[logging.Handler] = []
-    if stderr:
-        h = logging.StreamHandler()
-        h.setFormatter(formatter)
-        handlers.append(h)
+    file = None
     if log_dir is not None:
         log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         # One process rotates; the others (SMTP front ends) follow the file by name.
-        fh: logging.Handler = _LogFile(
-            log_dir / "postroom.log", maxBytes=50 * 1024 * 1024, backupCount=5,
-            encoding="utf-8") if rotate else logging.handlers.WatchedFileHandler(
-            log_dir / "postroom.log", encoding="utf-8")
-        fh.setFormatter(formatter)
-        handlers.append(fh)
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    qh = logging.handlers.QueueHandler(records)
-    root.addHandler(qh)
-    _listener = logging.handlers.QueueListener(records, *handlers, respect_handler_level=True)
-    _listener.start()
+        file = _LogFile(log_dir / "postroom.log", rotate)
+    _handler = _Batched(stderr, file)
+    _handler.setFormatter(logging.Formatter(FORMAT))
+    root.addHandler(_handler)
     atexit.register(stop_logging)
     root.propagate = False
 
 
 def stop_logging() -> None:
     """Write out what is queued and stop the writer thread (idempotent)."""
-    global _listener
-    if _listener is not None:
-        _listener.stop()
-        for handler in _listener.handlers:
-            handler.close()
-        _listener = None
+    global _handler
+    if _handler is not None:
+        logging.getLogger("postroom").removeHandler(_handler)
+        _handler.close()
+        _handler = None

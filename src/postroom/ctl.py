@@ -108,24 +108,79 @@ def _print_summary(data: dict[str, Any]) -> None:
               f"{_age(q['oldest_age_seconds']):>8} {nxt:>10} {q['held']:5}")
 
 
+QUEUES = ("inbound-conversion", "inbound-delivery", "outbound-conversion",
+          "outbound-delivery")
+
+
+def _arrival(ts: float) -> str:
+    """Local time as mailq shows it: 'Sat Dec  5 23:59:52'."""
+    t = time.localtime(ts)
+    return f"{time.strftime('%a %b', t)} {t.tm_mday:>2} {time.strftime('%H:%M:%S', t)}"
+
+
+def _why(r: dict[str, Any], now: float) -> str:
+    """The reason line of one recipient, mailq's "(...)", with Postroom's retry state;
+    "" for a recipient that has not been tried and waits for nothing."""
+    if r["held"]:
+        state = "held by the administrator: postroom queue release ID"
+    elif r["next_attempt"] is None or not (r["last_reply"] or r["attempts"]):
+        state = ""
+    else:
+        tries = f"{r['attempts']} attempt{'s' if r['attempts'] != 1 else ''}, " \
+            if r["attempts"] else ""
+        state = tries + ("next try now" if r["next_attempt"] <= now else
+                         f"next try in {_age(r['next_attempt'] - now)}")
+    return "; ".join(part for part in (r["last_reply"], state) if part)
+
+
 def _print_list(data: dict[str, Any]) -> None:
-    if not data["messages"]:
-        print(f"{data['queue']}: no messages match")
+    """Postfix's mailq, column for column (its queue ids are 11 characters, Postroom's
+    18): queue id, '!' when held, size, arrival time, sender; then each recipient, after
+    the reason it waits for in parentheses; then the total."""
+    messages = data["messages"]
+    if not messages:
+        print(f"{data['queue']}: no messages match" if data["queue"] != "all" else
+              "Mail queue is empty")
         return
     now = time.time()
-    for m in data["messages"]:
-        print(f"{m['id']}  {m['size']:>9}  {_age(now - m['received']):>7} old  "
-              f"from <{m['sender']}>")
+    width = max(11, *(len(m["id"]) for m in messages))
+    print(f"{'-Queue ID-':<{width + 1}}--Size-- ----Arrival Time---- -Sender/Recipient-------")
+    for m in messages:
+        held = "!" if m["recipients"] and all(r["held"] for r in m["recipients"]) else " "
+        print(f"{m['id']:<{width}}{held}{m['size']:>7} {_arrival(m['received'])}  "
+              f"{m['sender'] or 'MAILER-DAEMON'}")
+        groups: dict[str, list[str]] = {}
         for r in m["recipients"]:
-            flags = " HELD" if r["held"] else ""
-            retry = "" if r["next_attempt"] is None or r["held"] else \
-                (" next now" if r["next_attempt"] <= now else
-                 f" next in {_age(r['next_attempt'] - now)}")
-            print(f"    <{r['address']}> attempts {r['attempts']}{retry}{flags}")
-            if r["last_reply"]:
-                print(f"        {r['last_reply']}")
+            groups.setdefault(_why(r, now), []).append(r["address"])
+        for why, addresses in sorted(groups.items(), key=lambda g: g[0] != ""):
+            if why:
+                print(f"{'':{width + 8}}({why})")
+            for address in addresses:
+                print(f"{'':{width + 30}}{address}")
+        print()
+    total = sum(m["size"] for m in messages)
+    print(f"-- {total // 1024} Kbytes in {len(messages)} "
+          f"Request{'s' if len(messages) != 1 else ''}.")
     if data.get("truncated"):
         print("(more messages match: narrow the filters)")
+
+
+def _list_queues(client: ApiClient, queue: str | None, query: dict[str, Any]) -> Any:
+    """One queue's messages; without a queue, all four, each message once (mailq)."""
+    if queue:
+        return client.call("GET", f"/api/queues/{urllib.parse.quote(queue)}", query=query)
+    merged: dict[str, dict[str, Any]] = {}
+    truncated = False
+    for name in QUEUES:
+        got = client.call("GET", f"/api/queues/{name}", query=query)
+        truncated = truncated or bool(got.get("truncated"))
+        for m in got["messages"]:
+            if m["id"] in merged:
+                merged[m["id"]]["recipients"] += m["recipients"]
+            else:
+                merged[m["id"]] = m
+    return {"queue": "all", "truncated": truncated,
+            "messages": sorted(merged.values(), key=lambda m: (m["received"], m["id"]))}
 
 
 def _print_show(m: dict[str, Any]) -> None:
@@ -429,12 +484,13 @@ def add_commands(sub: Any, with_config: Callable[[argparse.ArgumentParser],
         p.add_argument("--held", action="store_true", help="held recipients only")
         return p
 
-    ls = filtered(with_config(qs.add_parser("list", help="the messages in one queue")))
-    ls.add_argument("queue", help="inbound-conversion, inbound-delivery, "
-                                  "outbound-conversion or outbound-delivery")
+    ls = filtered(with_config(qs.add_parser("list", help="the messages in one queue, or "
+                                                         "in all four (as mailq)")))
+    ls.add_argument("queue", nargs="?", help="inbound-conversion, inbound-delivery, "
+                    "outbound-conversion or outbound-delivery (default: all of them)")
     ls.add_argument("--json", action="store_true")
-    ls.set_defaults(fn=lambda a: _run(a, lambda c: c.call(
-        "GET", f"/api/queues/{urllib.parse.quote(a.queue)}", query=_filters(a)), _print_list))
+    ls.set_defaults(fn=lambda a: _run(a, lambda c: _list_queues(c, a.queue, _filters(a)),
+                                      _print_list))
 
     sh = with_config(qs.add_parser("show", help="one message, its recipients and attempts"))
     sh.add_argument("id")
@@ -723,6 +779,11 @@ def sendmail_main(argv: list[str], stdin: Any = None) -> int:
                 sender = value.strip("<>")
             elif a in ("-c", "--config"):
                 config_path = value
+        elif a == "-bs":
+            return fail("-bs (SMTP on standard input and output) is not supported: speak "
+                        "SMTP to the server's listener instead (swaks --server HOST:PORT; "
+                        "through a program: swaks --pipe 'openssl s_client -quiet -connect "
+                        "HOST:PORT' to a submissions port)", 64)
         elif a.startswith("-o") or a in ("-bm", "-em", "-ep", "-eq", "-v") or \
                 a.startswith("-B") or a.startswith("-N") or a.startswith("-R") or \
                 a.startswith("-V") or a.startswith("-X"):

@@ -24,11 +24,11 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from . import __version__
 from .address import AddressError, parse_path
@@ -69,6 +69,7 @@ RESTART_KEYS = (("smtp.listen", lambda c: c.smtp.listen),
                 ("spool", lambda c: c.spool),
                 ("node.name", lambda c: c.node))
 
+T = TypeVar("T")
 log = logging.getLogger("postroom.app")
 
 
@@ -162,6 +163,26 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGTERM)                # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+
+
+def loop_name() -> str:
+    """The event loop ``postroom serve`` runs: uvloop when it is installed (``pip install
+    'postroom[fast]'``) unless ``POSTROOM_EVENT_LOOP=asyncio`` says otherwise."""
+    if os.environ.get("POSTROOM_EVENT_LOOP", "").lower() == "asyncio":
+        return "asyncio"
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
+
+
+def run_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` to its end on the loop :func:`loop_name` names."""
+    if loop_name() == "uvloop":
+        import uvloop
+        return uvloop.run(main)
+    return asyncio.run(main)
 
 
 def fork_front_ends(config: Config, listeners: Listeners, count: int,
@@ -299,8 +320,10 @@ class Postroom:
             self.events.emit(1001, f"Postroom started (pid {os.getpid()}, "
                              f"processes={c.smtp.processes}, data in {c.data_dir}): "
                              + ", ".join(f"{b.kind}={b.host}:{b.port}" for b in self.listeners))
-        log.info("postroom %s started (pid %d): %s", "main" if self.main else "front end",
-                 os.getpid(), ", ".join(f"{b.kind}={b.host}:{b.port}" for b in self.listeners))
+        log.info("postroom %s started (pid %d, %s loop): %s",
+                 "main" if self.main else "front end", os.getpid(),
+                 type(asyncio.get_running_loop()).__module__.split(".")[0],
+                 ", ".join(f"{b.kind}={b.host}:{b.port}" for b in self.listeners))
         return self.listeners
 
     def _woken(self) -> None:

@@ -61,6 +61,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     from .app import (
         Postroom,
+        run_loop,
         bind_admin,
         bind_listeners,
         catch_stop_signals,
@@ -123,14 +124,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             admin_socket.close()                 # the admin API runs in the main process
         setup_logging(config.data_dir / "logs", stderr=not args.quiet, rotate=False)
         child = Postroom(config, listeners=listeners, main=False, notify_fd=notify_fd)
-        asyncio.run(child.run_until_signalled())
+        run_loop(child.run_until_signalled())
 
     children, wake_fd = fork_front_ends(config, listeners, config.smtp.processes - 1, front_end)
     setup_logging(config.data_dir / "logs", stderr=not args.quiet)
     server = Postroom(config, listeners=listeners, wake_fd=wake_fd, children=children,
                       started=start_time, admin_socket=admin_socket)
     try:
-        asyncio.run(server.run_until_signalled(started))
+        run_loop(server.run_until_signalled(started))
     except ssl.SSLError as exc:
         return _fail(f"cannot load the TLS certificate or key ([tls] cert_file, key_file): "
                      f"{exc.reason or exc}")

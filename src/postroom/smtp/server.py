@@ -21,6 +21,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import cast
 
 from .. import replies
 from ..body import BodyWriter
@@ -187,12 +188,18 @@ class Session(asyncio.Protocol):
         self.id = f"{next(_session_ids):08x}"
         self.transport: asyncio.Transport | None = None
         self.peer = ""
-        self._readable = asyncio.Event()
-        self._interrupted = asyncio.Event()      # ends an error delay: shutdown, lost
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # An async step runs (a message's commit, AUTH, TLS, an error delay): input
+        # waits in the core until it ends and pumps again.
+        self._busy = False
+        self._done = False
+        self._timer: asyncio.TimerHandle | None = None     # the command/data timeout
+        self._timer_at = 0.0
+        self._delay: asyncio.TimerHandle | None = None     # an error delay
+        self._stepping: asyncio.Task[None] | None = None   # the async step, kept alive
         self._lost = False
         self._paused = False
         self._counted = False
-        self._task: asyncio.Task[None] | None = None
         self._body: BodyWriter | None = None     # the current DATA's message so far
         self._decisions: list[str] = []           # why each recipient was accepted
         self._protocol_log = False
@@ -202,8 +209,9 @@ class Session(asyncio.Protocol):
 
     # --- asyncio.Protocol ----------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # an asyncio.Transport, or uvloop's own, which is not a subclass
+        self.transport = transport = cast(asyncio.Transport, transport)
+        self._loop = asyncio.get_running_loop()
         peername = transport.get_extra_info("peername") or ("0.0.0.0", 0)
         self.peer = str(peer_address(peername[0]))
         st = self.state
@@ -253,27 +261,32 @@ class Session(asyncio.Protocol):
         if self._protocol_log:
             self._event(6001, f"conversation with [{self.peer}] logged in logs/protocol.jsonl")
         self.core.greet()
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._pump()
 
     def data_received(self, data: bytes) -> None:
-        if self._protocol_log and self.core.phase is not Phase.DATA:
+        core = self.core
+        if self._protocol_log and core.phase is not Phase.DATA:
             self._log_protocol("in", data)
         self._received += len(data)
-        self.core.receive(data)
-        self._readable.set()
-        if self.core.buffered > READ_PAUSE and not self._paused and self.transport:
+        core.receive(data)
+        # message data counts as progress against data_timeout every 64 KB
+        if core.phase is Phase.DATA and self._received - self._progress_bytes >= PROGRESS_BYTES:
+            self._progress()
+        if not self._busy:
+            self._pump()
+        if core.buffered > READ_PAUSE and not self._paused and self.transport:
             self._paused = True
             self.transport.pause_reading()
 
     def eof_received(self) -> bool | None:
         self._lost = True
-        self._readable.set()
+        if not self._busy:
+            self._pump()
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
-        self._readable.set()
-        self._interrupted.set()
+        self._interrupt()
         if self._counted:
             self._counted = False
             st = self.state
@@ -294,8 +307,16 @@ class Session(asyncio.Protocol):
 
     def shutdown(self) -> None:
         """Ask the session to end at its next wait for input."""
-        self._readable.set()
-        self._interrupted.set()
+        self._interrupt()
+
+    def _interrupt(self) -> None:
+        """Shutdown or a lost connection: an error delay ends now; an idle session
+        finishes (a message being committed finishes first)."""
+        if self._delay is not None:
+            self._delay.cancel()
+            self._delay_over()
+        elif not self._busy:
+            self._pump()
 
     # --- the session loop ----------------------------------------------------------
     def _log_protocol(self, direction: str, data: bytes) -> None:
@@ -323,17 +344,6 @@ class Session(asyncio.Protocol):
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.write(out)
 
-    async def _error_delay(self) -> None:
-        """Wait as the core asks before writing its replies (error replies past [smtp]
-        soft_error_limit); other sessions go on meanwhile. A shutdown or a lost
-        connection ends the wait; more input does not."""
-        delay = self.core.take_delay()
-        if delay > 0 and not self._interrupted.is_set():
-            try:
-                await asyncio.wait_for(self._interrupted.wait(), delay)
-            except TimeoutError:
-                pass
-
     def _progress(self) -> None:
         self._progress_at = time.monotonic()
         self._progress_bytes = self._received
@@ -342,9 +352,13 @@ class Session(asyncio.Protocol):
         return SessionSnapshot(peer_address(self.peer), self.listener, self.core.tls_active,
                                self.core.auth_user)
 
-    async def _run(self) -> None:
+    def _pump(self) -> None:
+        """Run the core on what it has buffered until it needs more input or an async
+        step, then write its replies in one batch. Called from the transport's
+        callbacks and when an async step ends: no task and no wait per session."""
+        if self._done:
+            return
         core = self.core
-        timeouts = self.state.config.smtp
         try:
             while True:
                 ev = core.next_event()
@@ -353,49 +367,106 @@ class Session(asyncio.Protocol):
                         self._take_body()
                     elif self._body is not None:     # refused, or the session moved on
                         self._drop_body()
-                    await self._error_delay()
+                    delay = core.take_delay()
+                    if delay > 0 and not self._lost and not self.state.shutting_down:
+                        # error replies past soft_error_limit wait; other sessions go on
+                        self._busy = True
+                        assert self._loop is not None
+                        self._delay = self._loop.call_later(delay, self._delay_over)
+                        return
                     self._flush()
                     if core.phase is Phase.CLOSED or self._lost:
-                        break
+                        self._finish()
+                        return
                     if self.state.shutting_down:
                         core.close_with(replies.shutting_down(self.state.config.hostname))
                         continue
                     if self._paused and self.transport is not None:
                         self._paused = False
                         self.transport.resume_reading()
-                    self._readable.clear()
-                    # The clock runs from the last progress (a reply sent, or 64 KB of
-                    # message data), not from the last byte: a peer trickling a byte at a
-                    # time (slowloris) still times out.
-                    limit = timeouts.data_timeout if core.phase is Phase.DATA \
-                        else timeouts.command_timeout
-                    if core.phase is Phase.DATA and \
-                            self._received - self._progress_bytes >= PROGRESS_BYTES:
-                        self._progress()
-                    wait = limit - (time.monotonic() - self._progress_at)
-                    try:
-                        if wait <= 0:
-                            raise TimeoutError
-                        await asyncio.wait_for(self._readable.wait(), wait)
-                    except TimeoutError:
-                        log.info("session=%s timeout in %s phase", self.id, core.phase.value)
-                        self._event(4005, f"session with [{self.peer}] timed out in the "
-                                    f"{core.phase.value} phase")
-                        core.close_with(replies.timeout(self.state.config.hostname))
-                    continue
+                    self._arm()
+                    return
                 if isinstance(ev, Closed):
                     (log.debug if ev.reason == "QUIT" else log.info)(
                         "session=%s closing: %s", self.id, ev.reason)
                     continue
-                try:
-                    await self._handle(ev)
-                except Exception as exc:  # noqa: BLE001 - the translation point
-                    core.respond(reply_for_exception(exc, self.id))
+                if isinstance(ev, MailFrom | RcptTo):
+                    try:
+                        self._decide(ev)
+                    except Exception as exc:  # noqa: BLE001 - the translation point
+                        core.respond(reply_for_exception(exc, self.id))
+                    continue
+                self._busy = True             # a commit, AUTH or TLS: input waits
+                assert self._loop is not None
+                self._stepping = self._loop.create_task(self._step(ev))
+                return
         except Exception:  # noqa: BLE001 - never let a session crash the server
             log.exception("session=%s crashed", self.id)
-        finally:
+            self._finish()
+
+    async def _step(self, ev: object) -> None:
+        try:
+            await self._handle(ev)
+        except Exception as exc:  # noqa: BLE001 - the translation point
+            self.core.respond(reply_for_exception(exc, self.id))
+        self._busy = False
+        self._progress()
+        self._pump()
+
+    def _delay_over(self) -> None:
+        self._delay = None
+        self._busy = False
+        self._pump()
+
+    def _arm(self) -> None:
+        """The timeout: the clock runs from the last progress (a reply sent, or 64 KB
+        of message data), not from the last byte, so a peer trickling a byte at a time
+        (slowloris) still times out. One timer, moved only when it would fire late."""
+        limits = self.state.config.smtp
+        limit = limits.data_timeout if self.core.phase is Phase.DATA else limits.command_timeout
+        due = self._progress_at + limit
+        if self._timer is not None:
+            if self._timer_at <= due:
+                return                        # fires early, then checks again
+            self._timer.cancel()
+        assert self._loop is not None
+        self._timer_at = due
+        self._timer = self._loop.call_at(due - time.monotonic() + self._loop.time(),
+                                         self._timed_out)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._done:
+            return
+        if self._busy:                        # not waiting for the client
+            self._progress()
+            self._arm()
+            return
+        limits = self.state.config.smtp
+        core = self.core
+        limit = limits.data_timeout if core.phase is Phase.DATA else limits.command_timeout
+        if time.monotonic() - self._progress_at < limit:
+            self._arm()
+            return
+        log.info("session=%s timeout in %s phase", self.id, core.phase.value)
+        self._event(4005, f"session with [{self.peer}] timed out in the "
+                    f"{core.phase.value} phase")
+        core.close_with(replies.timeout(self.state.config.hostname))
+        self._pump()
+
+    def _finish(self) -> None:
+        """The session is over: what is left written, the connection closed, once."""
+        if self._done:
+            return
+        self._done = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        core = self.core
+        try:
             self._drop_body()
             self._flush()
+        finally:
             if self.transport is not None:
                 self.transport.close()
             self._event(4001, f"disconnect of [{self.peer}] after {core.errors} errors",
@@ -403,7 +474,9 @@ class Session(asyncio.Protocol):
             log.info("session=%s disconnect from [%s] errors=%d", self.id, self.peer,
                      core.errors)
 
-    async def _handle(self, ev: object) -> None:
+    def _decide(self, ev: MailFrom | RcptTo) -> None:
+        """MAIL and RCPT: decided at once, in the event loop (policy is pure; the
+        mailbox check is a cached lookup)."""
         core = self.core
         if isinstance(ev, MailFrom):
             verdict = check_mail(self._snapshot())
@@ -445,7 +518,10 @@ class Session(asyncio.Protocol):
                 self._event(2003, f"<{ev.recipient}> refused for [{self.peer}]: "
                             f"{verdict.reply}", domain=ev.recipient.domain)
             core.respond(verdict.reply)
-        elif isinstance(ev, MessageReceived):
+
+    async def _handle(self, ev: object) -> None:
+        core = self.core
+        if isinstance(ev, MessageReceived):
             if self._protocol_log and self.state.events is not None:
                 self.state.events.protocol(self.id, self.peer, "in",
                                            f"<message data, {ev.size} octets>")
@@ -595,8 +671,11 @@ class Session(asyncio.Protocol):
             self._lost = True
             self.core.phase = Phase.CLOSED
             return
-        assert isinstance(new, asyncio.Transport)
-        self.transport = new
+        if new is None:                       # the connection went during the handshake
+            self._lost = True
+            self.core.phase = Phase.CLOSED
+            return
+        self.transport = cast(asyncio.Transport, new)
         self.core.tls_started()
         ssl_obj = new.get_extra_info("ssl_object")
         log.info("session=%s TLS established %s %s", self.id,

@@ -85,6 +85,20 @@ class _LogFile:
             self._fd = -1
 
 
+class _Formatter(logging.Formatter):
+    """logging's format, with the time text made once a second, not once a line."""
+
+    _second = -1
+    _text = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        second = int(record.created)
+        if second != self._second:
+            self._second = second
+            self._text = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second))
+        return f"{self._text},{int(record.msecs):03d}"
+
+
 class _Batched(logging.Handler):
     """Formats each line where it is logged and hands it to a thread that writes the
     lines in batches: one write per FLUSH_EVERY, not a write and a thread wake-up per
@@ -156,8 +170,11 @@ def setup_logging(log_dir: Path | None, *, level: int = logging.INFO, stderr: bo
         log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         # One process rotates; the others (SMTP front ends) follow the file by name.
         file = _LogFile(log_dir / "postroom.log", rotate)
+    # our lines never show the process, thread or task: skip finding them per record
+    logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
+    logging.logAsyncioTasks = False      # type: ignore[attr-defined]  # 3.12+
     _handler = _Batched(stderr, file)
-    _handler.setFormatter(logging.Formatter(FORMAT))
+    _handler.setFormatter(_Formatter(FORMAT))
     root.addHandler(_handler)
     atexit.register(stop_logging)
     root.propagate = False

@@ -19,6 +19,15 @@ from pathlib import Path
 __all__ = ["MaildirStore", "StoreError", "sync"]
 
 _counter = itertools.count()
+_pid = os.getpid()             # in every Maildir file name; a forked front end has its own
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 class StoreError(Exception):
@@ -57,7 +66,7 @@ class MaildirStore:
     def create(self, local: str, domain: str) -> Path:
         """Make the Maildir if needed; new folders are fsync'd into their parents."""
         base = self.maildir(local, domain)
-        if base in self._known and (base / "new").is_dir():
+        if base in self._known:
             return base
         for sub in ("tmp", "new", "cur"):
             path = base / sub
@@ -80,9 +89,16 @@ class MaildirStore:
         try:
             self.create(local, domain)
             sec, usec = divmod(time.time_ns() // 1000, 1_000_000)
-            unique = f"{sec}.M{usec}P{os.getpid()}Q{next(_counter)}"
-            tmp = base / "tmp" / f"{unique}.{self.hostname}"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            unique = f"{sec}.M{usec}P{_pid}Q{next(_counter)}"
+            folder = str(base)
+            tmp = f"{folder}/tmp/{unique}.{self.hostname}"
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileNotFoundError:
+                # the folder went since we made it (removed by hand): make it again
+                self._known.discard(base)
+                self.create(local, domain)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             size = 0
             try:
                 for chunk in [data] if isinstance(data, bytes) else data:
@@ -96,14 +112,14 @@ class MaildirStore:
                 os.unlink(tmp)
                 raise
             os.close(fd)
-            final = base / "new" / f"{unique}.{self.hostname},S={size}"
+            final = f"{folder}/new/{unique}.{self.hostname},S={size}"
             try:
                 os.link(tmp, final)
             finally:
                 os.unlink(tmp)
             if sync_dir:
                 _fsync_dir(base / "new")
-            return final
+            return Path(final)
         except OSError as exc:
             # Every storage error (full disk, permissions, a file where a folder should
             # be) is something an administrator can fix: retry, never drop.

@@ -95,6 +95,7 @@ class ServerProcess:
             hostname = "mx.example.test"
             data_dir = "data"
             [smtp]
+            processes = 1
             listen = ["127.0.0.1:{self.mx_port}"]
             submission = ["127.0.0.1:{self.sub_port}"]
             submissions = ["127.0.0.1:{self.subs_port}"]

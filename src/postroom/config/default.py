@@ -43,9 +43,9 @@ max_connections_per_peer = 50
 soft_error_limit = 10
 error_sleep = "1s"
 max_errors = 20
-# SMTP front-end processes sharing the listeners (the main one included). More than
-# one uses more cores; connection caps and AUTH throttling then count per process.
-processes = 1
+# SMTP front-end processes sharing the listeners (the main one included): "auto" is
+# one per core. Connection caps and AUTH throttling count per process.
+processes = "auto"
 # Offer AUTH on the MX listener too (always only after STARTTLS).
 auth_on_mx = false
 # Failed AUTH attempts from one address within the window before AUTH is refused.

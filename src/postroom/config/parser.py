@@ -39,6 +39,7 @@ from .schema import (
     TlsConfig,
     redact_url,
 )
+from .schema import cores
 
 __all__ = [
     "ConfigError",
@@ -190,8 +191,11 @@ def _min_free(value: object) -> int:
 
 
 def _processes(value: object) -> int:
+    if value == "auto":
+        return cores()
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
-        raise ValueError(f"must be a number of processes from 1 to 64, not {value!r}")
+        raise ValueError(f"must be \"auto\" (one per core) or a number of processes from "
+                         f"1 to 64, not {value!r}")
     return value
 
 

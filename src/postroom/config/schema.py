@@ -7,6 +7,7 @@ and no I/O here.
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +46,16 @@ class Problem:
         return f"{self.key}: {self.message}"
 
 
+def cores() -> int:
+    """What ``[smtp] processes = "auto"`` (the default) means: the cores this process
+    may run on, from 1 to 64."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return max(1, min(64, n))
+
+
 @dataclass(frozen=True)
 class SmtpConfig:
     listen: tuple[tuple[str, int], ...] = (("127.0.0.1", 2525),)
@@ -65,7 +76,7 @@ class SmtpConfig:
     auth_on_mx: bool = False
     auth_failure_limit: int = 5
     auth_failure_window: float = 600.0
-    processes: int = 1
+    processes: int = field(default_factory=cores)      # "auto": one per core
     # free space the data directory must keep for MAIL to be accepted (452 4.3.1 below
     # it); None: 1.5 × max_message_size, Postfix's rule
     min_free_space: int | None = None

@@ -236,7 +236,9 @@ class Client:
         assert self.reader is not None
         while not self._queue:
             try:
-                chunk = await asyncio.wait_for(self.reader.read(65536), self.timeout)
+                # asyncio.timeout, not wait_for: no task per read
+                async with asyncio.timeout(self.timeout):
+                    chunk = await self.reader.read(65536)
             except TimeoutError:
                 raise HopError(step, f"{self.peer} did not answer {step} within "
                                f"{self.timeout:g}s") from None
@@ -269,7 +271,8 @@ class Client:
             self.writer.write(b"".join(self._out))
             self._out.clear()
         try:
-            await asyncio.wait_for(self.writer.drain(), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                await self.writer.drain()
         except TimeoutError:
             raise HopError(step, f"{self.peer} stopped reading during {step}") from None
         except OSError as exc:

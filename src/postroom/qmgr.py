@@ -51,7 +51,7 @@ from .intake import direction_of
 from .metrics import Metrics, status_label
 from .model import DeliveryResult, Reply
 from .notices import build_notice
-from .routing import choose_route, lmtp_route
+from .routing import RouteDecision, choose_route, lmtp_route
 from .spool import (
     Claim,
     Conversion,
@@ -130,6 +130,8 @@ class QueueManager:
         self.lease = lease                  # how long a claim lasts; renewed every third
         self.node_info = dict(node_info or {})
         self._held: dict[int, Claim] = {}   # claims in flight, renewed while they last
+        self._memo: dict[str, RouteDecision] = {}
+        self._memo_for: tuple[object, object] = ((), frozenset())
         self._renewer: asyncio.Task[None] | None = None
         self._unreachable_noted = -3600.0
         self.rng = rng or random.Random()
@@ -359,7 +361,7 @@ class QueueManager:
                after: list[After]) -> Conversion:
         dest = self._destination(address)
         if dest is None:
-            decision = choose_route(_domain(address), self.routes, self.local_domains)
+            decision = self._choose(_domain(address))
             return self._fail(it, now, f"550 5.4.4 Unable to route: {decision.reason}",
                               "5.4.4", "routing", after, params, address)
         after.append(lambda: self._event(2004, f"<{address}>: {dest.describe()}", it.message,
@@ -387,7 +389,7 @@ class QueueManager:
         """The destination stored at conversion (``ref``) while the routing table still
         has that route for this domain; otherwise a fresh choice."""
         domain = _domain(address)
-        decision = choose_route(domain, self.routes, self.local_domains)
+        decision = self._choose(domain)
         if not decision.chosen:
             return None
         stored = self._route_at(ref)
@@ -398,6 +400,21 @@ class QueueManager:
         else:
             route = self.rng.choice(decision.chosen)
         return Destination(route, domain if route.via == "mx" else "")
+
+    def _choose(self, domain: str) -> RouteDecision:
+        """:func:`choose_route`, remembered per domain until the routing table or the
+        local domains change (a reload replaces them): it writes an explanation for
+        every route, which a round of many recipients for one domain need not redo."""
+        if self.routes is not self._memo_for[0] or self.local_domains is not self._memo_for[1]:
+            self._memo_for = (self.routes, self.local_domains)
+            self._memo.clear()
+        decision = self._memo.get(domain)
+        if decision is None:
+            if len(self._memo) >= 4096:
+                self._memo.clear()
+            decision = self._memo[domain] = choose_route(domain, self.routes,
+                                                         self.local_domains)
+        return decision
 
     def _route_at(self, ref: str) -> Route | None:
         index, _, _ = ref.partition("|")

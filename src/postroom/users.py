@@ -108,6 +108,17 @@ class UserStore:
                 sig += (0, 0, 0)
         return tuple(sig)
 
+    def signature(self) -> tuple[int, ...]:
+        """Changes whenever the user database does, in any process (its files' mtime,
+        size and inode): the imap component watches it to keep Dovecot's users in step."""
+        return self._signature()
+
+    def credentials(self) -> list[tuple[str, str]]:
+        """Every user's address and argon2 hash (for Dovecot's passwd-file, never a log)."""
+        with self._lock:
+            return self._conn.execute("SELECT address, hash FROM users ORDER BY address"
+                                      ).fetchall()
+
     def exists(self, key: str) -> bool:
         now = time.monotonic()
         sig = self._signature()

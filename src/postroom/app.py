@@ -26,7 +26,7 @@ import socket
 import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,13 +39,15 @@ from .delivery.local import LocalDeliveryAgent
 from .delivery.smtp import SmtpDeliveryAgent
 from .dns import Resolver
 from .events import EventLog, Levels
+from .imap import ImapService, store_routes
 from .intake import Submission
 from .metrics import Metrics
 from .model import ComponentError
 from .policy import SessionSnapshot, check_rcpt
 from .qmgr import QueueManager
 from .smtp.server import ServerState, Session
-from .spool import Spool, open_spool
+from .spool import Filters, Spool, open_spool
+from .spool.views import act
 from .store import MaildirStore
 from .tls import ensure_self_signed, server_context
 from .users import UserStore
@@ -67,7 +69,8 @@ RESTART_KEYS = (("smtp.listen", lambda c: c.smtp.listen),
                 ("admin.listen", lambda c: c.admin.listen),
                 ("dns.nameservers", lambda c: c.nameservers),
                 ("spool", lambda c: c.spool),
-                ("node.name", lambda c: c.node))
+                ("node.name", lambda c: c.node),
+                ("imap", lambda c: c.imap))
 
 T = TypeVar("T")
 log = logging.getLogger("postroom.app")
@@ -82,7 +85,9 @@ class BoundListener:
     def describe(self) -> str:
         what = {"mx": "SMTP (MX)", "submission": "submission (STARTTLS + AUTH)",
                 "submissions": "submissions (implicit TLS + AUTH)",
-                "admin": "admin API and web console (HTTP)"}[self.kind]
+                "admin": "admin API and web console (HTTP)",
+                "imap": "IMAP (STARTTLS; Dovecot)", "imaps": "IMAPS (implicit TLS; Dovecot)"
+                }[self.kind]
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{what:38} {host}:{self.port}"
 
@@ -241,6 +246,8 @@ class Postroom:
         self._stopped = asyncio.Event()
         self._stop: asyncio.Event | None = None     # run_until_signalled waits on it
         self._stop_reason = "on a signal"
+        self.imap: ImapService | None = None       # the imap component, when [imap] is on
+        self._store_routes: tuple[Any, ...] = ()
 
     async def start(self) -> list[BoundListener]:
         c = self.config
@@ -255,6 +262,11 @@ class Postroom:
                                archive=c.data_dir / "archive",
                                archive_days=c.logging.archive_days, logs=c.data_dir / "logs",
                                rotate=self.main, retention=c.logging.retention)
+        if self.main and c.imap.enabled:
+            self.imap = ImapService(c, self.users, cert, key, self.events.emit,
+                                    on_back=self._store_back)
+            self.store = self.imap.maildir_store()       # the mail owner's files
+            self._store_routes = store_routes(c)
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="auth")
         self.state = ServerState(
             config=c, spool=self.spool, mailbox_exists=self.users.exists,
@@ -271,7 +283,8 @@ class Postroom:
                              "lmtp": self.lmtp})
             self.qmgr = QueueManager(
                 self.spool, agents, local_domains=frozenset(c.local_domains),
-                aliases=c.aliases, delivery=c.delivery, routes=c.routes, hostname=c.hostname,
+                aliases=c.aliases, delivery=c.delivery, routes=c.routes + self._store_routes,
+                hostname=c.hostname,
                 started=self.started, metrics=self.metrics, events=self.events,
                 owner=c.node, lease=c.spool.lease_seconds, node_info={
                     "pid": os.getpid(), "started": self.started, "version": __version__,
@@ -314,6 +327,10 @@ class Postroom:
                 self.admin.start()
                 addr = admin_sock.getsockname()
                 self.listeners.append(BoundListener("admin", addr[0], addr[1]))
+            if self.imap is not None:
+                await self.imap.start()
+                if self.imap.state == "running":
+                    self.listeners += [BoundListener(*b) for b in self.imap.listeners()]
         now = time.time()
         self._since = {name: now for name in COMPONENTS}
         if self.main:
@@ -364,9 +381,13 @@ class Postroom:
                     "queue-manager" in self.qmgr.stopped and state == "running":
                 item["note"] = "idle: queue-manager is stopped"
             out.append(item)
+        if self.imap is not None:
+            out.append(self.imap.status())
         return out
 
     async def component(self, name: str, action: str) -> dict[str, Any]:
+        if name == "imap":
+            return await self._imap_action(action)
         if name not in COMPONENTS:
             raise ComponentError(f"no component {name!r}: the components are "
                                  f"{', '.join(COMPONENTS)}")
@@ -395,6 +416,31 @@ class Postroom:
         log.warning("component %s: %s (was %s, now %s)", name, action, before, after["state"])
         self.events.emit(1005, f"{name}: {action} (was {before}, now {after['state']})")
         return after
+
+    async def _imap_action(self, action: str) -> dict[str, Any]:
+        if self.imap is None:
+            raise ComponentError("imap is off: set [imap] enabled = true and restart the "
+                                 "server (docs/store.md)")
+        if action not in ("stop", "start", "restart"):
+            raise ComponentError(f"unknown action {action!r}: use stop, start or restart")
+        before = self.imap.state
+        after = await self.imap.action(action)
+        log.warning("component imap: %s (was %s, now %s)", action, before, after["state"])
+        self.events.emit(1005, f"imap: {action} (was {before}, now {after['state']})")
+        return after
+
+    async def _store_back(self) -> None:
+        """Dovecot is running again: with LMTP delivery, local mail waiting for it goes now."""
+        if self._store_routes:
+            await act(self.spool, "retry", Filters(queue="inbound-delivery", held=False),
+                      time.time(), who="the imap component (Dovecot is back)")
+            self.qmgr.retry_now()
+
+    async def store_check(self) -> dict[str, Any]:
+        """The store's health for doctor (``/api/store``)."""
+        if self.imap is None:
+            return {"enabled": False, "problems": [], "summary": "[imap] enabled is false"}
+        return await self.imap.check()
 
     def retry_now(self) -> None:
         self.qmgr.retry_now()
@@ -502,7 +548,9 @@ class Postroom:
             q = self.qmgr
             q.local_domains = frozenset(new.local_domains)
             q.aliases = new.aliases
-            q.routes = new.routes
+            if self.imap is not None:     # [imap] itself changes only with a restart
+                self._store_routes = store_routes(replace(new, imap=self.imap.config.imap))
+            q.routes = new.routes + self._store_routes
             q.delivery = new.delivery
             q.hostname = new.hostname
             self.local.aliases = new.aliases
@@ -551,6 +599,8 @@ class Postroom:
         if hasattr(self, "qmgr"):
             await self.qmgr.stop()
             self.local.executor.shutdown(wait=True)
+        if self.imap is not None:
+            await self.imap.stop()
         await self._reap_children()
         if hasattr(self, "spool"):
             await self.spool.aclose()

@@ -41,7 +41,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     path = Path(args.config)
     if not path.exists():
         domains = ["localhost"] + ([d.lower() for d in args.domain] if args.domain else [])
-        text = default_config_text(default_hostname(), list(dict.fromkeys(domains)))
+        from .imap import find_dovecot
+
+        # the imap component is on when Dovecot is installed
+        text = default_config_text(default_hostname(), list(dict.fromkeys(domains)),
+                                   imap=not find_dovecot().missing("maildir"))
         path.write_text(text, encoding="utf-8")
         print(f"postroom: wrote a new configuration to {path} "
               f"(local domains: {', '.join(dict.fromkeys(domains))})")

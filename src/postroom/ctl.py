@@ -670,7 +670,8 @@ def add_diagnostics(sub: Any, with_config: Callable[[argparse.ArgumentParser],
     e.set_defaults(fn=run_explain)
 
     dr = with_config(sub.add_parser("doctor", help="the seed case's nine steps against the "
-                                                   "running server; names the cause"))
+                                                   "running server, and its store; names "
+                                                   "the cause"))
     dr.add_argument("--to", dest="rcpt", help="a destination address to test")
     dr.add_argument("--from", dest="sender", help="the sender (default: the postmaster)")
     dr.add_argument("--client-ip", default="127.0.0.1",

@@ -234,6 +234,18 @@ CATALOGUE: dict[int, EventKind] = {k.id: k for k in (
        "node resumes by itself when the database is back.",
        "Check that PostgreSQL runs and that this node can reach it (postroom status, "
        "psql with the same URL)."),
+    _k(5004, "internal_processing", "minimum", "error", "mail store down",
+       "Dovecot, which the imap component runs, exited when nobody asked it to (killed, "
+       "crashed) or could not start; the text has its exit status and the last errors "
+       "of its log. It is started again after 1, 2, 4 ... up to 60 seconds. Meanwhile "
+       "mail is still accepted and delivered to the Maildirs (with [imap] delivery = "
+       "\"lmtp\", local mail waits in the queue); only IMAP clients cannot connect.",
+       "If it keeps failing: read data_dir/imap/dovecot.log and postroom doctor's store "
+       "step; postroom restart imap tries again at once."),
+    _k(5005, "internal_processing", "minimum", "warning", "mail store restarted",
+       "Dovecot is running again after event 5004; the text says after how many attempts "
+       "and how long it was down.",
+       "Nothing, unless it happens often: then find why it died in data_dir/imap/dovecot.log."),
     _k(6001, "smtp_protocol", "maximum", "info", "conversation logged",
        "At maximum, each session's conversation goes to logs/protocol.jsonl; this event "
        "marks where a session's lines start.",

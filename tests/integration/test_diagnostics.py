@@ -186,7 +186,7 @@ def doctor(sp: ServerProcess, *args: str) -> dict[str, Any]:
     cp = sp.cli("doctor", *args, "--json", check=False)
     data = json.loads(cp.stdout)
     assert cp.returncode == (0 if data["verdict"] == "ok" else 1), cp.stderr
-    assert [s["step"] for s in data["steps"]] == list(range(1, 10))
+    assert [s["step"] for s in data["steps"]] == list(range(1, 11))
     return data  # type: ignore[no-any-return]
 
 

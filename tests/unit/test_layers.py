@@ -18,7 +18,7 @@ PLAN: list[tuple[str, set[str]]] = [
     ("storage and protocols", {"spool", "store", "users", "events", "dns", "tls",
                                "smtp.client"}),
     ("agents and intake", {"delivery", "intake", "notices"}),
-    ("components", {"smtp", "smtp.server", "qmgr", "diagnostics"}),
+    ("components", {"smtp", "smtp.server", "qmgr", "diagnostics", "imap"}),
     ("operations", {"admin"}),
     ("console", {"console"}),             # pages over the admin API
     ("composition root", {"app"}),        # builds everything: the console too, on purpose

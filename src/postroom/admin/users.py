@@ -1,16 +1,25 @@
-"""Mailboxes and admin accounts: list, add, remove, reset a password, and the console's
-login check."""
+"""Mailboxes and admin accounts: list, add, remove, reset a password, the console's
+login check, and the store's health (can each user log in over IMAP, can Dovecot and
+Postroom both use each Maildir)."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+from typing import Any, Protocol, runtime_checkable
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ..users import UserError, add_mailbox, mailbox_key
 from .common import AdminBackend, Context, Endpoint, _by, json_body
+
+
+@runtime_checkable
+class StoreChecking(Protocol):
+    """A backend that runs the imap component (``postroom serve``'s)."""
+
+    async def store_check(self) -> dict[str, Any]: ...
 
 
 def routes(backend: AdminBackend, ctx: Context) -> list[Endpoint]:
@@ -73,7 +82,15 @@ def routes(backend: AdminBackend, ctx: Context) -> list[Endpoint]:
         admin = key is not None and any(u.address == key for u in admins)
         return JSONResponse({"ok": key is not None, "address": key, "admin": admin})
 
+    async def store(request: Request) -> Response:
+        """For doctor's store step: each problem of the store with its fix."""
+        if not isinstance(backend, StoreChecking):
+            return JSONResponse({"enabled": False, "problems": [],
+                                 "summary": "this server runs no imap component"})
+        return JSONResponse(await backend.store_check())
+
     return [
+        Endpoint("/api/store", store),
         Endpoint("/api/users", users_list),
         Endpoint("/api/users", user_add, ["POST"]),
         Endpoint("/api/users/verify", user_verify, ["POST"]),

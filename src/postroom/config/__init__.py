@@ -27,6 +27,7 @@ from .parser import (
 from .schema import (
     DEFAULT_ROUTES,
     DELIVERY_KEYS,
+    IMAP_KEYS,
     LOG_CATEGORIES,
     LOG_LEVELS,
     LOGGING_KEYS,
@@ -38,6 +39,7 @@ from .schema import (
     AdminConfig,
     Config,
     DeliveryConfig,
+    ImapConfig,
     LoggingConfig,
     Network,
     Problem,
@@ -51,6 +53,7 @@ from .schema import (
 __all__ = [
     "DEFAULT_ROUTES",
     "DELIVERY_KEYS",
+    "IMAP_KEYS",
     "LOGGING_KEYS",
     "LOG_CATEGORIES",
     "LOG_LEVELS",
@@ -63,6 +66,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DeliveryConfig",
+    "ImapConfig",
     "LoggingConfig",
     "Network",
     "Problem",

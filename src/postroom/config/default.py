@@ -5,8 +5,9 @@ from __future__ import annotations
 __all__ = ["default_config_text"]
 
 
-def default_config_text(hostname: str, domains: list[str]) -> str:
-    """The commented config that the first ``postroom serve`` writes."""
+def default_config_text(hostname: str, domains: list[str], imap: bool = False) -> str:
+    """The commented config that the first ``postroom serve`` writes; ``imap``: turn on
+    the imap component (the caller found Dovecot installed)."""
     local = ", ".join(f'"{d}"' for d in domains)
     first = domains[-1]
     return f'''# Postroom configuration. Every key is shown with its default; see
@@ -136,6 +137,20 @@ message_archival = "minimum"     # maximum: a copy of every message in data_dir/
 # Rotated files kept of each log, and days archived copies are kept.
 retention = 5
 archive_days = 7
+
+[imap]
+# Users read their mail over IMAP through Dovecot, which Postroom runs, configures and
+# supervises (Debian: apt-get install dovecot-imapd). Its users and passwords are
+# Postroom's. The first start sets this to true when Dovecot is installed.
+enabled = {"true" if imap else "false"}
+# IMAP with STARTTLS (143 in production); LOGIN only after STARTTLS, except from this
+# machine to its own address.
+listen = "127.0.0.1:1143"
+# IMAPS, TLS from the first byte (993 in production). Empty: off.
+listen_tls = ""
+# "maildir": Postroom writes the Maildirs and Dovecot reads them. "lmtp": Postroom hands
+# local mail to Dovecot over LMTP, which writes it (so that Sieve filters could run).
+delivery = "maildir"
 
 [admin]
 # The admin API (JSON over HTTP, and /metrics) that the postroom commands use. It asks

@@ -19,6 +19,7 @@ from ..address import AddressError, parse_path
 from .schema import (
     DEFAULT_ROUTES,
     DELIVERY_KEYS,
+    IMAP_KEYS,
     LOG_CATEGORIES,
     LOG_LEVELS,
     LOGGING_KEYS,
@@ -30,6 +31,7 @@ from .schema import (
     AdminConfig,
     Config,
     DeliveryConfig,
+    ImapConfig,
     LoggingConfig,
     Network,
     Problem,
@@ -501,6 +503,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: str) -> Config:
     spool = SpoolConfig(
         url=r.convert(sp, "spool.", "url", _spool_url, ""),
         lease_seconds=r.convert(sp, "spool.", "lease_seconds", _lease, SpoolConfig().lease_seconds))
+    imap = _imap(r, r.section("imap", IMAP_KEYS))
     nd = r.section("node", NODE_KEYS)
     node = r.convert(nd, "node.", "name", _node_name, "") or socket.gethostname()
 
@@ -510,9 +513,25 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: str) -> Config:
         hostname=hostname, data_dir=data_dir, smtp=smtp, tls=tls,
         local_domains=tuple(dict.fromkeys(local_domains)), trusted_networks=tuple(nets),
         aliases=aliases, delivery=delivery, routes=routes, nameservers=nameservers,
-        admin=AdminConfig(admin_listen), logging=logging_config, spool=spool, node=node,
-        source=source,
+        admin=AdminConfig(admin_listen), logging=logging_config, spool=spool, imap=imap,
+        node=node, source=source,
     )
+
+
+def _imap(r: _Reader, t: dict[str, Any]) -> ImapConfig:
+    """[imap]: the Dovecot that Postroom runs (the imap component)."""
+    d = ImapConfig()
+    listen = r.convert(t, "imap.", "listen", parse_endpoint, d.listen)
+    listen_tls = r.convert(t, "imap.", "listen_tls", _optional_endpoint, d.listen_tls)
+    if listen_tls is not None and listen_tls == listen:
+        r.problems.append(Problem("imap.listen_tls", "must differ from listen (one port "
+                                  "cannot speak both STARTTLS and implicit TLS)"))
+    delivery = r.get(t, "imap.", "delivery", str, d.delivery)
+    if delivery not in ("maildir", "lmtp"):
+        r.problems.append(Problem("imap.delivery", f"{delivery!r}: use \"maildir\" (Postroom "
+                                  "writes the Maildirs) or \"lmtp\" (Dovecot does)"))
+    return ImapConfig(enabled=r.get(t, "imap.", "enabled", bool, d.enabled), listen=listen,
+                      listen_tls=listen_tls, delivery=delivery)
 
 
 def _spool_url(value: object) -> str:

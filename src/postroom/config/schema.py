@@ -14,6 +14,7 @@ from pathlib import Path
 __all__ = [
     "DEFAULT_ROUTES",
     "DELIVERY_KEYS",
+    "IMAP_KEYS",
     "LOGGING_KEYS",
     "LOG_CATEGORIES",
     "LOG_LEVELS",
@@ -23,6 +24,7 @@ __all__ = [
     "AdminConfig",
     "Config",
     "DeliveryConfig",
+    "ImapConfig",
     "LoggingConfig",
     "Network",
     "Problem",
@@ -157,6 +159,16 @@ class AdminConfig:
 
 
 @dataclass(frozen=True)
+class ImapConfig:
+    """[imap]: the Dovecot that Postroom runs to serve the Maildirs over IMAP."""
+
+    enabled: bool = False
+    listen: tuple[str, int] = ("127.0.0.1", 1143)          # IMAP with STARTTLS
+    listen_tls: tuple[str, int] | None = None              # IMAPS (implicit TLS); None: off
+    delivery: str = "maildir"            # "maildir": Postroom writes; "lmtp": Dovecot does
+
+
+@dataclass(frozen=True)
 class SpoolConfig:
     url: str = ""                  # postgresql://...: the shared queue; "": SQLite in data_dir
     lease_seconds: float = 600.0   # how long a claim lasts without renewal
@@ -195,6 +207,7 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
+    imap: ImapConfig = field(default_factory=ImapConfig)
     node: str = ""                 # [node] name: this node in leases, events and status
     source: str = "<defaults>"
 
@@ -238,7 +251,8 @@ class Config:
 
 
 TOP_KEYS = {"hostname", "data_dir", "smtp", "tls", "domains", "relay", "aliases", "delivery",
-            "route", "dns", "admin", "logging", "spool", "node"}
+            "route", "dns", "admin", "logging", "spool", "node", "imap"}
+IMAP_KEYS = {"enabled", "listen", "listen_tls", "delivery"}
 SPOOL_KEYS = {"url", "lease_seconds"}
 NODE_KEYS = {"name"}
 LOG_CATEGORIES = ("initialization", "addressing", "message_transfer", "smtp_interface",

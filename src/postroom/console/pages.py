@@ -53,6 +53,7 @@ COMPONENT_HELP = {
     "local-delivery": "writes to the Maildirs",
     "outbound-delivery": "sends to remote servers and smart hosts",
     "admin": "this console and the admin API",
+    "imap": "Dovecot: users read their mail over IMAP",
 }
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "

@@ -1,4 +1,5 @@
-"""``doctor``: the seed article's nine steps against the running server and its next hops.
+"""``doctor``: the seed article's nine steps against the running server and its next hops,
+and a tenth for the store (the mailboxes users read over IMAP).
 
 One function per step, each taking the run's :class:`Context` and returning its step;
 ``doctor`` runs them in order, hands each to ``progress`` as it completes, and names the
@@ -25,9 +26,9 @@ __all__ = ["VERDICTS", "Context", "doctor"]
 VERDICTS = ("ok", "service-down", "no-route", "client-relay-denied", "nexthop-relay-denied",
             "nexthop-auth-required", "nexthop-auth-failed", "nexthop-unreachable",
             "nexthop-tls-failed", "dns-nxdomain", "dns-no-address", "dns-failure", "null-mx",
-            "queue-stuck", "open-relay")
+            "queue-stuck", "open-relay", "store-failed")
 # which failing step decides, first to last: the cause before its symptoms
-_PRECEDENCE = (1, 2, 6, 7, 4, 9)
+_PRECEDENCE = (1, 2, 6, 7, 4, 9, 10)
 _PROBE_VERDICT = {"relay-denied": "nexthop-relay-denied", "auth-required":
                   "nexthop-auth-required", "auth-failed": "nexthop-auth-failed",
                   "unreachable": "nexthop-unreachable", "tls-failed": "nexthop-tls-failed",
@@ -127,8 +128,8 @@ async def step1_services(ctx: Context) -> dict[str, Any]:
         step = _step(1, "services", "fail" if down else "ok",
                      f"stopped: {', '.join(c['name'] for c in down)}" if down else
                      "every component is running", status["components"],
-                     "postroom start " + " && postroom start ".join(
-                         c["name"] for c in down) if down else "",
+                     " && ".join(c.get("fix") or f"postroom start {c['name']}"
+                                 for c in down),
                      "service-down" if down else "")
     except (OSError, ValueError) as exc:
         ctx.server_up = False
@@ -376,10 +377,28 @@ async def step9_configuration(ctx: Context) -> dict[str, Any]:
                  "open-relay" if open_relay else "")
 
 
-# the nine steps, in the order they run (and are shown)
+async def step10_store(ctx: Context) -> dict[str, Any]:
+    """10. the store: can every user log in over IMAP, can Dovecot and Postroom both use
+    every Maildir, does Dovecot run? (The server checks; ``/api/store``.)"""
+    if not ctx.server_up:
+        return _step(10, "store", "skip", "the server does not answer")
+    try:
+        store = await ctx.fetch("/api/store")
+    except (OSError, ValueError) as exc:
+        return _step(10, "store", "skip", f"the server cannot check its store: {exc}")
+    if not store.get("enabled"):
+        return _step(10, "store", "skip", "IMAP is off ([imap] enabled = false): the "
+                     "Maildirs are for whatever reads them", store)
+    problems = store["problems"]
+    fixes = list(dict.fromkeys(p["fix"] for p in problems))
+    return _step(10, "store", "fail" if problems else "ok", store["summary"], store,
+                 "; ".join(fixes), "store-failed" if problems else "")
+
+
+# the steps, in the order they run (and are shown)
 STEPS: tuple[Callable[[Context], Awaitable[dict[str, Any]]], ...] = (
     step1_services, step2_address_space, step3_logging, step4_queues, step5_test_message,
-    step6_dns, step7_probe, step8_alternative, step9_configuration)
+    step6_dns, step7_probe, step8_alternative, step9_configuration, step10_store)
 
 
 async def _relay_self_test(config: Config, resolver: Resolver) -> dict[str, Any]:

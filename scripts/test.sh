@@ -9,8 +9,12 @@ need_apt=()
 command -v swaks >/dev/null || need_apt+=(swaks)
 command -v smtp-source >/dev/null 2>&1 || [ -x /usr/sbin/smtp-source ] || need_apt+=(postfix)
 command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || need_apt+=(dnsmasq-base)
-# final delivery over LMTP is tested against Dovecot's LMTP server
+# final delivery over LMTP is tested against Dovecot's LMTP server, and the imap
+# component runs Dovecot's IMAP server, read with curl and mbsync (isync)
 [ -x /usr/sbin/dovecot ] && [ -x /usr/lib/dovecot/lmtp ] || need_apt+=(dovecot-core dovecot-lmtpd)
+[ -x /usr/lib/dovecot/imap-login ] || need_apt+=(dovecot-imapd)
+command -v mbsync >/dev/null || need_apt+=(isync)
+command -v curl >/dev/null || need_apt+=(curl)
 # the PostgreSQL spool's tests start a private server from Debian's package
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)
 command -v ip >/dev/null || need_apt+=(iproute2)

@@ -120,8 +120,8 @@ def adopt(mail_dir: Path, owner: Owner, maildirs: Iterable[tuple[str, str]]) -> 
                 continue
             _fix(path, owner, st, folder=stat.S_ISDIR(st.st_mode))
             handed += 1
-        log.warning("gave %s (%d entries) to %s: Dovecot never reads mail as root",
-                    mail_dir, handed, owner.name)
+        log.warning("gave %s (%d entr%s) to %s: Dovecot never reads mail as root",
+                    mail_dir, handed, "y" if handed == 1 else "ies", owner.name)
     _ensure_folder(mail_dir, owner)
     for domain, local in maildirs:
         _ensure_folder(mail_dir / domain, owner)

@@ -1075,6 +1075,34 @@ def test_pipelined_error_replies_add_up_their_delays_for_one_write() -> None:
     assert h.codes[1:] == [502, 502, 250, 502, 502]
 
 
+def test_paced_output_puts_each_delayed_error_reply_in_its_own_part() -> None:
+    h = Harness(caps=Capabilities(HOST, soft_error_limit=1, max_errors=4, error_sleep=0.5))
+    h.core.greet()
+    h.core.receive(b"EHLO c\r\nFROB\r\nNOOP\r\nFROB\r\nFROB\r\nFROB\r\nNOOP\r\n")
+    while (ev := h.core.next_event()) is not NEED_DATA:
+        h.events.append(ev)
+    parts = h.core.take_paced()
+    # one wait before each error reply past the first, the 421 straight after the last
+    assert [wait for wait, _ in parts] == [0.0, 0.5, 0.5, 0.5]
+    assert [parse_replies(out) for _, out in parts] == [
+        [said(replies.greeting(HOST)), said(replies.ehlo(HOST, CAPS.max_message_size, starttls=False,
+                                 auth=False)),
+         said(replies.UNKNOWN_COMMAND), said(replies.OK)],
+        [said(replies.UNKNOWN_COMMAND)],
+        [said(replies.UNKNOWN_COMMAND)],
+        [said(replies.UNKNOWN_COMMAND), said(replies.TOO_MANY_ERRORS)]]
+    assert h.events == [Closed("too many errors")]
+    assert h.core.take_paced() == [] and h.core.take_delay() == 0.0
+
+
+def test_paced_output_of_a_delayed_reply_alone_starts_with_its_wait() -> None:
+    h = ehlo(caps=Capabilities(HOST, soft_error_limit=1, max_errors=20, error_sleep=0.5))
+    h.lines("FROB")
+    h.core.receive(b"FROB\r\n")
+    assert h.core.next_event() is NEED_DATA
+    assert h.core.take_paced() == [(0.5, replies.UNKNOWN_COMMAND.render())]
+
+
 def test_a_queued_message_resets_the_count_as_postfix_does_without_delivering_mail() -> None:
     h = ehlo(caps=Capabilities(HOST, soft_error_limit=2, max_errors=3, error_sleep=1.0))
     h.lines("FROB", "FROB", "MAIL FROM:<a@far.example>", "RCPT TO:<b@far.example>", "DATA")

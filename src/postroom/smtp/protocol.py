@@ -26,9 +26,10 @@ Invariants:
 - Error limits, as Postfix's smtpd_soft_error_limit and smtpd_hard_error_limit: every
   reply with code 400 or more is an error (except ``452 4.5.3``, flow control), counted
   since the session last queued a message. Each error reply past ``soft_error_limit``
-  asks for ``error_sleep`` seconds of delay (:meth:`ServerProtocol.take_delay`); the
-  error that reaches ``max_errors`` is followed by ``421 4.7.0`` and the close. The core
-  never waits itself: the adapter waits before writing the replies.
+  is to be written ``error_sleep`` seconds after the output before it
+  (:meth:`ServerProtocol.take_paced`); the error that reaches ``max_errors`` is followed
+  by ``421 4.7.0`` and the close. The core never waits itself: the adapter waits before
+  writing each such reply, so the client sees them one by one, as from Postfix.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class Capabilities:
     max_recipients: int = 100
     max_errors: int = 20              # the hard limit: 421 and close ([smtp] max_errors)
     soft_error_limit: int = 10        # past this many errors, each error reply waits ...
-    error_sleep: float = 1.0          # ... this many seconds (take_delay)
+    error_sleep: float = 1.0          # ... this many seconds (take_paced)
     starttls: bool = False            # a TLS context is available for STARTTLS
     auth: bool = False                # AUTH is offered on this listener (only once TLS is on)
     postmaster_domain: str = "localhost"
@@ -167,9 +168,10 @@ class ServerProtocol:
         self.envelope = Envelope()
         self.errors = 0                        # error replies in this session
         self.errors_without_mail = 0           # the same since a message was last queued
-        self._delay = 0.0                      # seconds to wait before the next write
+        self._delay = 0.0                      # the waits of output already taken
         self._in = bytearray()
         self._out: list[bytes] = []
+        self._waits: list[tuple[int, float]] = []   # (index in _out, seconds before it)
         self._pending: Event | None = None
         self._closing: Closed | None = None        # a close decided inside respond()
         self._junk_commands = 0
@@ -189,16 +191,38 @@ class ServerProtocol:
             self._in += data
 
     def take_output(self) -> bytes:
+        """Everything said so far, in one piece; the waits it owes are then
+        :meth:`take_delay`'s."""
         out = b"".join(self._out)
         self._out.clear()
+        self._delay += sum(wait for _, wait in self._waits)
+        self._waits.clear()
         return out
 
     def take_delay(self) -> float:
         """Seconds to wait before writing the output taken with :meth:`take_output`:
-        ``error_sleep`` for each error reply in it past ``soft_error_limit``. The caller
-        waits without holding up other sessions; the core has already moved on."""
+        ``error_sleep`` for each error reply in it past ``soft_error_limit``."""
         delay, self._delay = self._delay, 0.0
         return delay
+
+    def take_paced(self) -> list[tuple[float, bytes]]:
+        """Everything said so far, in parts, each with the seconds to wait before
+        writing it: the first part is due now, and each error reply past
+        ``soft_error_limit`` starts a part that waits ``error_sleep`` (Postfix's
+        smtpd_error_sleep_time). The caller waits without holding up other sessions;
+        the core has already moved on."""
+        parts: list[tuple[float, bytes]] = []
+        start, wait = 0, self.take_delay()
+        for index, seconds in self._waits:
+            if index > start:
+                parts.append((wait, b"".join(self._out[start:index])))
+                start, wait = index, 0.0
+            wait += seconds
+        if start < len(self._out) or wait:
+            parts.append((wait, b"".join(self._out[start:])))
+        self._out.clear()
+        self._waits.clear()
+        return parts
 
     @property
     def buffered(self) -> int:
@@ -222,8 +246,9 @@ class ServerProtocol:
         if reply.code >= 400 and reply is not replies.TOO_MANY_RECIPIENTS:
             self.errors += 1
             self.errors_without_mail += 1
-            if self.errors_without_mail > self.caps.soft_error_limit:
-                self._delay += self.caps.error_sleep
+            if self.errors_without_mail > self.caps.soft_error_limit and \
+                    self.caps.error_sleep > 0:
+                self._waits.append((len(self._out), self.caps.error_sleep))
         self._out.append(reply.render())
 
     def _error(self, reply: Reply) -> Closed | None:

@@ -196,6 +196,7 @@ class Session(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None     # the command/data timeout
         self._timer_at = 0.0
         self._delay: asyncio.TimerHandle | None = None     # an error delay
+        self._paced: deque[tuple[float, bytes]] = deque()  # replies still to write, waits
         self._stepping: asyncio.Task[None] | None = None   # the async step, kept alive
         self._lost = False
         self._paused = False
@@ -336,7 +337,27 @@ class Session(asyncio.Protocol):
             ev_log.protocol(self.id, self.peer, direction, text)
 
     def _flush(self) -> None:
-        out = self.core.take_output()
+        self._write(self.core.take_output())
+
+    def _write_paced(self) -> bool:
+        """Write the core's replies that are due; one that must wait (an error reply
+        past [smtp] soft_error_limit) waits on a timer, other sessions going on and this
+        one reading nothing meanwhile. True while one waits. A shutdown or a lost
+        connection writes the rest at once."""
+        self._paced.extend(self.core.take_paced())
+        while self._paced:
+            wait, out = self._paced[0]
+            if wait > 0 and not self._lost and not self.state.shutting_down:
+                self._paced[0] = (0.0, out)
+                self._busy = True
+                assert self._loop is not None
+                self._delay = self._loop.call_later(wait, self._delay_over)
+                return True
+            self._paced.popleft()
+            self._write(out)
+        return False
+
+    def _write(self, out: bytes) -> None:
         if out and self._protocol_log:
             self._log_protocol("out", out)
         if out:
@@ -367,14 +388,8 @@ class Session(asyncio.Protocol):
                         self._take_body()
                     elif self._body is not None:     # refused, or the session moved on
                         self._drop_body()
-                    delay = core.take_delay()
-                    if delay > 0 and not self._lost and not self.state.shutting_down:
-                        # error replies past soft_error_limit wait; other sessions go on
-                        self._busy = True
-                        assert self._loop is not None
-                        self._delay = self._loop.call_later(delay, self._delay_over)
+                    if self._write_paced():
                         return
-                    self._flush()
                     if core.phase is Phase.CLOSED or self._lost:
                         self._finish()
                         return

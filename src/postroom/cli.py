@@ -7,7 +7,6 @@ Exit status: 0 on success, 1 on an error the user can fix (the message says how)
 from __future__ import annotations
 
 import argparse
-import asyncio
 import getpass
 import json
 import os
@@ -65,11 +64,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     from .app import (
         Postroom,
-        run_loop,
         bind_admin,
         bind_listeners,
         catch_stop_signals,
         fork_front_ends,
+        run_loop,
         tls_files,
     )
     from .events import connect_events

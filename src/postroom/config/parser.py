@@ -39,9 +39,9 @@ from .schema import (
     SmtpConfig,
     SpoolConfig,
     TlsConfig,
+    cores,
     redact_url,
 )
-from .schema import cores
 
 __all__ = [
     "ConfigError",

@@ -348,3 +348,14 @@ def test_a_hanging_lmtp_store_never_holds_up_the_maildirs(tmp_path: Path, clock:
     asyncio.run(main())
     assert store.calls == 1
     assert spool.snapshot() == []                    # both final: the message is gone
+
+
+def test_free_pages_in_the_spool_file_count_as_reusable_space(spool: SqliteSpool) -> None:
+    """A drained queue leaves free pages in the file, which never shrinks; the reserve
+    check at MAIL counts them, or a disk that once filled could stay short for good."""
+    def fill_and_drop(c: sqlite3.Connection) -> None:
+        c.execute("CREATE TABLE scratch (b BLOB)")
+        c.executemany("INSERT INTO scratch VALUES (zeroblob(100000))", [()] * 5)
+    spool.write_sync(fill_and_drop)
+    spool.write_sync(lambda c: c.execute("DROP TABLE scratch"))
+    assert spool.reusable_bytes() >= 400_000

@@ -156,7 +156,10 @@ class ServerState:
 
     def space_left(self) -> bool:
         """Whether the data directory has [smtp] min_free_space free (a statvfs, about a
-        microsecond). Unknown (the call failed) counts as yes: the commit will tell."""
+        microsecond), counting the spool's own free pages, which new mail fills first:
+        after a full disk the spool file keeps its size, and without them the reserve
+        could stay short for good. Unknown (the call failed) counts as yes: the commit
+        will tell."""
         need = self.config.smtp.free_space_needed
         if need <= 0:
             return True
@@ -164,7 +167,7 @@ class ServerState:
             st = os.statvfs(self.config.data_dir)
         except OSError:
             return True
-        return st.f_bavail * st.f_frsize >= need
+        return st.f_bavail * st.f_frsize + self.spool.reusable_bytes() >= need
 
     def capabilities(self, listener: str) -> Capabilities:
         s = self.config.smtp

@@ -132,6 +132,12 @@ class Spool(Protocol):
         """The four queues (synchronous and cheap: metrics scrapes call it)."""
         ...
 
+    def reusable_bytes(self) -> int:
+        """Space inside the spool's own files that new mail fills before the files
+        grow (SQLite's free pages; 0 elsewhere). Synchronous and cheap: the reserve
+        check at MAIL adds it to the disk's free space."""
+        ...
+
     async def recipients(self, filters: Filters, now: float) -> list[RecipientView]:
         """Active recipients matching the filters (not ``reason``), oldest first."""
         ...

@@ -314,6 +314,9 @@ class MemorySpool:
                 for name, (info, seen) in sorted(self._nodes.items())]
 
     # --- views ---------------------------------------------------------------------
+    def reusable_bytes(self) -> int:
+        return 0
+
     def summary(self) -> list[QueueSummary]:
         out = []
         for name in QUEUES:

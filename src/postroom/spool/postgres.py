@@ -810,6 +810,9 @@ class PostgresSpool:
         return await self._run(q, tx=False)
 
     # --- views ---------------------------------------------------------------------
+    def reusable_bytes(self) -> int:
+        return 0                  # the database's disk is not this node's data_dir
+
     def summary(self) -> list[QueueSummary]:
         if not self._schema_ready:
             self._ensure_schema()

@@ -189,6 +189,7 @@ class SqliteSpool:
         os.chmod(path, 0o600)
         self._readers = threading.local()
         self._reader_conns: list[sqlite3.Connection] = []
+        self._reusable, self._reusable_at = 0, -1.0
         # Reads run on these threads only, each with its own connection (and its own
         # page cache, up to 2 MiB: four of them and the callers' threads raised W4's peak
         # RSS by 9 MB), so a long admin read never waits for the queue manager's.
@@ -541,6 +542,20 @@ class SqliteSpool:
     # --- views ---------------------------------------------------------------------
     def summary(self) -> list[QueueSummary]:
         return self._reader_pool.submit(self._read_now, _summary).result()
+
+    def reusable_bytes(self) -> int:
+        """The database file's free pages (a drained queue leaves them behind, and the
+        file never shrinks), read at most once a second."""
+        now = time.monotonic()
+        if now - self._reusable_at >= 1.0:
+            self._reusable_at = now
+            try:
+                self._reusable = self._read_now(lambda c: int(
+                    c.execute("PRAGMA freelist_count").fetchone()[0]) * int(
+                    c.execute("PRAGMA page_size").fetchone()[0]))
+            except sqlite3.Error:
+                self._reusable = 0
+        return self._reusable
 
     async def recipients(self, filters: Filters, now: float) -> list[RecipientView]:
         where, args = _where(filters, now)

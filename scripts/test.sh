@@ -17,6 +17,8 @@ command -v mbsync >/dev/null || need_apt+=(isync)
 command -v curl >/dev/null || need_apt+=(curl)
 # the PostgreSQL spool's tests start a private server from Debian's package
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)
+# DKIM signatures are checked by an independent verifier, OpenDKIM (issue 14)
+command -v opendkim-testmsg >/dev/null || need_apt+=(opendkim opendkim-tools)
 command -v ip >/dev/null || need_apt+=(iproute2)
 command -v unshare >/dev/null || need_apt+=(util-linux)
 # the web console's browser tests drive Debian's Chromium (Playwright never downloads one)
@@ -31,6 +33,8 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   if command -v postfix >/dev/null; then $SUDO postfix stop >/dev/null 2>&1 || true; fi
   # ...and a system Dovecot (IMAP, POP3, LMTP on /run/dovecot): the tests run their own.
   if [ -x /usr/sbin/dovecot ]; then $SUDO /usr/sbin/dovecot stop >/dev/null 2>&1 || true; fi
+  # ...and a system OpenDKIM milter: the tests run opendkim-testmsg themselves.
+  if command -v opendkim >/dev/null; then $SUDO pkill -x opendkim >/dev/null 2>&1 || true; fi
 fi
 # ...and a system PostgreSQL cluster (port 5432): the tests start their own. Debian's
 # package creates and starts one; stop it and keep it from starting at boot.

@@ -16,7 +16,7 @@ PLAN: list[tuple[str, set[str]]] = [
     ("foundation", {"config", "observability", "body", "metrics", "format"}),
     ("logic", {"routing", "policy", "bounce", "conversion", "configedit", "smtp.protocol"}),
     ("storage and protocols", {"spool", "store", "users", "events", "dns", "tls",
-                               "smtp.client"}),
+                               "smtp.client", "mailauth"}),
     ("agents and intake", {"delivery", "intake", "notices"}),
     ("components", {"smtp", "smtp.server", "qmgr", "diagnostics", "imap"}),
     ("operations", {"admin"}),

@@ -19,6 +19,7 @@ from ..address import AddressError, parse_path
 from .schema import (
     DEFAULT_ROUTES,
     DELIVERY_KEYS,
+    DKIM_KEYS,
     IMAP_KEYS,
     LOG_CATEGORIES,
     LOG_LEVELS,
@@ -31,6 +32,7 @@ from .schema import (
     AdminConfig,
     Config,
     DeliveryConfig,
+    DkimKey,
     ImapConfig,
     LoggingConfig,
     Network,
@@ -504,6 +506,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: str) -> Config:
         url=r.convert(sp, "spool.", "url", _spool_url, ""),
         lease_seconds=r.convert(sp, "spool.", "lease_seconds", _lease, SpoolConfig().lease_seconds))
     imap = _imap(r, r.section("imap", IMAP_KEYS))
+    dkim = _dkim(r, raw.get("dkim", []), base_dir)
     nd = r.section("node", NODE_KEYS)
     node = r.convert(nd, "node.", "name", _node_name, "") or socket.gethostname()
 
@@ -514,7 +517,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: str) -> Config:
         local_domains=tuple(dict.fromkeys(local_domains)), trusted_networks=tuple(nets),
         aliases=aliases, delivery=delivery, routes=routes, nameservers=nameservers,
         admin=AdminConfig(admin_listen), logging=logging_config, spool=spool, imap=imap,
-        node=node, source=source,
+        dkim=dkim, node=node, source=source,
     )
 
 
@@ -532,6 +535,56 @@ def _imap(r: _Reader, t: dict[str, Any]) -> ImapConfig:
                                   "writes the Maildirs) or \"lmtp\" (Dovecot does)"))
     return ImapConfig(enabled=r.get(t, "imap.", "enabled", bool, d.enabled), listen=listen,
                       listen_tls=listen_tls, delivery=delivery)
+
+
+_SELECTOR = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*\Z")
+
+
+def _dkim(r: _Reader, raw: object, base_dir: Path) -> tuple[DkimKey, ...]:
+    """[[dkim]] tables: domain, selector, key_file. The key file must exist; whether it
+    holds a usable key is checked when the signer loads it (at start, and by doctor)."""
+    if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
+        r.problems.append(Problem("dkim", "write each key as a [[dkim]] table"))
+        return ()
+    keys: list[DkimKey] = []
+    seen: set[tuple[str, str]] = set()
+    for i, t in enumerate(raw):
+        where = f"dkim[{i}]"
+        for k in t:
+            if k not in DKIM_KEYS:
+                r.problems.append(Problem(f"{where}.{k}", "unknown key (misspelt?)"))
+        domain = t.get("domain")
+        selector = t.get("selector")
+        key_file = t.get("key_file")
+        bad = False
+        try:
+            domain = _domain(domain)
+        except (ValueError, TypeError) as exc:
+            r.problems.append(Problem(f"{where}.domain", f"{domain!r}: {exc}"))
+            bad = True
+        if not isinstance(selector, str) or not _SELECTOR.match(selector.lower()):
+            r.problems.append(Problem(f"{where}.selector", f"{selector!r}: a selector is one "
+                                      "or more DNS labels, e.g. \"s2026\""))
+            bad = True
+        if not isinstance(key_file, str) or not key_file:
+            r.problems.append(Problem(f"{where}.key_file", "give the key's file (made by "
+                                      "`postroom dkim keygen DOMAIN`)"))
+            continue
+        path = base_dir / key_file
+        if not path.is_file():
+            r.problems.append(Problem(f"{where}.key_file", f"file not found: {path} (make "
+                                      "one with `postroom dkim keygen DOMAIN`)"))
+            bad = True
+        if bad:
+            continue
+        assert isinstance(selector, str)
+        if (domain, selector.lower()) in seen:
+            r.problems.append(Problem(f"{where}.selector", f"{selector} is already used for "
+                                      f"{domain}: each key of a domain needs its own selector"))
+            continue
+        seen.add((domain, selector.lower()))
+        keys.append(DkimKey(domain=domain, selector=selector.lower(), key_file=path))
+    return tuple(keys)
 
 
 def _spool_url(value: object) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 __all__ = [
     "DEFAULT_ROUTES",
     "DELIVERY_KEYS",
+    "DKIM_KEYS",
     "IMAP_KEYS",
     "LOGGING_KEYS",
     "LOG_CATEGORIES",
@@ -24,6 +25,7 @@ __all__ = [
     "AdminConfig",
     "Config",
     "DeliveryConfig",
+    "DkimKey",
     "ImapConfig",
     "LoggingConfig",
     "Network",
@@ -169,6 +171,22 @@ class ImapConfig:
 
 
 @dataclass(frozen=True)
+class DkimKey:
+    """One ``[[dkim]]`` table: a key that signs mail from ``domain`` (and its subdomains)
+    leaving for other servers. Two tables for one domain (an RSA key and an Ed25519 key,
+    different selectors) sign each message twice (RFC 8463's dual signing)."""
+
+    domain: str
+    selector: str
+    key_file: Path            # PEM; the algorithm is read from it (mailauth.keys.load)
+
+    @property
+    def record_name(self) -> str:
+        """Where the public key is published in DNS."""
+        return f"{self.selector}._domainkey.{self.domain}"
+
+
+@dataclass(frozen=True)
 class SpoolConfig:
     url: str = ""                  # postgresql://...: the shared queue; "": SQLite in data_dir
     lease_seconds: float = 600.0   # how long a claim lasts without renewal
@@ -208,6 +226,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     imap: ImapConfig = field(default_factory=ImapConfig)
+    dkim: tuple[DkimKey, ...] = ()  # [[dkim]]: signing keys, in the config's order
     node: str = ""                 # [node] name: this node in leases, events and status
     source: str = "<defaults>"
 
@@ -251,7 +270,8 @@ class Config:
 
 
 TOP_KEYS = {"hostname", "data_dir", "smtp", "tls", "domains", "relay", "aliases", "delivery",
-            "route", "dns", "admin", "logging", "spool", "node", "imap"}
+            "route", "dns", "admin", "logging", "spool", "node", "imap", "dkim"}
+DKIM_KEYS = {"domain", "selector", "key_file"}
 IMAP_KEYS = {"enabled", "listen", "listen_tls", "delivery"}
 SPOOL_KEYS = {"url", "lease_seconds"}
 NODE_KEYS = {"name"}

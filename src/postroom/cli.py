@@ -70,6 +70,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         fork_front_ends,
         run_loop,
         tls_files,
+        tune_malloc,
     )
     from .events import connect_events
     from .observability import setup_logging
@@ -96,6 +97,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     catch_stop_signals()
+    tune_malloc()
     start_time = time.time()
     try:
         # the admin API's token and socket first: once the SMTP port answers, so does

@@ -160,6 +160,36 @@ def tls_files(config: Config) -> tuple[Path, Path]:
     return ensure_self_signed(config.data_dir / "tls", config.hostname)
 
 
+BALANCE_PERIOD = 0.1       # seconds between the main process's accept decisions
+
+
+def should_pause(accepting: bool, share: float, busiest: float) -> bool:
+    """Whether the main process should not take SMTP connections for the next period:
+    ``share`` is its CPU use in the last one (1.0: a whole core), ``busiest`` its
+    busiest front end's, negative when none is alive. It stops while clearly the
+    busier one, and starts again once it is the lighter one."""
+    if busiest < 0:
+        return False
+    if accepting:
+        return share > 0.2 and share > 1.5 * busiest
+    return share > busiest
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a live process; None when gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
 def _die_with_parent() -> None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -261,6 +291,10 @@ class Postroom:
         self._notify_fd = notify_fd        # front end: write end
         self.children = children or []
         self._servers: list[asyncio.Server] = []
+        self._serve: list[Callable[[], Coroutine[Any, Any, asyncio.Server]]] = []
+        self._balancer: asyncio.Task[None] | None = None
+        self.accepting = True              # main: whether it takes SMTP connections now
+        self.accept_changes = 0
         self._stopped = asyncio.Event()
         self._stop: asyncio.Event | None = None     # run_until_signalled waits on it
         self._stop_reason = "on a signal"
@@ -323,18 +357,28 @@ class Postroom:
         elif self._notify_fd >= 0:
             self.spool.on_commit(self._notify)
         sockets = self._sockets if self._sockets is not None else bind_listeners(c)
+        # the main process with front ends serves SMTP from copies of the listening
+        # sockets, so that the balancer can stop and resume its accepting
+        balanced = self.main and bool(self.children)
         try:
             for kind, sock in sockets:
                 implicit = kind == "submissions"
-                server = await loop.create_server(
-                    lambda kind=kind, implicit=implicit: Session(self.state, kind, implicit),
-                    sock=sock, ssl=tls if implicit else None, backlog=1024)
-                self._servers.append(server)
+
+                def serve(kind: str = kind, sock: socket.socket = sock,
+                          implicit: bool = implicit) -> Coroutine[Any, Any, asyncio.Server]:
+                    return loop.create_server(
+                        lambda: Session(self.state, kind, implicit),
+                        sock=sock.dup() if balanced else sock, ssl=tls if implicit else None,
+                        backlog=1024)
+                self._servers.append(await serve())
+                self._serve.append(serve)
                 addr = sock.getsockname()
                 self.listeners.append(BoundListener(kind, addr[0], addr[1]))
         except OSError:
             await self.stop()
             raise
+        if balanced:
+            self._balancer = loop.create_task(self._balance(), name="balance")
         if self.main:
             self.qmgr.start()
             admin_sock = self._admin_socket
@@ -368,6 +412,47 @@ class Postroom:
                  type(asyncio.get_running_loop()).__module__.split(".")[0],
                  ", ".join(f"{b.kind}={b.host}:{b.port}" for b in self.listeners))
         return self.listeners
+
+    async def _balance(self) -> None:
+        """Main process with front ends: stop taking SMTP connections while this process
+        works clearly harder than its busiest front end, and take them again once it
+        does not.
+
+        The main process serves its share of the connections *and* runs the whole queue
+        (conversion, delivery, results): in W2 it used three times a front end's CPU and
+        set the pace while the front end idled. Connections it does not accept wait in
+        the shared listening socket's backlog for a front end, which accepts them. CPU
+        shares are read every BALANCE_PERIOD from /proc (this process's threads
+        included); with no live front end, it always accepts."""
+        clock = time.monotonic
+        last = clock()
+        mine = time.process_time()
+        theirs = {pid: _cpu_seconds(pid) for pid in self.children}
+        while True:
+            await asyncio.sleep(BALANCE_PERIOD)
+            now, cpu = clock(), time.process_time()
+            span = max(now - last, 1e-3)
+            share = (cpu - mine) / span
+            busiest = -1.0
+            for pid in self.children:
+                seconds = _cpu_seconds(pid)
+                if seconds is not None:
+                    before = theirs.get(pid)
+                    busiest = max(busiest, 0.0 if before is None else (seconds - before) / span)
+                theirs[pid] = seconds
+            last, mine = now, cpu
+            pause = should_pause(self.accepting, share, busiest)
+            if pause == self.accepting:
+                await self._accept(not pause)
+
+    async def _accept(self, on: bool) -> None:
+        if on:
+            self._servers = [await serve() for serve in self._serve]
+        else:
+            for server in self._servers:
+                server.close()
+        self.accepting = on
+        self.accept_changes += 1
 
     def _woken(self) -> None:
         try:
@@ -604,6 +689,10 @@ class Postroom:
 
     async def stop(self) -> None:
         """Stop accepting, end sessions with 421, finish the current queue round."""
+        if self._balancer is not None:
+            self._balancer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._balancer
         if self.admin is not None:
             await self.admin.stop()
         for server in self._servers:
@@ -638,7 +727,7 @@ class Postroom:
             self.events.close()
         if hasattr(self, "executor"):
             self.executor.shutdown(wait=False)
-        log.info("postroom stopped")
+        log.info("postroom stopped (accepting changed %d times)", self.accept_changes)
         self._stopped.set()
 
     async def _reap_children(self) -> None:

@@ -235,8 +235,10 @@ async def step5_test_message(ctx: Context) -> dict[str, Any]:
     try:
         sent = await ctx.submit(sender, rcpt, data)
     except (OSError, ValueError) as exc:
+        ctx.test_verdict = "test-message-failed"
         return _step(5, "test message", "fail", f"the server refused the test message: {exc}",
-                     None, "see step 2: the address space and relay decision")
+                     None, "see step 2: the address space and relay decision",
+                     "test-message-failed")
     qid = sent["queue_id"]
     deadline = time.monotonic() + follow_for
     story: dict[str, Any] = {}

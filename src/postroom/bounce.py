@@ -31,6 +31,7 @@ from dataclasses import dataclass
 __all__ = [
     "CATALOGUE", "CLASSES", "KINDS", "SUBJECTS", "CatalogueEntry", "Explanation",
     "RecipientReport", "build_report", "explain", "find_entry", "is_bounce_allowed",
+    "is_sender_auth", "sender_names",
 ]
 
 KINDS = ("failure", "delay", "success")
@@ -126,6 +127,27 @@ _LIFETIME = ("We kept trying to deliver this message for {duration} and have now
 _NO_ANSWER = "Check that {target} is up and reachable from this server: a firewall that " \
              "drops packets is the usual cause. Try telnet to its port from here."
 
+_DOCTOR_FROM = ("postroom doctor --from {sender} on this server checks the SPF, DKIM and "
+                "DMARC records and prints the ones to publish.")
+_DMARC = ("{server} refused the message under the DMARC policy of {from_domain}: neither "
+          "an SPF pass for the sending server nor a valid DKIM signature of {from_domain} "
+          "vouched for it, so {server} treated it as unauthenticated.",
+          "Check the DMARC record at _dmarc.{from_domain}, the SPF record of "
+          "{sender_domain} (it must allow the server that sends the mail out) and the DKIM "
+          "record at {dkim_record}: at least one of SPF and DKIM must pass for "
+          "{from_domain}. " + _DOCTOR_FROM)
+_SPF = ("{server} refused the message because the SPF check of {sender_domain} failed: "
+        "its SPF record does not list the address the message came from.",
+        "Publish or fix the SPF record (a TXT record at {sender_domain}) so that it allows "
+        "this server's outbound address, or the smart host's when one sends your mail on. "
+        + _DOCTOR_FROM)
+_DKIM = ("{server} refused the message because it carried no valid DKIM signature of "
+         "{from_domain}.",
+         "Check the DKIM record at {dkim_record}: its p= must be the public key of the "
+         "[[dkim]] key that signs for {from_domain}. Without such a key, make one with "
+         "postroom dkim keygen {from_domain} and publish the record it prints. "
+         + _DOCTOR_FROM)
+
 CATALOGUE: tuple[CatalogueEntry, ...] = (
     CatalogueEntry("delivered", ("2",), "{server} accepted the message.", "Nothing to do."),
     CatalogueEntry(
@@ -160,6 +182,29 @@ CATALOGUE: tuple[CatalogueEntry, ...] = (
         "to a server that no longer takes its mail. If a route of ours sends {domain} to "
         "{server}, check that route. If both are right, only the administrator of {server} "
         "can fix this.", pattern=_RELAY),
+    CatalogueEntry("sender-auth-dmarc", ("*.7.26", "*.7.509", "*.7.515"), *_DMARC),
+    CatalogueEntry("sender-auth-spf", ("*.7.23", "*.7.24"), *_SPF),
+    CatalogueEntry("sender-auth-dkim", ("*.7.20", "*.7.21", "*.7.22"), *_DKIM),
+    CatalogueEntry(
+        "sender-auth-ptr", ("*.7.25",),
+        "{server} refused the message because the address this server sends from has no "
+        "reverse DNS (PTR) record, or the name in it does not lead back to that address.",
+        "Ask whoever owns the sending address (your ISP or hosting provider) for a PTR "
+        "record that names this server's hostname, and give that name an A or AAAA record "
+        "with the same address."),
+    CatalogueEntry(
+        "sender-null-mx", ("*.7.27",),
+        "{server} refused the message because the sender's domain {sender_domain} "
+        "publishes a null MX: it declares that it receives no mail, so no reply or bounce "
+        "could reach the sender.",
+        "Send from an address whose domain receives mail, or remove the null MX record of "
+        "{sender_domain}."),
+    CatalogueEntry("sender-auth-dmarc-text", ("5.7", "4.7", "5.0", "4.0"), *_DMARC,
+                   pattern=r"\bdmarc\b|unauthenticated|authentication level"),
+    CatalogueEntry("sender-auth-spf-text", ("5.7", "4.7", "5.0", "4.0"), *_SPF,
+                   pattern=r"\bspf\b|sender policy framework"),
+    CatalogueEntry("sender-auth-dkim-text", ("5.7", "4.7", "5.0", "4.0"), *_DKIM,
+                   pattern=r"\bdkim\b"),
     CatalogueEntry(
         "auth-failed", ("*.7.8",), "{server} rejected our username or password.",
         "Check username and password on {route}: the password may have changed or "
@@ -174,12 +219,13 @@ CATALOGUE: tuple[CatalogueEntry, ...] = (
         "Check username and password on {route}, and that {server} offers PLAIN or LOGIN "
         "over TLS.", steps=("AUTH",)),
     CatalogueEntry(
-        "sender-authentication", ("5.7", "4.7"),
-        "{server} refused the message because the sender's domain failed an SPF, DKIM or "
-        "DMARC check: this server is not among those allowed to send for that domain.",
-        "Add this server's public address to the SPF record of the sender's domain (or "
-        "send through the server that domain names), and sign with DKIM if it requires "
-        "it.", pattern=r"\b(spf|dkim|dmarc)\b"),
+        "sender-authentication", ("5.7", "4.7", "5.0", "4.0"),
+        "{server} refused the message because the sender's domain failed an SPF, DKIM, "
+        "DMARC or ARC check: it could not confirm that this server may send mail for "
+        "{from_domain}.",
+        "Check the SPF record of {sender_domain}, the DKIM record at {dkim_record} and the "
+        "DMARC record at _dmarc.{from_domain}. " + _DOCTOR_FROM,
+        pattern=r"\b(spf|dkim|dmarc|arc)\b|authentication (information|checks?)"),
     CatalogueEntry(
         "blocklisted", ("5.7", "4.7", "5.0", "4.0"),
         "{server} refused the message because this server's address is on a blocklist it "
@@ -335,7 +381,8 @@ def _size_note(diagnostic: str) -> str:
     return f" (its limit: {note})"
 
 
-def _context(diagnostic: str, step: str, hop: str, recipient: str, remote_host: str | None
+def _context(diagnostic: str, step: str, hop: str, recipient: str, remote_host: str | None,
+             sender: str = "", from_domain: str = "", dkim_records: Sequence[str] = ()
              ) -> dict[str, str]:
     smart = re.search(r"smart host (\S+)", hop)
     route = re.search(r"\(route ([^)\s]+)\)", hop)
@@ -368,6 +415,25 @@ def _context(diagnostic: str, step: str, hop: str, recipient: str, remote_host: 
                   else "its [[route]]"),
         "limit_note": _size_note(diagnostic),
         "duration": duration.group(0) if duration else "the whole retry period",
+        **_sender_context(sender, from_domain, dkim_records),
+    }
+
+
+def _sender_context(sender: str, from_domain: str, dkim_records: Sequence[str]
+                    ) -> dict[str, str]:
+    """The sender's names for the sender-authentication entries: the envelope sender's
+    domain (SPF), the From header's domain (DMARC) and the DKIM records its signatures
+    name (``selector._domainkey.domain``)."""
+    sender = sender.strip().strip("<>")
+    sender_domain = sender.rpartition("@")[2].lower() if "@" in sender else ""
+    from_domain = from_domain.lower() or sender_domain
+    sender_domain = sender_domain or from_domain
+    return {
+        "sender": sender or "ADDRESS",
+        "sender_domain": sender_domain or "the sender's domain",
+        "from_domain": from_domain or "the sender's domain",
+        "dkim_record": " and ".join(dkim_records) if dkim_records else
+        f"SELECTOR._domainkey.{from_domain or 'DOMAIN'}",
     }
 
 
@@ -397,16 +463,20 @@ def find_entry(status: str, diagnostic: str, step: str, hop: str) -> CatalogueEn
 
 
 def explain(status: str, diagnostic: str, step: str, hop: str, *,
-            recipient: str = "", remote_host: str | None = None) -> Explanation:
+            recipient: str = "", remote_host: str | None = None, sender: str = "",
+            from_domain: str = "", dkim_records: Sequence[str] = ()) -> Explanation:
     """Plain words for one failure: what it means, and what to change.
 
     ``recipient`` and ``remote_host`` only sharpen the wording (names instead of "the
     recipient", "the receiving server"). A lifetime diagnostic may carry the last error
     after "last error:" (``"gave up after 5 days; last error: 451 4.7.1 Try again"``);
-    that error is then explained too.
+    that error is then explained too. ``sender`` (the envelope sender), ``from_domain``
+    (the From header's domain) and ``dkim_records`` (``selector._domainkey.domain`` of
+    the message's signatures) name the records a sender-authentication refusal concerns.
     """
     status = _effective_status(status, diagnostic)
-    ctx = _context(diagnostic, step, hop, recipient, remote_host)
+    ctx = _context(diagnostic, step, hop, recipient, remote_host, sender, from_domain,
+                   dkim_records)
     entry = find_entry(status, diagnostic, step, hop)
     if entry is not None:
         meaning, action = _sentence(entry.meaning, ctx), _sentence(entry.action, ctx)
@@ -416,7 +486,8 @@ def explain(status: str, diagnostic: str, step: str, hop: str, *,
             inner_status = _effective_status("", inner_text)
             if inner_status and not _status_matches("*.4.7", inner_status):
                 inner = explain(inner_status, inner_text, "", hop, recipient=recipient,
-                                remote_host=remote_host)
+                                remote_host=remote_host, sender=sender,
+                                from_domain=from_domain, dkim_records=dkim_records)
                 meaning = f"{meaning} The last attempt failed like this: {inner.meaning}"
                 action = f"{inner.action} Then ask the sender to send the message again."
         return Explanation(meaning, action)
@@ -475,6 +546,34 @@ def _continuations(lines: list[str]) -> list[str]:
             break
         out.append(line)
     return out
+
+
+def _field(original: bytes, name: str) -> list[str]:
+    """Every value of one header field, unfolded."""
+    lines = _header_block(original).decode("utf-8", "replace").split("\r\n")
+    name = name.lower() + ":"
+    return [(line[len(name):] + "".join(_continuations(lines[i + 1:]))).strip()
+            for i, line in enumerate(lines) if line[:len(name)].lower() == name]
+
+
+def sender_names(original: bytes) -> tuple[str, tuple[str, ...]]:
+    """The From header's domain (DMARC's), and the DNS names of the message's DKIM
+    signatures' keys (``s=`` and ``d=``: ``selector._domainkey.domain``)."""
+    found = email.utils.getaddresses(_field(original, "From"))
+    address = next((a for _, a in found if "@" in a), "")
+    records = []
+    for value in _field(original, "DKIM-Signature"):
+        tags = dict((k.strip().lower(), "".join(v.split())) for k, _, v in
+                    (t.partition("=") for t in value.split(";")) if k.strip())
+        if tags.get("s") and tags.get("d") and re.fullmatch(r"[\w.-]+", tags["s"] + tags["d"]):
+            records.append(f"{tags['s']}._domainkey.{tags['d'].lower()}")
+    return address.rpartition("@")[2].lower(), tuple(dict.fromkeys(records))
+
+
+def is_sender_auth(entry: CatalogueEntry | None) -> bool:
+    """Whether a catalogue entry is a refusal for SPF, DKIM, DMARC, ARC, PTR or a null
+    MX of the sender: one that DNS records of the sender's domain fix."""
+    return entry is not None and entry.name.startswith("sender-")
 
 
 def _fold(name: str, value: str) -> str:
@@ -553,7 +652,8 @@ _SUCCESS_NOTES = {
 }
 
 
-def _recipient_block(kind: str, r: RecipientReport, reporting_mta: str) -> list[str]:
+def _recipient_block(kind: str, r: RecipientReport, reporting_mta: str,
+                     names: dict[str, object]) -> list[str]:
     head = f"  {r.final_recipient}"
     if r.original_recipient and r.original_recipient.lower() != r.final_recipient.lower():
         # ORCPT comes from the sender: no control characters reach the text
@@ -587,7 +687,7 @@ def _recipient_block(kind: str, r: RecipientReport, reporting_mta: str) -> list[
             lines += _indented(_SUCCESS_NOTES[r.action], " " * 4)
         return lines
     why = explain(r.status, r.diagnostic, r.step, r.hop, recipient=r.final_recipient,
-                  remote_host=r.remote_host)
+                  remote_host=r.remote_host, **names)  # type: ignore[arg-type]
     lines += ["    What it means:", *_indented(why.meaning, " " * 8),
               "    What to do:", *_indented(why.action, " " * 8)]
     return lines
@@ -615,13 +715,13 @@ def _intro(kind: str, reported: Sequence[RecipientReport], arrival: float, now: 
 
 def _human_part(kind: str, reporting_mta: str, subject: str, arrival: float, now: float,
                 reported: Sequence[RecipientReport], others: Sequence[RecipientReport],
-                returned: str) -> str:
+                returned: str, names: dict[str, object]) -> str:
     lines = [f"This is the mail system at {reporting_mta}.", "",
              *textwrap.wrap(_intro(kind, reported, arrival, now), _WIDTH), "",
              *_indented(f"Subject:  {subject}", "  "),
              f"  Arrived:  {_date(arrival)}", ""]
     for r in reported:
-        lines += [*_recipient_block(kind, r, reporting_mta), ""]
+        lines += [*_recipient_block(kind, r, reporting_mta, names), ""]
     if others:
         note = "Other recipients of this message, not covered by this report: " + ", ".join(
             f"{r.final_recipient} ({r.action})" for r in others) + "."
@@ -715,7 +815,11 @@ def build_report(*, kind: str, reporting_mta: str, original_sender: str, origina
 
     subject = _original_subject(original)
     prefix = {"failure": "Undeliverable", "delay": "Delayed", "success": "Delivered"}[kind]
-    text = _human_part(kind, reporting_mta, subject, arrival, now, reported, others, returned)
+    from_domain, dkim_records = sender_names(original)
+    names: dict[str, object] = {"sender": original_sender, "from_domain": from_domain,
+                                "dkim_records": dkim_records}
+    text = _human_part(kind, reporting_mta, subject, arrival, now, reported, others, returned,
+                       names)
     if text.isascii():
         text_cte, text_bytes = "7bit", text.replace("\n", "\r\n").encode("ascii")
     else:

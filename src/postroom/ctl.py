@@ -673,7 +673,9 @@ def add_diagnostics(sub: Any, with_config: Callable[[argparse.ArgumentParser],
                                                    "running server, and its store; names "
                                                    "the cause"))
     dr.add_argument("--to", dest="rcpt", help="a destination address to test")
-    dr.add_argument("--from", dest="sender", help="the sender (default: the postmaster)")
+    dr.add_argument("--from", dest="sender", help="the sender (default: the postmaster of "
+                    "the first local domain); step 11 checks its domain's SPF, DKIM and "
+                    "DMARC records")
     dr.add_argument("--client-ip", default="127.0.0.1",
                     help="the sending client's address, for the relay decision")
     dr.add_argument("--auth", help="as if the client authenticated as this user")

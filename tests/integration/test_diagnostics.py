@@ -22,6 +22,9 @@ RECORDS = [
     "--mx-host=nullmx.test,.,0",
     "--host-record=bare.test,127.0.0.11",
     "--mx-host=noaddr.test,mx.noaddr.test,10",              # an MX host without an address
+    # the sender's own records (doctor's step 11): SPF allows loopback, DMARC published
+    "--txt-record=example.test,v=spf1 ip4:127.0.0.0/8 -all",
+    "--txt-record=_dmarc.example.test,v=DMARC1; p=none",
 ]
 
 
@@ -186,7 +189,7 @@ def doctor(sp: ServerProcess, *args: str) -> dict[str, Any]:
     cp = sp.cli("doctor", *args, "--json", check=False)
     data = json.loads(cp.stdout)
     assert cp.returncode == (0 if data["verdict"] == "ok" else 1), cp.stderr
-    assert [s["step"] for s in data["steps"]] == list(range(1, 11))
+    assert [s["step"] for s in data["steps"]] == list(range(1, 12))
     return data  # type: ignore[no-any-return]
 
 
@@ -204,6 +207,9 @@ def test_doctor_ok_for_a_working_route(server_factory, dns_port) -> None:  # typ
     d = doctor(sp, "--to", "bob@far.test", "--send-test")
     assert d["verdict"] == "ok", d
     assert next(s for s in d["steps"] if s["step"] == 7)["status"] == "ok"
+    sender = d["steps"][10]                  # SPF allows the smart host; no DKIM key yet
+    assert sender["status"] == "warn" and "smart host" in sender["detail"]["sending"]["why"]
+    assert [r["state"] for r in sender["detail"]["records"]] == ["found", "missing", "found"]
     test_step = d["steps"][4]
     assert test_step["status"] == "ok" and "delivered" in test_step["finding"]
     (got,) = remote.wait_messages("bob@far.test", 1)

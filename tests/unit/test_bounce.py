@@ -64,8 +64,32 @@ EXPLAIN_CASES: list[tuple[str | None, str, str, str, str, str | None, tuple[str,
      None, ("log in (SMTP AUTH)",)),
     ("auth-refused", "5.5.4", "504 5.5.4 Unrecognized authentication type", "AUTH", SMART,
      "smarthost.test", ("did not accept our login", "PLAIN or LOGIN")),
-    ("sender-authentication", "5.7.1", "550 5.7.1 SPF check failed for example.test", "DATA",
-     MX, "mx.far.test", ("SPF, DKIM or DMARC", "SPF record")),
+    # sender authentication, in the providers' own words (Gmail, Microsoft, Yahoo)
+    ("sender-auth-dmarc", "5.7.26",
+     "550-5.7.26 Unauthenticated email from example.test is not accepted due to\n"
+     "550-5.7.26 domain's DMARC policy. Please contact the administrator of example.test",
+     "DATA", MX, "mx.far.test", ("DMARC policy of the sender's domain", "_dmarc.")),
+    ("sender-auth-dmarc", "5.7.515", "550 5.7.515 Access denied, sending domain example.test "
+     "does not meet the required authentication level.", "DATA", MX, "mx.far.test",
+     ("SPF record of", "postroom doctor --from")),
+    ("sender-auth-spf", "5.7.23", "550 5.7.23 The message was rejected because of Sender "
+     "Policy Framework violation", "DATA", MX, "mx.far.test", ("SPF check", "TXT record")),
+    ("sender-auth-dkim", "5.7.20", "550 5.7.20 No passing DKIM signature found", "DATA", MX,
+     "mx.far.test", ("no valid DKIM signature", "SELECTOR._domainkey.")),
+    ("sender-auth-ptr", "5.7.25", "550-5.7.25 The IP address sending this message does not "
+     "have a PTR record setup", "DATA", MX, "mx.far.test", ("reverse DNS", "PTR record")),
+    ("sender-null-mx", "5.7.27", "550 5.7.27 Sender address has null MX", "MAIL", MX,
+     "mx.far.test", ("null MX", "remove the null MX")),
+    ("sender-auth-dmarc-text", "5.7.9", "550 5.7.9 This mail has been blocked because the "
+     "sender is unauthenticated. Yahoo requires all senders to authenticate with either SPF "
+     "or DKIM.", "DATA", MX, "mx.far.test", ("DMARC policy", "_dmarc.")),
+    ("sender-auth-spf-text", "5.7.1", "550 5.7.1 SPF check failed for example.test", "DATA",
+     MX, "mx.far.test", ("SPF check", "SPF record")),
+    ("sender-auth-dkim-text", "", "554 DKIM signature verification failed", "DATA", MX,
+     "mx.far.test", ("DKIM signature", "[[dkim]]")),
+    ("sender-authentication", "5.7.1", "550-5.7.1 This message does not have authentication "
+     "information or fails to pass authentication checks.", "DATA", MX, "mx.far.test",
+     ("SPF, DKIM, DMARC or ARC", "DKIM record at")),
     ("blocklisted", "5.7.1",
      "554 5.7.1 Service unavailable; Client host [203.0.113.5] blocked using zen.spamhaus.org",
      "RCPT", MX, "mx.far.test", ("blocklist", "removal procedure")),

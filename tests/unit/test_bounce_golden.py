@@ -47,6 +47,10 @@ ORIGINAL = (
 )
 
 SMART_HOST = "smart host 127.0.0.1:2626 (route partner.example)"
+# the same message as it left, signed by the [[dkim]] key of selector mail2025
+SIGNED = (b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=example.test;\r\n"
+          b"\ts=mail2025; h=from:to:subject:date:message-id;\r\n"
+          b"\tbh=47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=; b=dGVzdA==\r\n" + ORIGINAL)
 
 
 def _failed(rcpt: str, status: str, diagnostic: str, **kw: object) -> RecipientReport:
@@ -117,6 +121,23 @@ CASES: dict[str, dict[str, object]] = {
         "gave up after 5 days; last error: 421 4.4.2 mx.far.test: connection timed out",
         remote_host="mx.far.test", remote_ip="192.0.2.25", step="lifetime",
         hop="MX of far.test (route *)", last_attempt=T0 + 5 * DAY)], now=T0 + 5 * DAY),
+    # (k) the smart host accepts RCPT, then refuses after DATA under the sender's DMARC
+    # policy (Gmail's words): the report names the three records, the DKIM one from the
+    # message's own signature
+    "k-smarthost-dmarc-after-data": dict(kind="failure", ret="HDRS", original=SIGNED,
+                                         recipients=[_failed(
+        "bob@far.test", "5.7.26",
+        "550-5.7.26 Unauthenticated email from example.test is not accepted due to\n"
+        "550-5.7.26 domain's DMARC policy. Please contact the administrator of\n"
+        "550 5.7.26 example.test domain if this was a legitimate mail.",
+        remote_host="smarthost.test", remote_ip="127.0.0.1", step="DATA", hop=SMART_HOST,
+        last_attempt=T0 + 2)], now=T0 + 3),
+    # (l) a recipient's MX refuses for SPF (Microsoft's words), unsigned mail
+    "l-mx-spf-fail": dict(kind="failure", ret="HDRS", recipients=[_failed(
+        "bob@far.test", "5.7.23",
+        "550 5.7.23 The message was rejected because of Sender Policy Framework violation",
+        remote_host="mx.far.test", remote_ip="192.0.2.25", step="DATA",
+        hop="MX of far.test (route *)", last_attempt=T0 + 2)], now=T0 + 3),
     # (j) the KB seed's own words, from a recipient's MX without an enhanced code
     "j-mx-relaying-not-allowed": dict(kind="failure", ret="HDRS", recipients=[_failed(
         "bob@far.test", "5.0.0", "550 Relaying mail to <bob@far.test> is not allowed",
@@ -127,8 +148,9 @@ CASES: dict[str, dict[str, object]] = {
 
 def render(name: str) -> bytes:
     kw = dict(CASES[name])
+    original = kw.pop("original", ORIGINAL)
     return build_report(reporting_mta="mx.example.test", original_sender="alice@example.test",
-                        original=ORIGINAL, arrival=T0, message_id=f"ndr-{name}@mx.example.test",
+                        original=original, arrival=T0, message_id=f"ndr-{name}@mx.example.test",
                         boundary=f"=_postroom_{name}", **kw)  # type: ignore[arg-type]
 
 

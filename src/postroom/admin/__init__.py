@@ -6,7 +6,8 @@ file and calls this API: it is the only way into a running server's spool.
 
 Served by uvicorn inside the server's own event loop (Starlette routes), in the main
 process only. The routes are grouped by resource, one module each: ``components``,
-``queues``, ``events``, ``submit``, ``stats``, ``users``, ``routing``, ``doctor``;
+``queues``, ``events``, ``submit``, ``stats``, ``users``, ``routing``, ``doctor``,
+``domains``;
 ``common`` holds the guard and the helpers they share.
 """
 
@@ -22,7 +23,7 @@ from starlette.applications import Starlette
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import components, doctor, events, queues, routing, stats, submit, users
+from . import components, doctor, domains, events, queues, routing, stats, submit, users
 from .common import AdminBackend, Context, Endpoint, guarded
 from .stats import HISTORY_SERIES, History
 
@@ -31,7 +32,7 @@ __all__ = ["HISTORY_SERIES", "AdminBackend", "AdminServer", "History", "make_app
 # Each resource's routes, in the order they are matched.
 RESOURCES: list[Callable[[AdminBackend, Context], list[Endpoint]]] = [
     components.routes, queues.routes, stats.routes, events.routes, submit.routes,
-    users.routes, routing.routes, doctor.routes]
+    users.routes, routing.routes, doctor.routes, domains.routes]
 
 
 class _Lazy:

@@ -43,7 +43,7 @@ log = logging.getLogger("postroom.console")
 HERE = Path(__file__).parent
 COMPONENT_ACTIONS = ("start", "stop", "restart")
 DOCTOR_STEPS = ("services", "address space", "logging", "queues", "test message", "dns",
-                "probe", "alternative route", "configuration")
+                "probe", "alternative route", "configuration", "store", "sender auth")
 # what each component is, for the dashboard
 COMPONENT_HELP = {
     "smtp": "the MX listener: mail from the Internet",
@@ -420,6 +420,18 @@ class Console:
         return self.render(request, name, {"title": "Doctor", "run": run,
                                            "steps": DOCTOR_STEPS}, session=s)
 
+    # --- domains: the records to publish ------------------------------------------------
+    async def domains_page(self, request: Request, s: Session) -> Response:
+        listing = await self.call("GET", "/api/domains")
+        return self.render(request, "domains.html", {"title": "Domains",
+                                                     "domains": listing["domains"]}, session=s)
+
+    async def domain_page(self, request: Request, s: Session) -> Response:
+        domain = request.path_params["domain"]
+        check = await self.call("GET", f"/api/domains/{_seg(domain)}/records")
+        return self.render(request, "domain.html", {"title": domain, "check": check},
+                           session=s)
+
     # --- address spaces and relay settings ----------------------------------------------
     def _routing_page(self, request: Request, s: Session, view: dict[str, Any],
                       problems: dict[str, str] | None = None, error: str = "",
@@ -539,6 +551,8 @@ class Console:
             Route("/doctor", p(self.doctor_start), methods=["POST"]),
             Route("/doctor/{id}", p(self.doctor_run)),
             Route("/fragments/doctor/{id}", p(self.doctor_run)),
+            Route("/domains", p(self.domains_page)),
+            Route("/domains/{domain}", p(self.domain_page)),
             Route("/routing", p(self.routing)),
             Route("/routing", p(self.routing_save), methods=["POST"]),
             Route("/mailboxes", p(self.mailboxes)),

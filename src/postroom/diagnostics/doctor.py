@@ -1,15 +1,17 @@
 """``doctor``: the seed article's nine steps against the running server and its next hops,
-and a tenth for the store (the mailboxes users read over IMAP).
+a tenth for the store (the mailboxes users read over IMAP), and an eleventh for the
+sender's DNS records (SPF, DKIM, DMARC) that other servers check before they accept.
 
 One function per step, each taking the run's :class:`Context` and returning its step;
 ``doctor`` runs them in order, hands each to ``progress`` as it completes, and names the
-verdict.
+verdict (:func:`name_verdict`): never ``ok`` while a step fails.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -20,15 +22,20 @@ from ..dns import Resolver
 from .dns import mx_json
 from .explain import explain
 from .probe import probe
+from .senderauth import NOT_ON_THE_INTERNET, outbound_route, sender_records, sending_addresses
 
-__all__ = ["VERDICTS", "Context", "doctor"]
+__all__ = ["VERDICTS", "Context", "doctor", "name_verdict"]
 
 VERDICTS = ("ok", "service-down", "no-route", "client-relay-denied", "nexthop-relay-denied",
             "nexthop-auth-required", "nexthop-auth-failed", "nexthop-unreachable",
             "nexthop-tls-failed", "dns-nxdomain", "dns-no-address", "dns-failure", "null-mx",
-            "queue-stuck", "open-relay", "store-failed")
-# which failing step decides, first to last: the cause before its symptoms
-_PRECEDENCE = (1, 2, 6, 7, 4, 9, 10)
+            "nexthop-auth-policy", "nexthop-refused-message", "test-message-failed",
+            "queue-stuck", "sender-auth-missing", "open-relay", "store-failed", "step-failed")
+# which failing step decides, first to last: the cause before its symptoms. Step 5 (the
+# test message) comes after the probe: a refusal at RCPT is the cause of its failure;
+# a refusal after DATA is seen only there. A refusal for sender authentication names
+# what happened; step 11 then names the record.
+_PRECEDENCE = (1, 2, 6, 7, 5, 4, 11, 9, 10)
 _PROBE_VERDICT = {"relay-denied": "nexthop-relay-denied", "auth-required":
                   "nexthop-auth-required", "auth-failed": "nexthop-auth-failed",
                   "unreachable": "nexthop-unreachable", "tls-failed": "nexthop-tls-failed",
@@ -85,6 +92,9 @@ class Context:
     next_hop: NextHop | None = None             # step 6: the next hop to probe
     dns_failed: bool = False                    # step 6 failed
     hop_verdict: str = ""                       # step 7: the probe's verdict, if it failed
+    probe_source: str | None = None             # step 7: the address our connection used
+    test_verdict: str = ""                      # step 5: the test message's, if it failed
+    sender_given: bool = False                  # --from was given: step 11 always runs
 
 
 async def doctor(config: Config, resolver: Resolver, mailbox_exists: Callable[[str], bool],
@@ -105,19 +115,28 @@ async def doctor(config: Config, resolver: Resolver, mailbox_exists: Callable[[s
     """
     ctx = Context(config, resolver, mailbox_exists, fetch,
                   sender or f"postmaster@{config.local_domains[0]}", rcpt, client_ip,
-                  auth_user, stuck_after, submit, follow_for)
+                  auth_user, stuck_after, submit, follow_for, sender_given=bool(sender))
     steps: list[dict[str, Any]] = _Steps(progress)
     for run in STEPS:
         steps.append(await run(ctx))
-    verdict = "ok"
-    for n in _PRECEDENCE:
-        hit = next((s for s in steps if s["step"] == n and s["verdict"]), None)
-        if hit is not None:
-            verdict = hit["verdict"]
-            break
+    verdict = name_verdict(steps)
     for s in steps:
         del s["verdict"]
     return {"verdict": verdict, "steps": steps}
+
+
+def name_verdict(steps: list[dict[str, Any]]) -> str:
+    """The run's verdict: the first failing step's, in the order of _PRECEDENCE (cause
+    before symptom). Never ``ok`` while a step fails: a failing step that names no cause
+    of its own (none should) gives ``step-failed``."""
+    for n in _PRECEDENCE:
+        hit = next((s for s in steps if s["step"] == n and s["verdict"]), None)
+        if hit is not None:
+            return str(hit["verdict"])
+    if any(s["status"] == "fail" for s in steps):
+        return next((str(s["verdict"]) for s in steps if s["status"] == "fail"
+                     and s["verdict"]), "step-failed")
+    return "ok"
 
 
 async def step1_services(ctx: Context) -> dict[str, Any]:
@@ -216,8 +235,10 @@ async def step5_test_message(ctx: Context) -> dict[str, Any]:
     try:
         sent = await ctx.submit(sender, rcpt, data)
     except (OSError, ValueError) as exc:
+        ctx.test_verdict = "test-message-failed"
         return _step(5, "test message", "fail", f"the server refused the test message: {exc}",
-                     None, "see step 2: the address space and relay decision")
+                     None, "see step 2: the address space and relay decision",
+                     "test-message-failed")
     qid = sent["queue_id"]
     deadline = time.monotonic() + follow_for
     story: dict[str, Any] = {}
@@ -234,9 +255,40 @@ async def step5_test_message(ctx: Context) -> dict[str, Any]:
         return _step(5, "test message", "warn", f"{qid} is still queued after "
                      f"{int(follow_for)}s", story, f"follow it: postroom trace {qid}")
     status = {3002: "ok", 3003: "warn", 3004: "fail"}[last["id"]]
-    return _step(5, "test message", status, f"{qid}: {last['text']}", story,
-                 "" if status == "ok" else f"postroom trace {qid} shows every step; "
-                 "steps 6 and 7 below name the cause")
+    if status != "fail":
+        return _step(5, "test message", status, f"{qid}: {last['text']}", story,
+                     "" if status == "ok" else f"postroom trace {qid} shows every step; "
+                     "steps 6 and 7 below name the cause")
+    verdict, fix = _refusal_of_test_message(ctx, last["text"])
+    ctx.test_verdict = verdict
+    return _step(5, "test message", "fail", f"{qid}: {last['text']}", story,
+                 f"{fix} (postroom trace {qid} shows every step)", verdict)
+
+
+_FAILED_AT = re.compile(r"failed at (\S+) via (.*?)(?:: | \(.*?\): )([245]\d\d[\s\S]*)$")
+
+
+def _refusal_of_test_message(ctx: Context, text: str) -> tuple[str, str]:
+    """The verdict and fix for a failed test message, from its event's text ("<rcpt>
+    failed at DATA via HOP: REPLY"): a refusal for sender authentication (SPF, DKIM,
+    DMARC...) is ``nexthop-auth-policy``; any other refusal after DATA, whatever its
+    words, ``nexthop-refused-message``; anything else ``test-message-failed``. The fix is
+    the NDR's own words for the reply."""
+    from ..bounce import explain as explain_failure
+    from ..bounce import find_entry, is_sender_auth
+
+    m = _FAILED_AT.search(text)
+    step, hop, reply = (m.group(1), m.group(2), m.group(3)) if m else ("", "", text)
+    domain = ctx.sender.rpartition("@")[2].lower()
+    dkim = tuple(k.record_name for k in ctx.config.dkim if k.domain.lower() == domain)
+    words = explain_failure(_status_of(reply), reply, step, hop, recipient=ctx.rcpt or "",
+                            sender=ctx.sender, from_domain=domain, dkim_records=dkim)
+    fix = f"{words.meaning} {words.action}"
+    if is_sender_auth(find_entry(_status_of(reply), reply, step, hop)):
+        return "nexthop-auth-policy", fix + " Step 11 shows what DNS publishes now."
+    if step == "DATA":
+        return "nexthop-refused-message", fix
+    return "test-message-failed", fix
 
 
 def _remote_hop(ctx: Context) -> dict[str, Any] | None:
@@ -302,6 +354,7 @@ async def step7_probe(ctx: Context) -> dict[str, Any]:
                          starttls=hop.tls_required or hop.username is not None,
                          username=hop.username, password=hop.password)
     v = "" if result["verdict"] == "accepts" else _PROBE_VERDICT[result["verdict"]]
+    ctx.probe_source = result.get("source")
     fix = ""
     if v:
         why = explain_failure(_status_of(result["reply"]), result["reply"] or "",
@@ -320,7 +373,12 @@ async def step8_alternative(ctx: Context) -> dict[str, Any]:
     """8. the other way out: would the other kind of route work (an MX route for a
     refusing smart host, a smart host for a failing MX route)? Probes it when one is
     configured."""
-    if not (ctx.hop_verdict or ctx.dns_failed):
+    if ctx.test_verdict == "nexthop-auth-policy":
+        return _step(8, "alternative route", "warn", "the route in use refused the test "
+                     "message for sender authentication (step 5): another route does not "
+                     "change what the sender's domain publishes", None,
+                     "publish the records step 11 names")
+    if not (ctx.hop_verdict or ctx.dns_failed or ctx.test_verdict):
         return _step(8, "alternative route", "skip", "the route in use works")
     config, rcpt = ctx.config, ctx.rcpt
     kind = ctx.explained["next_hops"][0]["kind"] if ctx.explained is not None else "mx"
@@ -395,10 +453,44 @@ async def step10_store(ctx: Context) -> dict[str, Any]:
                  "; ".join(fixes), "store-failed" if problems else "")
 
 
+async def step11_sender_auth(ctx: Context) -> dict[str, Any]:
+    """11. the sender's DNS records: does the SPF record of the sender's domain allow the
+    address our mail leaves from (ours, or the smart host's), does each [[dkim]] key's
+    record publish its public key, is there a DMARC record? Without --from it runs only
+    when mail would leave this server (no --to, or a remote one)."""
+    domain = ctx.sender.rpartition("@")[2].lower().rstrip(".")
+    name = "sender auth"
+    if not domain or domain.rsplit(".", 1)[-1] in NOT_ON_THE_INTERNET or "." not in domain:
+        return _step(11, name, "skip", f"{domain or 'the null sender'} is not a domain on "
+                     "the Internet: give --from ADDRESS to check a sending domain")
+    hop = _remote_hop(ctx)
+    if not ctx.sender_given and ctx.rcpt and hop is None:
+        return _step(11, name, "skip", "the test destination is local: give --from "
+                     "ADDRESS to check the sender's SPF, DKIM and DMARC records")
+    if hop is not None:
+        route = next((r for r in ctx.config.routes if r.match == hop["route"]
+                      and r.via == hop["kind"]), None)
+    else:
+        route = outbound_route(ctx.config)
+    if route is None:
+        return _step(11, name, "skip", "no [[route]] sends mail to other domains")
+    sending = await sending_addresses(ctx.config, ctx.resolver, route, ctx.probe_source)
+    checked = await sender_records(ctx.config, ctx.resolver, domain, sending)
+    bad = [r for r in checked["records"] if r["severity"] != "ok"]
+    failing = [r for r in bad if r["severity"] == "fail"]
+    finding = (f"{domain}: " + ("; ".join(r["finding"] for r in bad) if bad else
+                                "SPF allows " + (", ".join(sending["addresses"]) or "it")
+                                + ", every DKIM key's record matches, DMARC is published"))
+    fix = " ".join(f"{r['kind'].upper()}: {r['fix']}." for r in bad if r["fix"])
+    return _step(11, name, checked["status"], finding, checked, fix,
+                 "sender-auth-missing" if failing else "")
+
+
 # the steps, in the order they run (and are shown)
 STEPS: tuple[Callable[[Context], Awaitable[dict[str, Any]]], ...] = (
     step1_services, step2_address_space, step3_logging, step4_queues, step5_test_message,
-    step6_dns, step7_probe, step8_alternative, step9_configuration, step10_store)
+    step6_dns, step7_probe, step8_alternative, step9_configuration, step10_store,
+    step11_sender_auth)
 
 
 async def _relay_self_test(config: Config, resolver: Resolver) -> dict[str, Any]:
@@ -431,8 +523,6 @@ def _dns_verdict(err: dict[str, Any] | None, null_mx: bool) -> str:
 
 
 def _status_of(reply: str | None) -> str:
-    import re
-
     m = re.search(r"\b([245]\.\d{1,3}\.\d{1,3})\b", reply or "")
     return m.group(1) if m else ("5.0.0" if (reply or "").startswith("5") else "4.4.1")
 

@@ -58,6 +58,9 @@ async def probe(host: str, port: int, *, resolver: Resolver, helo: str,
                 continue
             out.update(ip=ip, connect_ms=round((time.monotonic() - started) * 1000, 1),
                        banner=str(banner))
+            local = client.writer.get_extra_info("sockname") if client.writer else None
+            if local:                          # the address this host sends from (SPF's)
+                out["source"] = str(local[0])
             break
         if client is None:
             out.update(verdict="unreachable",

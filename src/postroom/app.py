@@ -40,10 +40,12 @@ from .delivery.smtp import SmtpDeliveryAgent
 from .dns import Resolver
 from .events import EventLog, Levels
 from .imap import ImapService, store_routes
-from .intake import Submission
+from .intake import Stamping, Submission
+from .mailauth.arcseal import Sealer
+from .mailauth.sign import Signer, signer_for
 from .metrics import Metrics
 from .model import ComponentError
-from .policy import SessionSnapshot, check_rcpt
+from .policy import RelaySettings, SessionSnapshot, check_rcpt, peer_address, trusted_network
 from .qmgr import QueueManager
 from .smtp.server import ServerState, Session
 from .spool import Filters, Spool, open_spool
@@ -220,6 +222,18 @@ def fork_front_ends(config: Config, listeners: Listeners, count: int,
     return pids, read_fd
 
 
+def _stamping(config: Config, signer: Signer) -> Stamping:
+    """DKIM signing and ARC sealing at intake, for this config's keys and networks."""
+    networks = RelaySettings(frozenset(), config.trusted_networks, frozenset(), ())
+
+    def trusted(peer: str) -> bool:
+        try:
+            return trusted_network(peer_address(peer), networks) is not None
+        except ValueError:
+            return False
+    return Stamping(signer, Sealer(signer, config.hostname), trusted, config.aliases)
+
+
 class Postroom:
     """One process of the server: the listeners, and in the main process the queue."""
 
@@ -251,6 +265,7 @@ class Postroom:
 
     async def start(self) -> list[BoundListener]:
         c = self.config
+        signer = signer_for(c)      # a key that cannot serve stops the start (ConfigError)
         c.data_dir.mkdir(parents=True, exist_ok=True)
         cert, key = tls_files(c)
         tls = server_context(cert, key)
@@ -272,6 +287,7 @@ class Postroom:
             config=c, spool=self.spool, mailbox_exists=self.users.exists,
             verify_password=self.users.verify, tls=tls, executor=self.executor,
             metrics=self.metrics, events=self.events)
+        self.state.intake.stamping = _stamping(c, signer)
         loop = asyncio.get_running_loop()
         if self.main:
             self.resolver = Resolver(c.nameservers)
@@ -290,6 +306,7 @@ class Postroom:
                     "pid": os.getpid(), "started": self.started, "version": __version__,
                     "hostname": c.hostname,
                     "spool": c.spool.redacted_url or "sqlite"})
+            self.qmgr.signer = signer
             self.metrics.watch_queues(lambda: [(q.name, q.messages, q.recipients)
                                                for q in self.spool.summary()])
             if self._wake_fd >= 0:
@@ -542,8 +559,10 @@ class Postroom:
                 "warnings": [str(w) for w in new.warnings()]}
 
     def _apply(self, new: Config) -> None:
+        signer = signer_for(new)        # ConfigError: the reload is refused, nothing changed
         self.config = new
         self.state.apply(new)
+        self.state.intake.stamping = _stamping(new, signer)
         if self.main:
             q = self.qmgr
             q.local_domains = frozenset(new.local_domains)
@@ -553,6 +572,7 @@ class Postroom:
             q.routes = new.routes + self._store_routes
             q.delivery = new.delivery
             q.hostname = new.hostname
+            q.signer = signer
             self.local.aliases = new.aliases
             for agent in (self.agent, self.lmtp):
                 agent.config = new.delivery

@@ -25,11 +25,12 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from ..config.schema import DkimKey
-from .keys import PrivateKey, algorithm_of, load
+from ..config.parser import ConfigError
+from ..config.schema import Config, Problem
+from .keys import KeyError_, PrivateKey, algorithm_of, load
 
 __all__ = ["SIGNED_HEADERS", "BodyHasher", "LoadedKey", "Signer", "dkim_signature",
-           "from_domain", "relaxed_header", "split_message"]
+           "from_domain", "signer_for", "relaxed_header", "split_message"]
 
 # What a signature covers, each as often as it occurs; From once more (oversigned), so
 # that a From: added on the way invalidates the signature.
@@ -189,16 +190,6 @@ class Signer:
         for k in keys:
             self.by_domain.setdefault(k.domain, []).append(k)
 
-    @classmethod
-    def load(cls, tables: Iterable[DkimKey]) -> Signer:
-        """Read every ``[[dkim]]`` key file; :class:`~.keys.KeyError_` names the file
-        that cannot serve."""
-        loaded = []
-        for t in tables:
-            key = load(t.key_file)
-            loaded.append(LoadedKey(t.domain, t.selector, key, algorithm_of(key)))
-        return cls(loaded)
-
     def __bool__(self) -> bool:
         return bool(self.by_domain)
 
@@ -224,3 +215,21 @@ class Signer:
         body_hash = hasher.digest()
         return b"".join(dkim_signature(header, body_hash, domain=k.domain, selector=k.selector,
                                        key=k.key, timestamp=int(now)) for k in keys)
+
+
+def signer_for(config: Config) -> Signer:
+    """The signer of ``config``'s ``[[dkim]]`` keys, each read once; a key file that
+    cannot serve is a :class:`~postroom.config.ConfigError` naming its table and file,
+    so that ``postroom check``, ``serve`` and ``reload`` refuse it like any other
+    config error."""
+    loaded, problems = [], []
+    for i, t in enumerate(config.dkim):
+        try:
+            key = load(t.key_file)
+        except KeyError_ as exc:
+            problems.append(Problem(f"dkim[{i}].key_file", str(exc)))
+            continue
+        loaded.append(LoadedKey(t.domain, t.selector, key, algorithm_of(key)))
+    if problems:
+        raise ConfigError(config.source, problems)
+    return Signer(loaded)

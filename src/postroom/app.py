@@ -34,10 +34,10 @@ from . import __version__
 from .address import AddressError, parse_path
 from .config import Config, ConfigError, ensure_token, load
 from .events import EventLog, Levels
-from .intake import Submission
+from .intake import Stamping, Submission
 from .metrics import Metrics
 from .model import ComponentError
-from .policy import SessionSnapshot, check_rcpt
+from .policy import RelaySettings, SessionSnapshot, check_rcpt, peer_address, trusted_network
 from .smtp.server import ServerState, Session
 from .spool import Filters, Spool, open_spool
 from .store import MaildirStore
@@ -49,6 +49,7 @@ from .users import UserStore
 # before, and every module imported before the fork is resident in each of them too.
 if TYPE_CHECKING:
     from .imap import ImapService
+    from .mailauth.sign import Signer
 
 __all__ = ["COMPONENTS", "BoundListener", "Postroom", "bind_listeners", "bind_admin",
            "catch_stop_signals", "fork_front_ends", "tls_files", "tune_malloc"]
@@ -268,6 +269,31 @@ def fork_front_ends(config: Config, listeners: Listeners, count: int,
     return pids, read_fd
 
 
+def _signer(config: Config) -> Signer | None:
+    """The config's DKIM keys, loaded (a key that cannot serve: ConfigError); None
+    without [[dkim]] tables, and then neither cryptography nor dkimpy is imported (about
+    6 MB in every process)."""
+    if not config.dkim:
+        return None
+    from .mailauth.sign import signer_for
+    return signer_for(config)
+
+
+def _stamping(config: Config, signer: Signer | None) -> Stamping | None:
+    """DKIM signing and ARC sealing at intake, for this config's keys and networks."""
+    if signer is None:
+        return None
+    from .mailauth.arcseal import Sealer
+    networks = RelaySettings(frozenset(), config.trusted_networks, frozenset(), ())
+
+    def trusted(peer: str) -> bool:
+        try:
+            return trusted_network(peer_address(peer), networks) is not None
+        except ValueError:
+            return False
+    return Stamping(signer, Sealer(signer, config.hostname), trusted, config.aliases)
+
+
 class Postroom:
     """One process of the server: the listeners, and in the main process the queue."""
 
@@ -303,6 +329,7 @@ class Postroom:
 
     async def start(self) -> list[BoundListener]:
         c = self.config
+        signer = _signer(c)         # a key that cannot serve stops the start (ConfigError)
         c.data_dir.mkdir(parents=True, exist_ok=True)
         cert, key = tls_files(c)
         tls = server_context(cert, key)
@@ -332,6 +359,7 @@ class Postroom:
             config=c, spool=self.spool, mailbox_exists=self.users.exists,
             verify_password=self.users.verify, tls=tls, executor=self.executor,
             metrics=self.metrics, events=self.events)
+        self.state.intake.stamping = _stamping(c, signer)
         loop = asyncio.get_running_loop()
         if self.main:
             self.resolver = Resolver(c.nameservers)
@@ -350,6 +378,7 @@ class Postroom:
                     "pid": os.getpid(), "started": self.started, "version": __version__,
                     "hostname": c.hostname,
                     "spool": c.spool.redacted_url or "sqlite"})
+            self.qmgr.signer = signer
             self.metrics.watch_queues(lambda: [(q.name, q.messages, q.recipients)
                                                for q in self.spool.summary()])
             if self._wake_fd >= 0:
@@ -654,8 +683,10 @@ class Postroom:
                 "warnings": [str(w) for w in new.warnings()]}
 
     def _apply(self, new: Config) -> None:
+        signer = _signer(new)           # ConfigError: the reload is refused, nothing changed
         self.config = new
         self.state.apply(new)
+        self.state.intake.stamping = _stamping(new, signer)
         if self.main:
             q = self.qmgr
             q.local_domains = frozenset(new.local_domains)
@@ -666,6 +697,7 @@ class Postroom:
             q.routes = new.routes + self._store_routes
             q.delivery = new.delivery
             q.hostname = new.hostname
+            q.signer = signer
             self.local.aliases = new.aliases
             for agent in (self.agent, self.lmtp):
                 agent.config = new.delivery

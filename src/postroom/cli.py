@@ -10,13 +10,16 @@ import argparse
 import getpass
 import json
 import os
+import re
 import ssl
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .config import (
+    Config,
     ConfigError,
     default_config_text,
     default_hostname,
@@ -25,6 +28,9 @@ from .config import (
 )
 from .ctl import add_commands, add_diagnostics, load_or_defaults, sendmail_main
 from .users import UserError, UserStore, add_mailbox
+
+if TYPE_CHECKING:
+    from .mailauth.keys import PrivateKey
 
 DEFAULT_CONFIG = "postroom.toml"
 
@@ -50,6 +56,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"(local domains: {', '.join(dict.fromkeys(domains))})")
     try:
         config = load(path)
+        _check_keys(config)               # every [[dkim]] key readable, or no start
     except ConfigError as exc:
         return _fail(str(exc))
     for warning in config.warnings():
@@ -149,6 +156,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     path = Path(args.config)
     try:
         config = load(path)
+        _check_keys(config)
     except ConfigError as exc:
         return _fail(str(exc))
     warnings = list(config.warnings())
@@ -218,6 +226,123 @@ def cmd_users(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- dkim ----------------------------------------------------------------------------
+_DOMAIN = re.compile(r"(?=.{1,253}\Z)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+                     r"(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)+\Z")
+_SELECTOR = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*\Z")
+
+
+def zone_record(name: str, text: str) -> str:
+    """A TXT record as a zone file (and most DNS providers' forms) want it: the text in
+    quoted strings of at most 255 bytes, which a resolver joins back into one."""
+    parts = [text[i:i + 255] for i in range(0, len(text), 255)] or [""]
+    if len(parts) == 1:
+        return f'{name}. IN TXT "{parts[0]}"'
+    inner = "\n".join(f'    "{p}"' for p in parts)
+    return f"{name}. IN TXT (\n{inner} )"
+
+
+def _selectors(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(algorithm, selector) for keygen: one per algorithm, dated by default, so that
+    the next rotation's selector is new and both keys can be published side by side."""
+    algorithms = ["rsa", "ed25519"] if args.algorithm == "both" else [args.algorithm]
+    month = time.strftime("%Y%m")
+    prefix = {"rsa": "rsa", "ed25519": "ed"}
+    if args.selector:
+        base = args.selector.lower()
+        if len(algorithms) == 1:
+            return [(algorithms[0], base)]
+        return [(a, f"{base}-{prefix[a]}") for a in algorithms]
+    return [(a, f"{prefix[a]}{month}") for a in algorithms]
+
+
+def _shown_path(key_file: Path, config_path: Path) -> str:
+    """The key's path as a [[dkim]] key_file: relative to the config's folder if inside."""
+    base = config_path.resolve().parent
+    try:
+        return str(key_file.resolve().relative_to(base))
+    except ValueError:
+        return str(key_file.resolve())
+
+
+def _check_keys(config: Config) -> None:
+    """Load every [[dkim]] key once (ConfigError names the bad one). Imported only when
+    there are keys: cryptography costs each server process about 6 MB, and the front
+    ends are forked from this one."""
+    if config.dkim:
+        from .mailauth.sign import signer_for
+        signer_for(config)
+
+
+def _print_key(domain: str, selector: str, key: PrivateKey, file: str) -> None:
+    from .mailauth import keys as dkim_keys
+    name = f"{selector}._domainkey.{domain}"
+    print(f"# {dkim_keys.algorithm_of(key)} key {file}")
+    print(zone_record(name, dkim_keys.txt_record(key)))
+
+
+def cmd_dkim(args: argparse.Namespace) -> int:
+    from .mailauth import keys as dkim_keys
+    try:
+        config = load_or_defaults(Path(args.config))
+    except ConfigError as exc:
+        return _fail(str(exc))
+    if args.action == "keygen":
+        domain = args.domain.lower().rstrip(".")
+        if not _DOMAIN.match(domain):
+            return _fail(f"{args.domain!r} is not a domain name")
+        plan = _selectors(args)
+        for _, selector in plan:
+            if not _SELECTOR.match(selector):
+                return _fail(f"{selector!r}: a selector is one or more DNS labels, e.g. rsa202612")
+        folder = config.data_dir / "dkim"
+        files = [(a, sel, folder / f"{domain}.{sel}.pem") for a, sel in plan]
+        for _, _, f in files:
+            if f.exists():
+                return _fail(f"{f} exists: keys are never overwritten; choose a new selector "
+                             "(--selector) to rotate, or remove the file yourself")
+        made = []
+        for a, sel, f in files:
+            try:
+                made.append((sel, dkim_keys.generate(f, a), f))
+            except (OSError, dkim_keys.KeyError_) as exc:
+                return _fail(f"cannot write {f}: {exc}")
+        print(f"Made {len(made)} key{'s' if len(made) > 1 else ''} for {domain}. Publish "
+              f"{'these TXT records' if len(made) > 1 else 'this TXT record'} in {domain}'s DNS:\n")
+        for sel, key, f in made:
+            _print_key(domain, sel, key, str(f))
+            print()
+        print(f"Then add to {args.config} and run 'postroom reload':\n")
+        for sel, _, f in made:
+            print(f'[[dkim]]\ndomain = "{domain}"\nselector = "{sel}"\n'
+                  f'key_file = "{_shown_path(f, Path(args.config))}"\n')
+        print("Mail from " + domain + " (and its subdomains) leaving for other servers is "
+              "then signed" + (" with both keys." if len(made) > 1 else "."))
+        return 0
+    # show
+    try:
+        _check_keys(config)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    if not config.dkim:
+        print("no [[dkim]] keys configured: postroom dkim keygen DOMAIN", file=sys.stderr)
+        return 0
+    records = []
+    for t in config.dkim:
+        key = dkim_keys.load(t.key_file)
+        records.append({"domain": t.domain, "selector": t.selector,
+                        "algorithm": dkim_keys.algorithm_of(key), "key_file": str(t.key_file),
+                        "name": t.record_name, "text": dkim_keys.txt_record(key)})
+    if args.json:
+        print(json.dumps({"keys": records}, indent=2))
+        return 0
+    for r in records:
+        print(f"# {r['domain']}: {r['algorithm']} key {r['key_file']}")
+        print(zone_record(r["name"], r["text"]))
+        print()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="postroom", description="Postroom mail server")
     p.add_argument("--version", action="version", version=f"postroom {__version__}")
@@ -250,6 +375,21 @@ def build_parser() -> argparse.ArgumentParser:
     ls = with_config(usub.add_parser("list", help="list users"))
     ls.add_argument("--json", action="store_true")
     u.set_defaults(fn=cmd_users)
+
+    d = sub.add_parser("dkim", help="DKIM signing keys: make them, show their DNS records")
+    dsub = d.add_subparsers(dest="action", required=True)
+    kg = with_config(dsub.add_parser(
+        "keygen", help="make a domain's signing keys under data_dir/dkim and print the DNS "
+        "records and [[dkim]] tables to add"))
+    kg.add_argument("domain")
+    kg.add_argument("--selector", help="the selector (default: dated, e.g. rsa202612 and "
+                    "ed202612; with both algorithms, SELECTOR-rsa and SELECTOR-ed)")
+    kg.add_argument("--algorithm", choices=["rsa", "ed25519", "both"], default="both",
+                    help="RSA-2048, Ed25519 (RFC 8463), or both for dual signing (default)")
+    sh = with_config(dsub.add_parser("show", help="the configured keys and the TXT records "
+                                     "to publish for them"))
+    sh.add_argument("--json", action="store_true")
+    d.set_defaults(fn=cmd_dkim)
 
     add_commands(sub, with_config)
     add_diagnostics(sub, with_config)

@@ -5,24 +5,37 @@ decides each recipient's direction once (a local domain: inbound; any other: out
 adds the headers we owe (``Received``, and ``Message-ID``/``Date`` for a submission that
 lacks them), builds the queued message, stores it durably, and records the receipt (the
 counter, the log line and event 3001). The caller answers 250 only after it returns.
+
+Mail that will leave for another server (a remote recipient, or an alias that expands
+to one) is stamped here, once, before it is stored, so every attempt and every relay
+sends the same bytes: mail of our own users (authenticated, trusted network, sendmail,
+the API) gets DKIM signatures when its From: domain has keys; mail from outside that an
+alias forwards gets an ARC seal (:mod:`postroom.mailauth`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from .conversion import missing_headers, received_header
+from .body import CHUNK
+from .conversion import expand, missing_headers, received_header
 from .events import EventLog
 from .metrics import Metrics
 from .model import Address
 from .spool import Direction, NewMessage, NewRecipient, Spool, new_queue_id
 
-__all__ = ["Intake", "Submission", "direction_of"]
+if TYPE_CHECKING:          # imported when used: cryptography and dkimpy weigh ~6 MB
+    from .mailauth.arcseal import Sealer
+    from .mailauth.sign import Signer
+
+__all__ = ["Intake", "Stamping", "Submission", "direction_of"]
 
 log = logging.getLogger("postroom.intake")
 
@@ -68,6 +81,20 @@ class Submission:
     add_missing: bool = True             # a submission: add a missing Message-ID and Date
 
 
+@dataclass
+class Stamping:
+    """What intake needs to sign and seal: the keys, and who counts as our own user."""
+
+    signer: Signer
+    sealer: Sealer
+    trusted: Callable[[str], bool]                 # a peer address in trusted_networks
+    aliases: Mapping[str, tuple[str, ...]]
+
+    def ours(self, s: Submission) -> bool:
+        """Mail of our own users: authenticated, local, the API, or a trusted network."""
+        return bool(s.auth) or s.listener in ("local", "api", "internal") or self.trusted(s.peer)
+
+
 class Intake:
     def __init__(self, spool: Spool, hostname: str, local_domains: Collection[str],
                  metrics: Metrics | None = None, events: EventLog | None = None,
@@ -78,6 +105,7 @@ class Intake:
         self.metrics = metrics
         self.events = events
         self.clock = clock
+        self.stamping: Stamping | None = None   # DKIM and ARC; app sets it (and on reload)
 
     def build(self, s: Submission) -> NewMessage:
         """The queued message: headers added, recipients deduplicated with a direction."""
@@ -108,9 +136,79 @@ class Intake:
         """Build and store the message durably; record its receipt. Raises StorageFull
         (or any storage error) with nothing stored."""
         message = self.build(s)
+        st = self.stamping
+        if st is not None and st.signer and (forwards := self._leaves(s, st)) is not None:
+            message = await asyncio.get_running_loop().run_in_executor(
+                None, self._stamp, s, message, st, forwards)
         await self.spool.enqueue(message)
         self.received(s, message)
         return message
+
+    def _leaves(self, s: Submission, st: Stamping) -> list[str] | None:
+        """None when no copy leaves this server; else the local domains whose aliases
+        send it out (empty for a remote recipient named directly)."""
+        leaves, via = False, []
+        for rcpt, _ in s.recipients:
+            domain = rcpt.domain.lower()
+            if direction_of(domain, self.local_domains) == Direction.OUTBOUND:
+                leaves = True
+                continue
+            for target in expand(rcpt.key, st.aliases).targets:
+                if direction_of(target.rpartition("@")[2], self.local_domains) \
+                        == Direction.OUTBOUND:
+                    leaves = True
+                    via.append(domain)
+                    break
+        return via if leaves else None
+
+    def _stamp(self, s: Submission, message: NewMessage, st: Stamping,
+               forwards: list[str]) -> NewMessage:
+        """The message with DKIM signatures or an ARC seal on top (in a worker thread)."""
+        now = self.clock()
+        path = self.spool.bodies / s.body_file if s.body_file else None
+        try:
+            if st.ours(s):
+                header, body = self._parts(message, s, path)
+                if header is None:
+                    return message
+                stamp = st.signer.sign(header, body, now)
+                what = "DKIM-signed"
+            elif forwards:
+                whole = message.data if path is None else message.data + path.read_bytes()
+                stamp = st.sealer.seal(whole, forwards, now)
+                what = "ARC-sealed"
+            else:
+                return message
+        except Exception:        # never lose mail over a signature: it goes unsigned
+            log.exception("queue_id=%s could not be signed; queued unsigned", message.queue_id)
+            return message
+        if stamp:
+            log.debug("queue_id=%s %s", message.queue_id, what)
+            return replace(message, data=stamp + message.data)
+        return message
+
+    @staticmethod
+    def _parts(message: NewMessage, s: Submission, path: Path | None
+               ) -> tuple[bytes | None, Iterator[bytes]]:
+        """(header section, body chunks) of the message as it will be stored."""
+        if path is None:
+            from .mailauth.sign import split_message
+            header, rest = split_message(message.data)
+            return header, iter((rest,))
+        # a big message: our header lines in the row, the whole message in the file
+        at = s.data.find(b"\r\n\r\n")
+        if at < 0:
+            log.warning("queue_id=%s: header section over %d bytes; not signed",
+                        message.queue_id, len(s.data))
+            return None, iter(())
+        header = message.data + s.data[: at + 2]
+
+        def body() -> Iterator[bytes]:
+            with open(path, "rb") as f:
+                f.seek(at + 4)
+                while block := f.read(CHUNK):
+                    yield block
+        return header, body()
 
     def received(self, s: Submission, message: NewMessage) -> None:
         rcpts = [r.address for r in message.recipients]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -48,6 +49,7 @@ from .delivery import (
 )
 from .events import EventLog
 from .intake import direction_of
+from .mailauth.sign import Signer, split_message
 from .metrics import Metrics, status_label
 from .model import DeliveryResult, Reply
 from .notices import build_notice
@@ -56,6 +58,7 @@ from .spool import (
     Claim,
     Conversion,
     Direction,
+    NewMessage,
     NoticeOwed,
     NoticeSent,
     Spool,
@@ -145,6 +148,7 @@ class QueueManager:
         # destination ref -> (end of its backoff, the failure's reply, its detail as JSON)
         self._suspended: dict[str, tuple[float, str, str]] = {}
         self._outbound_tasks: set[asyncio.Task[None]] = set()
+        self.signer: Signer | None = None   # DKIM for notices that leave; app sets it
         spool.on_commit(self._wake.set)
 
     @property
@@ -690,9 +694,7 @@ class QueueManager:
                 if body is None:
                     continue
                 report = await self._in_pool(functools.partial(
-                    build_notice, kind, items, body, hostname=self.hostname, now=now,
-                    max_return_size=self.delivery.max_return_size,
-                    local_domains=self.local_domains))
+                    self._notice, kind, items, body, now))
             sent.append(NoticeSent(mid, kind, tuple(i.rid for i in items), report))
         for n in await self.spool.notices_sent(sent, now):
             if n.report is None:
@@ -706,6 +708,21 @@ class QueueManager:
             log.info("queue_id=%s %s notice for %s sent to <%s> as queue_id=%s", n.message,
                      n.kind, rcpts, sender, qid)
         return len(owed)
+
+
+    def _notice(self, kind: str, items: list[NoticeOwed], body: Any, now: float) -> NewMessage:
+        """A notice, DKIM-signed when it leaves and the hostname's domain has a key
+        (its From: is MAILER-DAEMON@hostname), once, before it is queued."""
+        report = build_notice(kind, items, body, hostname=self.hostname, now=now,
+                              max_return_size=self.delivery.max_return_size,
+                              local_domains=self.local_domains)
+        signer = self.signer
+        if signer and any(r.direction == Direction.OUTBOUND for r in report.recipients):
+            header, rest = split_message(report.data)
+            stamp = signer.sign(header, (rest,), now)
+            if stamp:
+                report = dataclasses.replace(report, data=stamp + report.data)
+        return report
 
 
 def _take_back(results: Iterable[DeliveryResult]) -> None:

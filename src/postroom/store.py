@@ -89,7 +89,8 @@ class MaildirStore:
         try:
             self.create(local, domain)
             sec, usec = divmod(time.time_ns() // 1000, 1_000_000)
-            unique = f"{sec}.M{usec}P{_pid}Q{next(_counter)}"
+            # microseconds zero-padded: names in one folder sort by arrival
+            unique = f"{sec}.M{usec:06d}P{_pid}Q{next(_counter)}"
             folder = str(base)
             tmp = f"{folder}/tmp/{unique}.{self.hostname}"
             try:

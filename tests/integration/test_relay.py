@@ -155,7 +155,8 @@ def test_swaks_delivers_to_a_local_mailbox(server: ServerProcess) -> None:
     assert cp.returncode == 0, cp.stdout
     assert re.search(r"<-  250 2\.0\.0 Ok: queued as [0-9A-F]+", cp.stdout)
     msgs = server.wait_messages("bob@example.test", before + 1)
-    assert b"X-Test-Id: swaks-local" in msgs[-1]
+    # any of them, not the last by name: other tests' aliases deliver here too
+    assert any(b"X-Test-Id: swaks-local" in m for m in msgs)
 
 
 def test_swaks_starttls_and_auth_on_submission_relays(server: ServerProcess) -> None:

@@ -96,6 +96,7 @@ def mx(dns: tuple[int, Path | None], tmp_path_factory: pytest.TempPathFactory
 [dns]
 nameservers = ["127.0.0.1:{port}"]
 [verify]
+enabled = true
 dns_timeout = "2s"
 """)
     sp.add_user("alice@example.test")
@@ -313,6 +314,7 @@ def test_spf_reject_policy_and_deferred_temperror(tmp_path: Path,
 [dns]
 nameservers = ["127.0.0.1:{dns[0]}"]
 [verify]
+enabled = true
 dns_timeout = "2s"
 spf = "reject"
 on_temperror = "defer"
@@ -334,7 +336,8 @@ authserv_id = "auth.example.test"
 
 
 def test_verification_off_adds_nothing(tmp_path: Path) -> None:
-    sp = ServerProcess(tmp_path / "off", "[verify]\nenabled = false\n")
+    sp = ServerProcess(tmp_path / "off", "[verify]\nenabled = false\n[dns]\nnameservers = "
+                       f'["127.0.0.1:{closed_port()}"]\n')
     sp.add_user("alice@example.test")
     sp.start()
     try:

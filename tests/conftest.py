@@ -105,6 +105,8 @@ class ServerProcess:
             trusted_networks = ["127.0.0.1/32", "::1/128"]
             [dns]
             nameservers = ["127.0.0.1:{DEAD_DNS_PORT}"]
+            [verify]
+            enabled = false
             [admin]
             listen = "127.0.0.1:{self.admin_port}"
             """)

@@ -18,10 +18,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 __all__ = [
-    "MAX_HOPS", "Expansion", "count_hops", "delivery_headers", "expand", "local_delivery_bytes",
-    "missing_headers", "received_header", "xtext_decode", "xtext_encode",
+    "FOLDER_PARAM", "MAX_HOPS", "Expansion", "count_hops", "delivery_headers", "expand",
+    "local_delivery_bytes", "missing_headers", "received_header", "xtext_decode", "xtext_encode",
 ]
 
+# A queued message's MAIL parameter naming the Maildir folder of its local deliveries
+# ("Junk" for a message that inbound verification quarantined). Not a valid
+# esmtp-keyword (lower case, a dot), so no client can send it.
+FOLDER_PARAM = "postroom.folder"
 MAX_HOPS = 100          # RFC 5321 §6.3: a simple "hop count" of Received headers
 MAX_ALIAS_DEPTH = 20
 

@@ -64,6 +64,7 @@ NEGATIVE_TTL_DEFAULT = 60.0     # NXDOMAIN/NODATA without an SOA in the answer
 NEGATIVE_TTL_MAX = 300.0        # RFC 2308 §5 suggests 1-3 hours; a mail server wants less
 POSITIVE_TTL_MAX = 86400.0      # a day: a typo'd TTL of 2^31 must not pin an answer forever
 CACHE_MAX_ENTRIES = 10_000
+TXT_JOINED = "TXT+"             # the cache's key for TXT records with their strings joined
 
 
 class DnsErrorKind(Enum):
@@ -347,6 +348,12 @@ class Resolver:
         found = await self._lookup(_normalise(name), dns.rdatatype.to_text(kind))
         return found if isinstance(found, DnsError) else list(found)
 
+    async def txt(self, name: str) -> list[str] | DnsError:
+        """TXT records of ``name``, each with its strings joined as RFC 7208 §3.3 and
+        RFC 6376 §3.6.2.2 join them, decoded as Latin-1 (so any octet survives)."""
+        found = await self._lookup(_normalise(name), TXT_JOINED)
+        return found if isinstance(found, DnsError) else list(found)
+
     async def _host_addresses(self, name: str) -> tuple[str, ...] | DnsError:
         """A and AAAA of ``name``, asked at the same time. Any address is success."""
         v4, v6 = await asyncio.gather(self._lookup(name, "A"), self._lookup(name, "AAAA"))
@@ -382,7 +389,8 @@ class Resolver:
             detail = f"not a valid DNS name ({str(exc).rstrip('.')})"
             return DnsError(DnsErrorKind.NXDOMAIN, name, detail), 0.0
         try:
-            answer = await self._resolver.resolve(qname, rdtype, search=False,
+            asked = "TXT" if rdtype == TXT_JOINED else rdtype
+            answer = await self._resolver.resolve(qname, asked, search=False,
                                                   raise_on_no_answer=False)
         except dns.resolver.NXDOMAIN as exc:
             responses = exc.kwargs.get("responses") or {}
@@ -396,7 +404,11 @@ class Resolver:
         except dns.exception.DNSException as exc:   # YXDOMAIN, malformed answers...
             return DnsError(DnsErrorKind.SERVFAIL, name, str(exc)), 0.0
         if answer.rrset is None:
-            return DnsError(DnsErrorKind.NODATA, name, rdtype), _negative_ttl(answer.response)
-        texts = tuple(rdata.to_text() for rdata in answer.rrset)
+            return DnsError(DnsErrorKind.NODATA, name, asked), _negative_ttl(answer.response)
+        if rdtype == TXT_JOINED:
+            texts = tuple(b"".join(rdata.strings).decode("latin-1")  # type: ignore[attr-defined]
+                          for rdata in answer.rrset)
+        else:
+            texts = tuple(rdata.to_text() for rdata in answer.rrset)
         ttl = min(float(answer.chaining_result.minimum_ttl), POSITIVE_TTL_MAX)
         return texts, ttl

@@ -195,6 +195,16 @@ CATALOGUE: dict[int, EventKind] = {k.id: k for k in (
     _k(3007, "message_transfer", "minimum", "warning", "queue action",
        "An administrator retried, held, released, deleted or returned queued mail.",
        "Nothing."),
+    _k(3101, "message_transfer", "minimum", "info", "sender authentication checked",
+       "Inbound verification (SPF, DKIM, DMARC, ARC) of a message on the MX listener: "
+       "each method's result, and the action (accept, quarantine, reject, defer) with "
+       "its reason. The same results are in the message's Authentication-Results field.",
+       "Nothing for accept. For a reject or quarantine you did not expect, the text names "
+       "the check and the domain whose DNS records failed (docs/verification.md)."),
+    _k(3102, "message_transfer", "minimum", "warning", "forged Authentication-Results",
+       "A message from outside carried Authentication-Results fields that claim this "
+       "server's authserv-id; they were renamed X-Forged-Authn-Results (RFC 8601 §5).",
+       "Nothing: the message is delivered; the renamed fields cannot mislead a reader."),
     _k(4001, "smtp_interface", "medium", "info", "connection",
        "A client connected (medium) and disconnected (maximum).",
        "Nothing."),

@@ -107,6 +107,12 @@ class Metrics:
         self.relay_refusals = Counter("postroom_relay_refusals",
                                       "RCPT refused because relaying is not allowed",
                                       ["listener"], registry=r)
+        self.verification = Counter("postroom_verification_results",
+                                    "Inbound verification results by method and result",
+                                    ["method", "result"], registry=r)
+        self.verification_actions = Counter("postroom_verification_actions",
+                                            "Inbound messages quarantined, rejected or "
+                                            "deferred by verification", ["action"], registry=r)
         self.connections = Counter("postroom_connections", "Connections accepted",
                                    ["listener"], registry=r)
         self.connections_current = Gauge("postroom_connections_current", "Open connections",

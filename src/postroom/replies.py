@@ -106,6 +106,16 @@ def relay_denied(address: Address | str) -> Reply:
     return Reply(550, "5.7.1", f"Relaying mail to <{address}> is not allowed")
 
 
+def auth_rejected(why: str) -> Reply:
+    """Inbound verification refused the message (SPF, DKIM, DMARC or ARC, by policy)."""
+    return Reply(550, "5.7.1", f"Message rejected: {why}")
+
+
+def auth_deferred(why: str) -> Reply:
+    """Inbound verification could not finish (DNS) and [verify] on_temperror = "defer"."""
+    return Reply(451, "4.7.0", f"Message deferred: {why}; try again later")
+
+
 def unknown_user(address: Address) -> Reply:
     return Reply(550, "5.1.1", f"<{address}>: Recipient address rejected: no such mailbox here")
 

@@ -63,11 +63,24 @@ class MaildirStore:
             raise StoreError(f"unsafe domain name {domain!r}", transient=False)
         return self.root / domain / local
 
-    def create(self, local: str, domain: str) -> Path:
-        """Make the Maildir if needed; new folders are fsync'd into their parents."""
+    def folder(self, local: str, domain: str, folder: str = "") -> Path:
+        """A Maildir++ folder of a mailbox (``Junk`` → ``<mailbox>/.Junk``, Dovecot's
+        layout); "" is the inbox."""
         base = self.maildir(local, domain)
+        if not folder:
+            return base
+        if not folder.isalnum():
+            raise StoreError(f"unsafe folder name {folder!r}", transient=False)
+        return base / f".{folder}"
+
+    def create(self, local: str, domain: str, folder: str = "") -> Path:
+        """Make the Maildir (and ``folder`` in it) if needed; new folders are fsync'd
+        into their parents."""
+        base = self.folder(local, domain, folder)
         if base in self._known:
             return base
+        if folder:
+            self.create(local, domain)
         for sub in ("tmp", "new", "cur"):
             path = base / sub
             if not path.is_dir():
@@ -78,16 +91,17 @@ class MaildirStore:
         return base
 
     def deliver(self, local: str, domain: str, data: bytes | Iterable[bytes], *,
-                sync_dir: bool = True) -> Path:
+                sync_dir: bool = True, folder: str = "") -> Path:
         """Store one message (already with its Return-Path and Delivered-To); ``data``
-        may be an iterable of chunks, written as they come (a big message).
+        may be an iterable of chunks, written as they come (a big message). ``folder``
+        names a Maildir++ folder (``Junk``) instead of the inbox.
 
         With ``sync_dir=False`` the caller must :meth:`sync` the returned file's folder
         before it reports the delivery: several deliveries then share one fsync.
         """
-        base = self.maildir(local, domain)
+        base = self.folder(local, domain, folder)
         try:
-            self.create(local, domain)
+            self.create(local, domain, folder)
             sec, usec = divmod(time.time_ns() // 1000, 1_000_000)
             # microseconds zero-padded: names in one folder sort by arrival
             unique = f"{sec}.M{usec:06d}P{_pid}Q{next(_counter)}"
@@ -98,7 +112,8 @@ class MaildirStore:
             except FileNotFoundError:
                 # the folder went since we made it (removed by hand): make it again
                 self._known.discard(base)
-                self.create(local, domain)
+                self._known.discard(self.maildir(local, domain))
+                self.create(local, domain, folder)
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             size = 0
             try:

@@ -32,6 +32,7 @@ SIDEWAYS = {
     ("users", "store"),
     ("notices", "intake"),      # a notice is queued mail: intake decides its direction
     ("cli", "ctl"),
+    ("mailauth", "dns"),        # verification's lookups go through the configured resolver
 }
 # Edges that would point down, yet break the design.
 FORBIDDEN = {

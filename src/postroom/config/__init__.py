@@ -36,6 +36,7 @@ from .schema import (
     SMTP_KEYS,
     SPOOL_KEYS,
     TOP_KEYS,
+    VERIFY_KEYS,
     AdminConfig,
     Config,
     DeliveryConfig,
@@ -47,6 +48,7 @@ from .schema import (
     SmtpConfig,
     SpoolConfig,
     TlsConfig,
+    VerifyConfig,
     redact_url,
 )
 
@@ -54,6 +56,7 @@ __all__ = [
     "DEFAULT_ROUTES",
     "DELIVERY_KEYS",
     "IMAP_KEYS",
+    "VERIFY_KEYS",
     "LOGGING_KEYS",
     "LOG_CATEGORIES",
     "LOG_LEVELS",
@@ -67,6 +70,7 @@ __all__ = [
     "ConfigError",
     "DeliveryConfig",
     "ImapConfig",
+    "VerifyConfig",
     "LoggingConfig",
     "Network",
     "Problem",

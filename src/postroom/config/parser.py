@@ -29,6 +29,7 @@ from .schema import (
     SMTP_KEYS,
     SPOOL_KEYS,
     TOP_KEYS,
+    VERIFY_KEYS,
     AdminConfig,
     Config,
     DeliveryConfig,
@@ -41,6 +42,7 @@ from .schema import (
     SmtpConfig,
     SpoolConfig,
     TlsConfig,
+    VerifyConfig,
     cores,
     redact_url,
 )
@@ -507,6 +509,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: str) -> Config:
         lease_seconds=r.convert(sp, "spool.", "lease_seconds", _lease, SpoolConfig().lease_seconds))
     imap = _imap(r, r.section("imap", IMAP_KEYS))
     dkim = _dkim(r, raw.get("dkim", []), base_dir)
+    verify = _verify(r, r.section("verify", VERIFY_KEYS))
     nd = r.section("node", NODE_KEYS)
     node = r.convert(nd, "node.", "name", _node_name, "") or socket.gethostname()
 
@@ -517,7 +520,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: str) -> Config:
         local_domains=tuple(dict.fromkeys(local_domains)), trusted_networks=tuple(nets),
         aliases=aliases, delivery=delivery, routes=routes, nameservers=nameservers,
         admin=AdminConfig(admin_listen), logging=logging_config, spool=spool, imap=imap,
-        dkim=dkim, node=node, source=source,
+        dkim=dkim, verify=verify, node=node, source=source,
     )
 
 
@@ -535,6 +538,41 @@ def _imap(r: _Reader, t: dict[str, Any]) -> ImapConfig:
                                   "writes the Maildirs) or \"lmtp\" (Dovecot does)"))
     return ImapConfig(enabled=r.get(t, "imap.", "enabled", bool, d.enabled), listen=listen,
                       listen_tls=listen_tls, delivery=delivery)
+
+
+_VERIFY_POLICIES = ("none", "tag", "quarantine", "reject")
+
+
+def _verify(r: _Reader, t: dict[str, Any]) -> VerifyConfig:
+    """[verify]: inbound verification on the MX listener (docs/verification.md)."""
+    d = VerifyConfig()
+    policies = {}
+    for key in ("spf", "dkim", "dmarc", "arc"):
+        value = r.get(t, "verify.", key, str, getattr(d, key))
+        if value not in _VERIFY_POLICIES:
+            r.problems.append(Problem(f"verify.{key}", f"{value!r}: use \"none\" (not checked), "
+                                      "\"tag\", \"quarantine\" or \"reject\""))
+            value = getattr(d, key)
+        policies[key] = value
+    authserv = r.get(t, "verify.", "authserv_id", str, d.authserv_id).strip()
+    if authserv and not re.fullmatch(r"[A-Za-z0-9._-]{1,253}", authserv):
+        r.problems.append(Problem("verify.authserv_id", f"{authserv!r}: use a host name "
+                                  "(letters, digits, dots and hyphens)"))
+        authserv = ""
+    on_temperror = r.get(t, "verify.", "on_temperror", str, d.on_temperror)
+    if on_temperror not in ("accept", "defer"):
+        r.problems.append(Problem("verify.on_temperror", f"{on_temperror!r}: use \"accept\" "
+                                  "(deliver with the result in the header) or \"defer\" (451)"))
+        on_temperror = d.on_temperror
+    timeout = r.convert(t, "verify.", "dns_timeout", _positive_duration, d.dns_timeout)
+    if timeout > 60:
+        r.problems.append(Problem("verify.dns_timeout", "at most 60s: the client waits for "
+                                  "the reply to its message meanwhile"))
+        timeout = d.dns_timeout
+    return VerifyConfig(
+        enabled=r.get(t, "verify.", "enabled", bool, d.enabled), authserv_id=authserv,
+        dns_timeout=timeout, on_temperror=on_temperror,
+        dkim_max_size=r.positive(t, "verify.", "dkim_max_size", d.dkim_max_size), **policies)
 
 
 _SELECTOR = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*\Z")

@@ -22,6 +22,7 @@ __all__ = [
     "ROUTE_KEYS",
     "SMTP_KEYS",
     "TOP_KEYS",
+    "VERIFY_KEYS",
     "AdminConfig",
     "Config",
     "DeliveryConfig",
@@ -33,6 +34,7 @@ __all__ = [
     "Route",
     "SmtpConfig",
     "TlsConfig",
+    "VerifyConfig",
 ]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -187,6 +189,22 @@ class DkimKey:
 
 
 @dataclass(frozen=True)
+class VerifyConfig:
+    """[verify]: inbound SPF, DKIM, DMARC and ARC checks on the MX listener
+    (docs/verification.md). Each check's policy: none | tag | quarantine | reject."""
+
+    enabled: bool = True
+    authserv_id: str = ""           # "": the hostname
+    spf: str = "tag"
+    dkim: str = "tag"
+    dmarc: str = "reject"           # reject: honour the domain's p=; quarantine: at most Junk
+    arc: str = "tag"
+    dns_timeout: float = 5.0        # all DNS of one message, in seconds
+    on_temperror: str = "accept"    # accept (and tag) | defer (451 when a policy would act)
+    dkim_max_size: int = 16 * 1024 * 1024   # bigger messages: DKIM and ARC not verified
+
+
+@dataclass(frozen=True)
 class SpoolConfig:
     url: str = ""                  # postgresql://...: the shared queue; "": SQLite in data_dir
     lease_seconds: float = 600.0   # how long a claim lasts without renewal
@@ -227,6 +245,7 @@ class Config:
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     imap: ImapConfig = field(default_factory=ImapConfig)
     dkim: tuple[DkimKey, ...] = ()  # [[dkim]]: signing keys, in the config's order
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
     node: str = ""                 # [node] name: this node in leases, events and status
     source: str = "<defaults>"
 
@@ -270,8 +289,11 @@ class Config:
 
 
 TOP_KEYS = {"hostname", "data_dir", "smtp", "tls", "domains", "relay", "aliases", "delivery",
-            "route", "dns", "admin", "logging", "spool", "node", "imap", "dkim"}
+            "route", "dns", "admin", "logging", "spool", "node", "imap", "dkim",
+            "verify"}
 DKIM_KEYS = {"domain", "selector", "key_file"}
+VERIFY_KEYS = {"enabled", "authserv_id", "spf", "dkim", "dmarc", "arc", "dns_timeout",
+               "on_temperror", "dkim_max_size"}
 IMAP_KEYS = {"enabled", "listen", "listen_tls", "delivery"}
 SPOOL_KEYS = {"url", "lease_seconds"}
 NODE_KEYS = {"name"}

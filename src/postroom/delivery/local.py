@@ -19,7 +19,7 @@ from concurrent.futures import Executor
 from pathlib import Path
 
 from ..body import to_lf
-from ..conversion import delivery_headers, local_delivery_bytes
+from ..conversion import FOLDER_PARAM, delivery_headers, local_delivery_bytes
 from ..model import DeliveryResult, Reply
 from ..store import MaildirStore, StoreError, sync
 from . import Destination, OutboundMessage, OutboundRecipient
@@ -96,7 +96,9 @@ class LocalDeliveryAgent:
             else:
                 content = to_lf(itertools.chain(
                     (delivery_headers(message.sender, r.address),), body.chunks()))
-            path = self.store.deliver(local, domain, content, sync_dir=False)
+            folder = message.mail_params.get(FOLDER_PARAM, "")
+            path = self.store.deliver(local, domain, content, sync_dir=False, folder=folder) \
+                if folder else self.store.deliver(local, domain, content, sync_dir=False)
         except StoreError as exc:
             log.warning("queue_id=%s to=<%s> Maildir delivery failed: %s", message.queue_id,
                         r.address, exc)

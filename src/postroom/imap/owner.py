@@ -142,16 +142,25 @@ class OwnedMaildirStore(MaildirStore):
         self.owner = owner
         self._owned: set[Path] = set()
 
-    def create(self, local: str, domain: str) -> Path:
+    def create(self, local: str, domain: str, folder: str = "") -> Path:
         base = self.maildir(local, domain)
         if base not in self._owned:
             adopt(self.root, self.owner, [(domain, local)])
             self._owned.add(base)
-        return super().create(local, domain)
+        made = super().create(local, domain, folder)
+        if folder and made not in self._owned:
+            self._owned.add(made)
+            if self.owner.foreign:              # a folder we made (Junk) is the owner's too
+                for path in (made, made / "tmp", made / "new", made / "cur"):
+                    try:
+                        os.chown(path, self.owner.uid, self.owner.gid)
+                    except OSError as exc:
+                        log.warning("cannot give %s to %s: %s", path, self.owner.name, exc)
+        return made
 
     def deliver(self, local: str, domain: str, data: bytes | Iterable[bytes], *,
-                sync_dir: bool = True) -> Path:
-        final = super().deliver(local, domain, data, sync_dir=sync_dir)
+                sync_dir: bool = True, folder: str = "") -> Path:
+        final = super().deliver(local, domain, data, sync_dir=sync_dir, folder=folder)
         if self.owner.foreign:
             try:
                 os.chown(final, self.owner.uid, self.owner.gid)

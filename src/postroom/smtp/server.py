@@ -20,14 +20,18 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import cast
 
 from .. import replies
 from ..body import BodyWriter
 from ..config import Config
+from ..conversion import FOLDER_PARAM
+from ..dns import Resolver
 from ..events import EventLog
 from ..intake import Intake, Submission
+from ..mailauth.authres import neutralise_forged
+from ..mailauth.verify import Verification, Verifier, VerifySettings
 from ..metrics import Metrics
 from ..model import Reply, SmtpError
 from ..policy import (
@@ -38,6 +42,7 @@ from ..policy import (
     check_mail,
     check_rcpt,
     peer_address,
+    trusted_network,
 )
 from ..spool import (
     NewMessage,
@@ -60,13 +65,26 @@ from .protocol import (
     StartTls,
 )
 
-__all__ = ["AuthThrottle", "ServerState", "Session", "reply_for_exception"]
+__all__ = ["AuthThrottle", "ServerState", "Session", "make_verifier",
+           "reply_for_exception"]
 
 log = logging.getLogger("postroom.smtp")
 
 READ_PAUSE = 256 * 1024
 PROGRESS_BYTES = 64 * 1024      # message data that counts as progress against data_timeout
 _session_ids = itertools.count(secrets.randbits(32))
+
+
+def make_verifier(config: Config, executor: Executor | None = None,
+                  resolver: Resolver | None = None) -> Verifier | None:
+    """The inbound verifier for ``[verify]``, or None when verification is off."""
+    v = config.verify
+    if not v.enabled or (v.spf == v.dkim == v.dmarc == v.arc == "none"):
+        return None
+    settings = VerifySettings(v.authserv_id or config.hostname, v.spf, v.dkim, v.dmarc, v.arc,
+                              v.dns_timeout, v.on_temperror, v.dkim_max_size)
+    return Verifier(resolver or Resolver(config.nameservers, timeout=v.dns_timeout), settings,
+                    executor)
 
 
 def _reseed_session_ids() -> None:
@@ -90,6 +108,14 @@ def reply_for_exception(exc: BaseException, session_id: str) -> Reply:
     reference = f"{session_id}-{secrets.token_hex(3)}"
     log.error("session=%s unexpected error, reference %s", session_id, reference, exc_info=exc)
     return replies.internal_error(reference)
+
+
+def _patch_head(big: BodyWriter, head: bytes) -> None:
+    """Write a same-length change of a big message's first bytes into its file, durably."""
+    with open(big.path, "r+b") as f:
+        f.write(head)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 class AuthThrottle:
@@ -135,9 +161,12 @@ class ServerState:
     # listener kinds whose component an administrator stopped: new connections get 421
     stopped: set[str] = field(default_factory=set)
     low_space_noted: float = -3600.0    # when a MAIL refused for low space was last logged
+    verifier: Verifier | None = None    # made from [verify] unless given (tests)
 
     def __post_init__(self) -> None:
         c = self.config
+        if self.verifier is None:
+            self.verifier = make_verifier(c, self.executor)
         self.relay = RelaySettings(frozenset(c.local_domains), c.trusted_networks,
                                    frozenset(c.aliases), c.routes)
         self.throttle = AuthThrottle(c.smtp.auth_failure_limit, c.smtp.auth_failure_window)
@@ -151,6 +180,7 @@ class ServerState:
                                    frozenset(config.aliases), config.routes)
         self.intake.hostname = config.hostname
         self.intake.local_domains = self.relay.local_domains
+        self.verifier = make_verifier(config, self.executor)
         self.throttle.limit = config.smtp.auth_failure_limit
         self.throttle.window = config.smtp.auth_failure_window
 
@@ -606,14 +636,40 @@ class Session(asyncio.Protocol):
         qid, data, big = got
         core = self.core
         tls, auth = core.tls_active, core.auth_user is not None
+        params = env.mail_params
+        checked: Verification | None = None
+        if st.verifier is not None and self.listener == "mx" and not auth \
+                and self._untrusted():
+            try:
+                checked, data = await self._verify(st.verifier, qid, data, big)
+            except BaseException:
+                if big is not None:
+                    big.discard()
+                raise
+            if checked.reply is not None:
+                if big is not None:
+                    big.discard()
+                return checked.reply
+            if checked.action == "quarantine":
+                params = {**params, FOLDER_PARAM: "Junk"}
+            if big is None:
+                data = checked.header + data
         sub = Submission(
             env.sender, env.recipients, data, self.peer, core.helo, self.listener,
             ("ESMTP" if core.esmtp else "SMTP") + ("S" if tls else "") + ("A" if auth else ""),
-            env.mail_params, tls, core.auth_user, self.id, qid,
+            params, tls, core.auth_user, self.id, qid,
             big.name if big is not None else "", big.size if big is not None else 0,
             list(self._decisions), add_missing=self.listener != "mx" or auth)
         try:
-            message = await st.intake.queue(sub)
+            if checked is not None and big is not None:
+                # a big message's file stays as it came: the field goes in the row,
+                # after our Received
+                message = st.intake.build(sub)
+                message = replace(message, data=message.data + checked.header)
+                await st.spool.enqueue(message)
+                st.intake.received(sub, message)
+            else:
+                message = await st.intake.queue(sub)
         except BaseException:
             if big is not None:
                 big.discard()
@@ -623,6 +679,54 @@ class Session(asyncio.Protocol):
                 "message_archival", "maximum", peer=self.peer):
             await self._archive(ev_log, qid, message, big)
         return replies.queued(qid)
+
+    def _untrusted(self) -> bool:
+        """The client is neither in trusted_networks (internal hosts are not verified,
+        as with OpenDKIM's InternalHosts) nor authenticated."""
+        try:
+            peer = peer_address(self.peer)
+        except ValueError:
+            return True
+        return trusted_network(peer, self.state.relay) is None
+
+    async def _verify(self, verifier: Verifier, qid: str, data: bytes,
+                      big: BodyWriter | None) -> tuple[Verification, bytes]:
+        """SPF, DKIM, DMARC and ARC for this message (mailauth.verify); the message's
+        Authentication-Results fields that claim our authserv-id are renamed first
+        (RFC 8601 §5). Returns the verification and the (possibly renamed) data."""
+        st = self.state
+        env = self.core.envelope
+        ours = verifier.settings.authserv_id
+        loop = asyncio.get_running_loop()
+        whole: bytes | None = data
+        if b"uthentication-" in data[:65536] or b"UTHENTICATION-" in data[:65536]:
+            head = bytearray(data[:65536])
+            if neutralise_forged(head, ours):
+                if big is None:
+                    data = bytes(head) + data[65536:]
+                else:
+                    await loop.run_in_executor(st.executor, _patch_head, big, bytes(head))
+                    data = bytes(head)
+                self._event(3102, f"Authentication-Results fields claiming {ours} renamed "
+                            f"in {qid} (forged, RFC 8601 section 5)", queue_id=qid)
+        if big is not None:
+            whole = None
+            if big.size <= verifier.settings.dkim_max_size:
+                whole = await loop.run_in_executor(st.executor, big.path.read_bytes)
+        sender = str(env.sender) if env.sender is not None and not env.sender.is_null else ""
+        result = await verifier.verify(whole, ip=self.peer, helo=self.core.helo,
+                                       sender=sender, head=data)
+        for method, value in result.results.items():
+            st.metrics.verification.labels(method, value).inc()
+        if result.action != "accept":
+            st.metrics.verification_actions.labels(result.action).inc()
+        reply = f" ({result.reply})" if result.reply is not None else ""
+        log.info("session=%s verified %s: %s action=%s%s in %.1f ms", self.id, qid,
+                 result.summary(), result.action, reply, result.elapsed * 1000)
+        self._event(3101, f"message {qid} from [{self.peer}] <{sender}>: {result.summary()}; "
+                    f"{result.action}" + (f": {result.reason}" if result.reason else ""),
+                    queue_id=qid, action=result.action, results=result.results)
+        return result, data
 
     async def _archive(self, ev_log: EventLog, qid: str, message: NewMessage,
                        big: BodyWriter | None) -> None:

@@ -21,17 +21,14 @@ from collections import defaultdict, deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from .. import replies
 from ..body import BodyWriter
 from ..config import Config
 from ..conversion import FOLDER_PARAM
-from ..dns import Resolver
 from ..events import EventLog
 from ..intake import Intake, Submission
-from ..mailauth.authres import neutralise_forged
-from ..mailauth.verify import Verification, Verifier, VerifySettings
 from ..metrics import Metrics
 from ..model import Reply, SmtpError
 from ..policy import (
@@ -65,6 +62,10 @@ from .protocol import (
     StartTls,
 )
 
+if TYPE_CHECKING:       # imported at the first message to verify (dkimpy, PyNaCl, the PSL)
+    from ..dns import Resolver
+    from ..mailauth.verify import Verification, Verifier
+
 __all__ = ["AuthThrottle", "ServerState", "Session", "make_verifier",
            "reply_for_exception"]
 
@@ -75,12 +76,19 @@ PROGRESS_BYTES = 64 * 1024      # message data that counts as progress against d
 _session_ids = itertools.count(secrets.randbits(32))
 
 
+def verifying(config: Config) -> bool:
+    v = config.verify
+    return v.enabled and not (v.spf == v.dkim == v.dmarc == v.arc == "none")
+
+
 def make_verifier(config: Config, executor: Executor | None = None,
                   resolver: Resolver | None = None) -> Verifier | None:
     """The inbound verifier for ``[verify]``, or None when verification is off."""
     v = config.verify
-    if not v.enabled or (v.spf == v.dkim == v.dmarc == v.arc == "none"):
+    if not verifying(config):
         return None
+    from ..dns import Resolver
+    from ..mailauth.verify import Verifier, VerifySettings
     settings = VerifySettings(v.authserv_id or config.hostname, v.spf, v.dkim, v.dmarc, v.arc,
                               v.dns_timeout, v.on_temperror, v.dkim_max_size)
     return Verifier(resolver or Resolver(config.nameservers, timeout=v.dns_timeout), settings,
@@ -161,12 +169,12 @@ class ServerState:
     # listener kinds whose component an administrator stopped: new connections get 421
     stopped: set[str] = field(default_factory=set)
     low_space_noted: float = -3600.0    # when a MAIL refused for low space was last logged
-    verifier: Verifier | None = None    # made from [verify] unless given (tests)
+    # made from [verify] at the first message to verify, unless given (tests): a server
+    # whose mail all comes from its own networks never loads the verification stack
+    verifier: Verifier | None = None
 
     def __post_init__(self) -> None:
         c = self.config
-        if self.verifier is None:
-            self.verifier = make_verifier(c, self.executor)
         self.relay = RelaySettings(frozenset(c.local_domains), c.trusted_networks,
                                    frozenset(c.aliases), c.routes)
         self.throttle = AuthThrottle(c.smtp.auth_failure_limit, c.smtp.auth_failure_window)
@@ -180,7 +188,7 @@ class ServerState:
                                    frozenset(config.aliases), config.routes)
         self.intake.hostname = config.hostname
         self.intake.local_domains = self.relay.local_domains
-        self.verifier = make_verifier(config, self.executor)
+        self.verifier = None                 # made again, from the new [verify], when needed
         self.throttle.limit = config.smtp.auth_failure_limit
         self.throttle.window = config.smtp.auth_failure_window
 
@@ -638,8 +646,10 @@ class Session(asyncio.Protocol):
         tls, auth = core.tls_active, core.auth_user is not None
         params = env.mail_params
         checked: Verification | None = None
-        if st.verifier is not None and self.listener == "mx" and not auth \
-                and self._untrusted():
+        if self.listener == "mx" and not auth and verifying(st.config) and self._untrusted():
+            if st.verifier is None:
+                st.verifier = make_verifier(st.config, st.executor)
+            assert st.verifier is not None
             try:
                 checked, data = await self._verify(st.verifier, qid, data, big)
             except BaseException:
@@ -701,6 +711,7 @@ class Session(asyncio.Protocol):
         whole: bytes | None = data
         if b"uthentication-" in data[:65536] or b"UTHENTICATION-" in data[:65536]:
             head = bytearray(data[:65536])
+            from ..mailauth.authres import neutralise_forged
             if neutralise_forged(head, ours):
                 if big is None:
                     data = bytes(head) + data[65536:]

@@ -424,7 +424,11 @@ def test_the_complete_example_is_a_valid_config(tmp_path: Path) -> None:
             path = tmp_path / "password"
             path.write_text("s3cret\n")
             route["password_file"] = str(path)
+    for key in raw["dkim"]:
+        (tmp_path / key["key_file"]).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / key["key_file"]).write_text("not read by parse_config\n")
     parsed = config.parse_config(raw, tmp_path, "example")
+    assert [k.selector for k in parsed.dkim] == [k["selector"] for k in raw["dkim"]]
     assert len(parsed.routes) == len(raw["route"])
     assert any(r.via == "smarthost" and r.password == "s3cret" for r in parsed.routes)
 

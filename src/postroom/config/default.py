@@ -152,6 +152,29 @@ listen_tls = ""
 # local mail to Dovecot over LMTP, which writes it (so that Sieve filters could run).
 delivery = "maildir"
 
+[verify]
+# Inbound SPF, DKIM, DMARC and ARC checks on the MX listener, for mail from outside
+# trusted_networks and without AUTH; the results go in an Authentication-Results
+# header (docs/verification.md). Each check: none | tag | quarantine (the recipient's
+# Junk folder) | reject ("550 5.7.1"). dmarc = "reject" honours the sender domain's
+# own policy (p=reject refused, p=quarantine to Junk).
+enabled = true
+authserv_id = ""                 # the header's name for this server; empty: hostname
+spf = "tag"
+dkim = "tag"
+dmarc = "reject"
+arc = "tag"
+dns_timeout = "5s"               # all DNS of one message; slower answers: temperror
+on_temperror = "accept"          # accept (and tag) | defer ("451 4.7.0")
+dkim_max_size = 16777216         # bigger messages are not DKIM-checked
+
+# DKIM signing of mail that leaves for other servers (docs/signing.md). Make the keys
+# and the DNS records to publish with: postroom dkim keygen {first}
+# [[dkim]]
+# domain = "{first}"
+# selector = "rsa202601"
+# key_file = "postroom-data/dkim/{first}.rsa202601.pem"
+
 [admin]
 # The admin API (JSON over HTTP, and /metrics) that the postroom commands use. It asks
 # for the token in data_dir/admin.token (mode 0600, made on first start).

@@ -22,13 +22,28 @@ from typing import Any
 from ..config import Config, Route
 from ..dns import DnsError, Resolver
 from ..mailauth import keys
+from ..mailauth.spf import check_host
 from .dns import _txt
-from .spfcheck import evaluate, spf_records
 
 __all__ = ["NOT_ON_THE_INTERNET", "outbound_route", "sender_records", "sending_addresses"]
 
 # names that are never a sending domain on the Internet (RFC 6761, RFC 2606)
 NOT_ON_THE_INTERNET = ("localhost", "localdomain", "invalid", "local", "internal")
+
+
+async def spf_records(resolver: Resolver, domain: str) -> list[str] | DnsError:
+    """The ``v=spf1`` TXT records of ``domain`` (an empty list: none published)."""
+    found = await resolver.txt(domain)
+    if isinstance(found, DnsError):
+        return [] if found.permanent else found
+    return [t for t in found if t.lower() == "v=spf1" or t.lower().startswith("v=spf1 ")]
+
+
+async def evaluate(resolver: Resolver, domain: str, ip: str) -> Any:
+    """Would ``domain``'s SPF record allow mail from ``ip``? The inbound verifier's own
+    evaluation (mailauth.spf, RFC 7208 with macros), as a receiver would run it for a
+    message from ``postmaster@domain``."""
+    return await check_host(resolver, ip, domain, f"postmaster@{domain}", domain)
 
 
 def outbound_route(config: Config) -> Route | None:
@@ -112,7 +127,6 @@ async def _spf(resolver: Resolver, domain: str, sending: dict[str, Any]) -> dict
     answers = await asyncio.gather(*(evaluate(resolver, domain, a) for a in addresses))
     refused = [(a, ans) for a, ans in zip(addresses, answers, strict=True)
                if ans.result != "pass"]
-    notes = [n for ans in answers for n in ans.notes]
     private = [a for a in addresses if not ipaddress.ip_address(a).is_global]
     nat = (f" ({', '.join(private)} is not a public address: behind NAT, receivers see "
            "your public address, and that is the one SPF must list)"
@@ -122,7 +136,7 @@ async def _spf(resolver: Resolver, domain: str, sending: dict[str, Any]) -> dict
         return _record("spf", domain, "found", "ok",
                        f"{published} allows {who} ({', '.join(addresses)}: pass, "
                        f"{answers[0].reason}){nat}", published=published,
-                       expected=published or "", results=results, notes=notes)
+                       expected=published or "", results=results)
     if any(ans.result == "temperror" for _, ans in refused):
         return _record("spf", domain, "error", "warn",
                        f"the SPF check of {domain} could not finish: {refused[0][1].reason}",

@@ -420,13 +420,17 @@ class PostroomServer:
     """A Postroom process in its own folder, on a free loopback port.
 
     ``smtp`` adds or overrides ``[smtp]`` keys; ``smarthost`` ("127.0.0.1:PORT") routes
-    every remote domain there without TLS; ``domains`` are the local domains.
+    every remote domain there without TLS; ``domains`` are the local domains;
+    ``trusted`` is ``[relay] trusted_networks`` and ``nameservers`` ``[dns] nameservers``
+    (by default a closed port: no DNS).
     """
 
     def __init__(self, *, smtp: dict[str, object] | None = None, smarthost: str = "",
                  domains: tuple[str, ...] = ("localhost",),
                  delivery: dict[str, object] | None = None,
-                 extra: tuple[str, ...] = ()) -> None:
+                 extra: tuple[str, ...] = (),
+                 trusted: tuple[str, ...] = ("127.0.0.0/8",),
+                 nameservers: tuple[str, ...] = ("127.0.0.1:9",)) -> None:
         self.work = Path(tempfile.mkdtemp(prefix="bench-postroom-"))
         self.port = free_port()
         self.processes, self.processes_note = postroom_processes_setting()
@@ -438,8 +442,8 @@ class PostroomServer:
         lines = ['hostname = "postroom.bench"', 'data_dir = "data"', "[smtp]"]
         lines += [f"{k} = {_toml_value(v)}" for k, v in keys.items()]
         lines += ["[domains]", f"local = {_toml_value(list(domains))}",
-                  "[relay]", 'trusted_networks = ["127.0.0.0/8"]',
-                  "[dns]", 'nameservers = ["127.0.0.1:9"]',
+                  "[relay]", f"trusted_networks = {_toml_value(list(trusted))}",
+                  "[dns]", f"nameservers = {_toml_value(list(nameservers))}",
                   "[admin]", f'listen = "127.0.0.1:{free_port()}"']
         if delivery:
             lines += ["[delivery]", *(f"{k} = {_toml_value(v)}" for k, v in delivery.items())]

@@ -2,11 +2,13 @@
 
     bench/run suite [--quick] [--only W1,W3] [--out FILE]
 
-W1 inbound to a Maildir, W2 relay to smtp-sink, W3 acceptance with the destination
-down (latency from the client below), W4 the queue summary with a deep queue, W5 idle
-connections (and W3 meanwhile), W6 big messages. ``bench/run`` runs it inside a
-loopback-only network namespace; both servers listen on their own 127.0.0.1 ports, with
-no chroot and no DNS. Writes docs/benchmarks.md and docs/benchmarks.png (with --only:
+W1 inbound to a Maildir, W1v the same with signed mail that Postroom verifies (SPF, DKIM,
+DMARC against a private dnsmasq), W2 relay to smtp-sink, W3 acceptance with the
+destination down (latency from the client below), W4 the queue summary with a deep
+queue, W5 idle connections (and W3 meanwhile), W6 big messages, W7 two nodes on one
+PostgreSQL queue. ``bench/run`` runs it inside a loopback-only network namespace; both
+servers listen on their own 127.0.0.1 ports, with no chroot and no DNS (but W1v's).
+Writes docs/benchmarks.md and docs/benchmarks.png (with --only:
 bench/results/suite-partial.md), and bench/results/suite.json with the raw figures.
 
 Two helper modes run in their own process: ``suite.py _client`` is the W3 load
@@ -21,10 +23,12 @@ import asyncio
 import json
 import os
 import platform
+import re
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -63,6 +67,7 @@ from common import (  # noqa: E402
 SIZES = {   # the --quick figures, then the full ones
     "w1": (1000, 5000), "w2": (1000, 5000), "w3": (1000, 5000), "w4": (10_000, 100_000),
     "w5": (500, 2000), "w5_msgs": (500, 2000), "w6": (3, 10), "w7": (1000, 5000),
+    "w1v": (1000, 5000),
 }
 SIZE = 4096            # message payload, as in `smtp-source -l 4096`
 SESSIONS = 20
@@ -287,6 +292,262 @@ def w1(n: int) -> Workload:
          "`new/` folder. Postroom: `postroom users add user@bench.test`, Maildir under "
          "`data/mail/bench.test/user/`. Postfix: `virtual_mailbox_domains = bench.test`, "
          "`virtual_mailbox_maps = static:bench.test/user/`, uid/gid `static:65534`."])
+
+
+# --- W1v -----------------------------------------------------------------------------
+SENDER_DOMAIN = "sender.example"
+SENDER = f"bounce@{SENDER_DOMAIN}"
+SENDER_HELO = f"mail.{SENDER_DOMAIN}"
+SELECTOR = "bench"
+AUTHSERV = "postroom.bench"       # PostroomServer's hostname: the header's authserv-id
+WARM_UP = SESSIONS                # W1v: messages sent before the timed part
+SPF_RECORD = "v=spf1 ip4:127.0.0.0/8 -all"
+DMARC_RECORD = "v=DMARC1; p=reject"
+
+
+def txt_option(name: str, text: str) -> str:
+    """dnsmasq's ``--txt-record``: the text in strings of at most 250 characters (a DNS
+    string holds 255), separated by commas on dnsmasq's command line."""
+    if "," in text:
+        raise ValueError(f"a comma in {text!r}: dnsmasq would split the string there")
+    return f"--txt-record={name}," + ",".join(text[i:i + 250] for i in range(0, len(text), 250))
+
+
+def signed_message(key: Any) -> bytes:
+    """W1v's message: a 4096-byte body as W1's, From: a user of the sender domain,
+    signed once by Postroom's own DKIM signer (rsa-sha256, relaxed/relaxed)."""
+    from email.utils import formatdate
+
+    from postroom.mailauth.keys import algorithm_of
+    from postroom.mailauth.sign import LoadedKey, Signer
+
+    line = b"x" * 76 + b"\r\n"
+    body = line * (SIZE // len(line))
+    if SIZE - len(body) >= 3:
+        body += b"x" * (SIZE - len(body) - 2) + b"\r\n"
+    head = (f"From: <user@{SENDER_DOMAIN}>\r\nTo: <{MAILBOX}>\r\nSubject: bench W1v\r\n"
+            f"Date: {formatdate()}\r\nMessage-ID: <w1v@{SENDER_DOMAIN}>\r\n").encode()
+    signer = Signer([LoadedKey(SENDER_DOMAIN, SELECTOR, key, algorithm_of(key))])
+    signature = signer.sign(head, [body], time.time())
+    if not signature:
+        raise RuntimeError("Postroom's signer made no DKIM-Signature for the W1v message")
+    return signature + head + b"\r\n" + body
+
+
+def _client_result(proc: subprocess.Popen[str], expected: int) -> dict[str, Any]:
+    """The client's JSON; an error unless it had ``expected`` 250 replies."""
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise RuntimeError("the client did not finish (waited 120 s)") from None
+    if proc.returncode != 0:
+        raise RuntimeError(f"client failed: {stderr.strip()[-400:]}")
+    out: dict[str, Any] = json.loads(stdout)
+    if out["ok"] != expected:
+        raise RuntimeError(f"{out['ok']} of {expected} messages accepted; "
+                           f"{out['errors']} failed: {out['first_errors'][:2]}")
+    return out
+
+
+def signed_load(server: PostroomServer | PostfixServer, n: int, name: str, new: Path,
+                message: Path, others: Callable[[], list[int]]) -> Run:
+    """W1v's load: the suite's client sends ``message`` ``n`` times from 127.0.0.1; the
+    timed part runs from the client's first connection until every message is a file in
+    ``new``. A warm-up of WARM_UP messages first, untimed."""
+    def command(count: int) -> list[str]:
+        return client_command(server.port, count, SESSIONS, SIZE) + [
+            "--to", MAILBOX, "--sender", SENDER, "--helo", SENDER_HELO,
+            "--message", str(message)]
+
+    warm = subprocess.Popen(command(WARM_UP), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    _client_result(warm, WARM_UP)
+    if not wait_until(lambda: count_files(new) >= WARM_UP, 60):
+        raise RuntimeError(f"warm-up: {count_files(new)} of {WARM_UP} messages delivered")
+    total = WARM_UP + n
+    out: dict[str, Any] | None = None
+    proc: subprocess.Popen[str] | None = None
+    try:
+        with Meter(server.pids, others=others) as m:
+            proc = subprocess.Popen(command(n), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True)
+            deadline = time.monotonic() + TIMEOUT
+            while count_files(new) < total:
+                if out is None and proc.poll() is not None:
+                    out = _client_result(proc, n)      # a refused message fails at once
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{count_files(new) - WARM_UP} of {n} messages "
+                                       f"delivered in {TIMEOUT} s")
+                time.sleep(0.05)
+            end = time.monotonic()
+            m.stop()
+        if out is None:
+            out = _client_result(proc, n)
+        m.reaped()
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    run = Run(name, n, end - out["t0"]).metered(m)
+    run.extra.update(p50_ms=1000 * out["p50"], p99_ms=1000 * out["p99"],
+                     dns_cpu=m.helper_cpu)
+    return run
+
+
+def authentication_results(folder: Path) -> tuple[int, int, str]:
+    """(messages in ``folder``, how many carry our Authentication-Results field with
+    every spf=, dkim= and dmarc= result a pass, the first field that does not)."""
+    total = passed = 0
+    other = ""
+    field_re = re.compile(rb"^Authentication-Results:[ \t]*(.*?)\r?\n(?![ \t])", re.M | re.S | re.I)
+    for entry in os.scandir(folder):
+        if not entry.is_file():
+            continue
+        total += 1
+        with open(entry.path, "rb") as f:
+            head = f.read(16384)
+        end = min((i for i in (head.find(b"\r\n\r\n"), head.find(b"\n\n")) if i >= 0),
+                  default=len(head))
+        fields = [re.sub(rb"\r?\n[ \t]+", b" ", v).decode(errors="replace").strip()
+                  for v in field_re.findall(head[:end + 2])]
+        ours = [v for v in fields if v.split(";", 1)[0].strip().lower() == AUTHSERV]
+        # each result opens a ";"-separated part: "dkim=pass header.d=...", not the
+        # "policy.dmarc=none" property inside dmarc's part
+        results = re.findall(r"(?:^|;)\s*(spf|dkim|dmarc)=([a-z]+)", ours[0]) if len(ours) == 1 else []
+        if {m for m, _ in results} == {"spf", "dkim", "dmarc"} and all(
+                r == "pass" for _, r in results):
+            passed += 1
+        elif not other:
+            other = ours[0] if ours else f"{len(fields)} Authentication-Results fields, none ours"
+    return total, passed, other
+
+
+def dnsmasq_pids() -> list[int]:
+    """The dnsmasq this process started (W1v's DNS server), to count its CPU apart."""
+    pids = []
+    for pid in descendants(os.getpid()):
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "dnsmasq":
+                pids.append(pid)
+        except OSError:
+            pass
+    return pids
+
+
+def w1v(n: int) -> Workload:
+    """W1 with inbound verification: signed messages from an untrusted address."""
+    names = ("Postroom", "Postroom, verification off", "Postfix")
+    dns_note = ""
+
+    def runs_with_dns() -> list[Run]:
+        nonlocal dns_note
+        sys.path.insert(0, str(ROOT))
+        from postroom.mailauth import keys
+        from tests.integration import dnsmasq
+
+        if dnsmasq.DNSMASQ is None:
+            raise RuntimeError("dnsmasq is not installed (apt-get install dnsmasq-base)")
+        with tempfile.TemporaryDirectory(prefix="bench-w1v-") as tmp:
+            key = keys.generate(Path(tmp) / "dkim.key", "rsa")
+            message = Path(tmp) / "signed.eml"
+            message.write_bytes(signed_message(key))
+            records = [f"--local=/{SENDER_DOMAIN}/",   # other names there: NXDOMAIN
+                       txt_option(SENDER_DOMAIN, SPF_RECORD),
+                       txt_option(SENDER_HELO, SPF_RECORD),
+                       txt_option(f"{SELECTOR}._domainkey.{SENDER_DOMAIN}",
+                                  keys.txt_record(key)),
+                       txt_option(f"_dmarc.{SENDER_DOMAIN}", DMARC_RECORD)]
+            with dnsmasq.run_dnsmasq(records, ttl=3600) as port:
+                dns = dnsmasq_pids()
+
+                def postroom(verify: bool) -> Run:
+                    server = PostroomServer(
+                        domains=(DOMAIN,), trusted=("127.0.0.2/32",),
+                        nameservers=(f"127.0.0.1:{port}",),
+                        extra=("[verify]", f"enabled = {'true' if verify else 'false'}"))
+                    server.add_user(MAILBOX)
+                    try:
+                        server.start()
+                        new = server.maildir_new(DOMAIN, USER)
+                        run = signed_load(server, n, names[0 if verify else 1], new, message,
+                                          lambda: dns)
+                        total, passed, other = authentication_results(new)
+                        if verify and passed != total:
+                            raise RuntimeError(
+                                f"{total - passed} of {total} delivered messages lack "
+                                f"'{AUTHSERV}; spf=pass dkim=pass dmarc=pass': {other[:300]}")
+                        if not verify and passed:
+                            raise RuntimeError(f"verification off, yet {passed} messages "
+                                               "carry its Authentication-Results")
+                        run.extra["ar_pass"] = passed
+                        return run
+                    finally:
+                        server.stop()
+
+                def postfix() -> Run:
+                    server = postfix_inbound(51200000)
+                    try:
+                        server.start()
+                        new = server.work / "vmail" / DOMAIN / USER / "new"
+                        return signed_load(server, n, "Postfix", new, message, lambda: dns)
+                    finally:
+                        server.stop()
+
+                runs = [guarded(names[0], lambda: postroom(True)),
+                        guarded(names[1], lambda: postroom(False)),
+                        guarded(names[2], postfix)]
+                if not runs[0].error:
+                    dns_cpu = runs[0].extra.get("dns_cpu")
+                    if dns_cpu is not None:
+                        dns_note = f" dnsmasq used {dns_cpu:.2f} s of CPU in that run."
+                return runs
+
+    try:
+        runs = runs_with_dns()
+    except Exception as exc:  # noqa: BLE001 - reported in the table
+        runs = [Run(name, error=f"{type(exc).__name__}: {exc}"[:400]) for name in names]
+    on, off = (figure(r, "server_cpu_per_1000") for r in runs[:2])
+    cost = Headline("W1v verification cost (server CPU, on − off)", "ms / msg",
+                    None if on is None or off is None else on - off, None,
+                    higher_better=False, chart=False)
+    rate_off = Headline("W1v inbound, verification off", "msgs/s", figure(runs[1], "rate"),
+                        figure(runs[2], "rate"), higher_better=True, chart=False)
+    cols = [*STANDARD_COLUMNS[:5], ("p99 ms", "p99_ms", "{:.1f}"),
+            ("AR pass", "ar_pass", "{:.0f}"), *STANDARD_COLUMNS[5:]]
+    client = (f"python3 bench/suite.py _client --port PORT --messages {n} --sessions "
+              f"{SESSIONS} --to {MAILBOX} --sender {SENDER} --helo {SENDER_HELO} "
+              "--message signed.eml")
+    return Workload(
+        "W1v", "inbound to a local Maildir, with SPF/DKIM/DMARC verification",
+        [client], runs, cols,
+        [ratio_target("W1v inbound, verification on", runs, "rate", None),
+         rate_off, server_cpu_row("W1v", runs), cost],
+        ["W1 with Postroom's inbound verification at work. One message (From: "
+         f"user@{SENDER_DOMAIN}, a {SIZE}-byte body, one RSA-2048 DKIM signature made by "
+         "Postroom's signer with a key from `postroom.mailauth.keys.generate`) is sent "
+         f"{n:,} times by the suite's client (as W3's, {SESSIONS} sessions, one connection "
+         f"per message, from 127.0.0.1) with MAIL FROM `{SENDER}` and EHLO `{SENDER_HELO}`. "
+         "Timed from the client's first connection until every message is a file in the "
+         f"Maildir's `new/`, after an untimed warm-up of {WARM_UP} messages (the first "
+         "message of each Postroom front end imports the verifier).",
+         "A private dnsmasq on 127.0.0.1 (tests/integration/dnsmasq.py, TTL 3600 s) "
+         f"publishes `{SENDER_DOMAIN}` and `{SENDER_HELO}` TXT `{SPF_RECORD}`, "
+         f"`{SELECTOR}._domainkey.{SENDER_DOMAIN}` the key's TXT record and "
+         f"`_dmarc.{SENDER_DOMAIN}` TXT `{DMARC_RECORD}`; Postroom's resolver caches the "
+         "answers, as for a sender that writes more than once a TTL.",
+         "Postroom: as W1 but `[relay] trusted_networks = [\"127.0.0.2/32\"]` (the client "
+         "is not trusted, so its mail is verified), `[dns] nameservers` the dnsmasq, "
+         "`[verify]` with its defaults (row 'Postroom') or `enabled = false` (row 'Postroom, "
+         "verification off'). Postfix: W1's configuration, no milter (it verifies nothing). "
+         "After each Postroom run every delivered message is read: with verification on, "
+         f"each must carry `Authentication-Results: {AUTHSERV};` with spf=pass, dkim=pass "
+         "and dmarc=pass ('AR pass' counts them, warm-up included), else the run fails; "
+         "with it off, none may.",
+         "The verification cost is the difference of the two Postroom runs' server CPU per "
+         "message (s / 1000 msgs is ms / msg); bench/verify_cost.py measures the verifier "
+         "alone." + dns_note])
 
 
 # --- W2 ------------------------------------------------------------------------------
@@ -985,7 +1246,7 @@ def message_body(size: int) -> bytes:
 
 
 async def client_main(a: argparse.Namespace) -> dict[str, Any]:
-    body = message_body(a.size)
+    body = Path(a.message).read_bytes() if a.message else message_body(a.size)
     remaining = [a.messages]
     latencies: list[float] = []
     errors: list[str] = []
@@ -1009,9 +1270,9 @@ async def client_main(a: argparse.Namespace) -> dict[str, Any]:
                 async with asyncio.timeout(60):
                     reader, writer = await asyncio.open_connection("127.0.0.1", a.port)
                     await expect(reader, b"220")
-                    writer.write(b"EHLO client.bench\r\n")
+                    writer.write(f"EHLO {a.helo}\r\n".encode())
                     await expect(reader, b"250")
-                    writer.write(b"MAIL FROM:<sender@example.org>\r\n")
+                    writer.write(f"MAIL FROM:<{a.sender}>\r\n".encode())
                     await expect(reader, b"250")
                     writer.write(f"RCPT TO:<{a.to}>\r\n".encode())
                     await expect(reader, b"250")
@@ -1040,7 +1301,8 @@ async def client_main(a: argparse.Namespace) -> dict[str, Any]:
         return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else 0.0
 
     return {"ok": len(latencies), "errors": len(errors), "first_errors": errors[:5],
-            "seconds": seconds, "p50": pct(0.50), "p99": pct(0.99)}
+            "seconds": seconds, "p50": pct(0.50), "p99": pct(0.99),
+            "t0": t0}      # time.monotonic() is the machine's clock: the caller's too
 
 
 def client(argv: list[str]) -> int:
@@ -1050,6 +1312,11 @@ def client(argv: list[str]) -> int:
     p.add_argument("--sessions", type=int, default=SESSIONS)
     p.add_argument("--size", type=int, default=SIZE)
     p.add_argument("--to", default="rcpt@far.test")
+    p.add_argument("--sender", default="sender@example.org")
+    p.add_argument("--helo", default="client.bench")
+    p.add_argument("--message", default="",
+                   help="send this file (a whole message: CRLF lines, none starting with a "
+                   "dot) instead of a generated one of --size bytes")
     p.add_argument("--time-limit", type=float, default=TIMEOUT)
     a = p.parse_args(argv)
     raise_nofile()
@@ -1101,14 +1368,15 @@ def main() -> int:
     if args.smoke:
         n = {name: max(1, v // 10) for name, v in n.items()}     # a tenth of --quick
     plan: list[tuple[str, Callable[[], Workload]]] = [
-        ("W1", lambda: w1(n["w1"])), ("W2", lambda: w2(n["w2"])), ("W3", lambda: w3(n["w3"])),
+        ("W1", lambda: w1(n["w1"])), ("W1v", lambda: w1v(n["w1v"])), ("W2", lambda: w2(n["w2"])),
+        ("W3", lambda: w3(n["w3"])),
         ("W4", lambda: w4(n["w4"])), ("W5", lambda: w5(n["w5"], n["w5_msgs"])),
         ("W6", lambda: w6(n["w6"])), ("W7", lambda: w7(n["w7"])),
     ]
     only = {w.strip().upper() for w in args.only.split(",") if w.strip()}
     workloads = []
     for key, fn in plan:
-        if only and key not in only:
+        if only and key.upper() not in only:
             continue
         print(f"{key} ...", flush=True)
         workloads.append(fn())

@@ -20,7 +20,7 @@ import dkim
 import dns.resolver
 import pytest
 
-from tests.conftest import ServerProcess, free_port
+from tests.conftest import ServerProcess, free_port, wait_until
 from tests.integration.dnsmasq import run_dnsmasq
 from tests.integration.peers import add_loopback_address, sink
 
@@ -115,13 +115,8 @@ def _raw(sink_dir: Path) -> list[bytes]:
             for p in sorted(sink_dir.iterdir()) if p.is_file() and p.stat().st_size]
 
 
-def _wait_raw(sink_dir: Path, count: int, timeout: float = 20.0) -> list[bytes]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = _raw(sink_dir)
-        if len(found) >= count:
-            return found
-        time.sleep(0.1)
+def _wait_raw(sink_dir: Path, count: int) -> list[bytes]:
+    wait_until(lambda: len(_raw(sink_dir)) >= count)
     return _raw(sink_dir)
 
 
@@ -215,9 +210,7 @@ def test_a_retry_sends_the_very_signature_stored_at_intake(signed_server) -> Non
     with sink(MX_IP, mx_port) as now, sink(LATER_IP, mx_port, ("-r", "RCPT")):
         _submit(sp, ["bob@far.test", "carol@later.test"])
         [first] = _wait_raw(now.dump, 1)
-        deadline = time.monotonic() + 10
-        while "status=deferred" not in sp.log_text() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: "status=deferred" in sp.log_text(), timeout=10)
         assert "status=deferred" in sp.log_text()
     time.sleep(1.1)            # a signature made again now would carry another t=
     with sink(LATER_IP, mx_port) as later:

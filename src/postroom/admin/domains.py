@@ -27,7 +27,7 @@ def routes(backend: AdminBackend, ctx: Context) -> list[Endpoint]:
         if domain not in {d.lower() for d in config.local_domains}:
             return _error(404, f"{domain} is not a local domain ([domains] local)")
         resolver = Resolver(config.nameservers)
-        sending = await sending_addresses(config, resolver, outbound_route(config))
+        sending = sending_addresses(config, resolver, outbound_route(config))
         return JSONResponse(await sender_records(config, resolver, domain, sending, mx=True))
 
     return [

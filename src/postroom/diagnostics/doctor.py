@@ -474,12 +474,13 @@ async def step11_sender_auth(ctx: Context) -> dict[str, Any]:
         route = outbound_route(ctx.config)
     if route is None:
         return _step(11, name, "skip", "no [[route]] sends mail to other domains")
-    sending = await sending_addresses(ctx.config, ctx.resolver, route, ctx.probe_source)
+    sending = sending_addresses(ctx.config, ctx.resolver, route, ctx.probe_source)
     checked = await sender_records(ctx.config, ctx.resolver, domain, sending)
     bad = [r for r in checked["records"] if r["severity"] != "ok"]
     failing = [r for r in bad if r["severity"] == "fail"]
     finding = (f"{domain}: " + ("; ".join(r["finding"] for r in bad) if bad else
-                                "SPF allows " + (", ".join(sending["addresses"]) or "it")
+                                "SPF allows " + (", ".join(checked["sending"]["addresses"])
+                                                 or "it")
                                 + ", every DKIM key's record matches, DMARC is published"))
     fix = " ".join(f"{r['kind'].upper()}: {r['fix']}." for r in bad if r["fix"])
     return _step(11, name, checked["status"], finding, checked, fix,

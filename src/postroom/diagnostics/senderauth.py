@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+from collections.abc import Awaitable
 from typing import Any
 
 from ..config import Config, Route
@@ -104,9 +105,14 @@ def _spf_with(published: str | None, mechanisms: list[str]) -> str:
     return " ".join([terms[0], *mechanisms, *terms[1:]])
 
 
-async def _spf(resolver: Resolver, domain: str, sending: dict[str, Any]) -> dict[str, Any]:
+async def _spf(resolver: Resolver, domain: str,
+               where: dict[str, Any] | Awaitable[dict[str, Any]]) -> dict[str, Any]:
+    sending: dict[str, Any]
+    if isinstance(where, dict):
+        records, sending = await spf_records(resolver, domain), where
+    else:                               # both at once: a dead nameserver costs one timeout
+        records, sending = await asyncio.gather(spf_records(resolver, domain), where)
     addresses: list[str] = sending["addresses"]
-    records = await spf_records(resolver, domain)
     if isinstance(records, DnsError):
         return _record("spf", domain, "error", "warn",
                        f"the SPF record of {domain} could not be read: {records.describe()}",
@@ -281,20 +287,35 @@ async def _mx(config: Config, resolver: Resolver, domain: str) -> dict[str, Any]
 
 
 async def sender_records(config: Config, resolver: Resolver, domain: str,
-                         sending: dict[str, Any], *, mx: bool = False) -> dict[str, Any]:
+                         sending: dict[str, Any] | Awaitable[dict[str, Any]], *,
+                         mx: bool = False) -> dict[str, Any]:
     """Every record a sending domain needs, compared with DNS; ``sending`` is
-    :func:`sending_addresses`'s answer. The status is ``fail`` when a record is missing
-    or wrong, ``warn`` when one could not be checked (or no DKIM key is configured)."""
+    :func:`sending_addresses`'s answer, or its coroutine: the lookups that do not need it
+    run meanwhile, so a dead nameserver costs one timeout, not one per lookup in a row.
+    The status is ``fail`` when a record is missing or wrong, ``warn`` when one could not
+    be checked (or no DKIM key is configured)."""
     domain = domain.lower().rstrip(".")
-    parts = await asyncio.gather(_spf(resolver, domain, sending), _dkim(config, resolver, domain),
-                                 _dmarc(resolver, domain))
-    records: list[dict[str, Any]] = [parts[0], *parts[1], parts[2]]
-    if mx:
-        records.append(await _mx(config, resolver, domain))
+    known: dict[str, Any] = {}
+
+    async def spf() -> dict[str, Any]:
+        async def remembered() -> dict[str, Any]:
+            known.update(sending if isinstance(sending, dict) else await sending)
+            return known
+        return await _spf(resolver, domain, remembered())
+
+    async def no_mx() -> None:
+        return None
+
+    found_spf, found_dkim, found_dmarc, found_mx = await asyncio.gather(
+        spf(), _dkim(config, resolver, domain), _dmarc(resolver, domain),
+        _mx(config, resolver, domain) if mx else no_mx())
+    records: list[dict[str, Any]] = [found_spf, *found_dkim, found_dmarc]
+    if found_mx is not None:
+        records.append(found_mx)
     severities = {r["severity"] for r in records}
     status = "fail" if "fail" in severities else ("warn" if "warn" in severities else "ok")
     bad = [r for r in records if r["severity"] != "ok"]
     summary = ("SPF, DKIM and DMARC records are right" if not bad else
                "; ".join(f"{r['kind'].upper()} {r['state']} ({r['name']})" for r in bad))
-    return {"domain": domain, "sending": sending, "records": records, "status": status,
+    return {"domain": domain, "sending": known, "records": records, "status": status,
             "summary": summary}

@@ -79,6 +79,8 @@ class Submission:
     body_size: int = 0
     decisions: list[str] = field(default_factory=list)   # each recipient's policy reason
     add_missing: bool = True             # a submission: add a missing Message-ID and Date
+    trace: bytes = b""                   # fields to put just after our Received (the MX
+                                         # listener's Authentication-Results)
 
 
 @dataclass
@@ -121,6 +123,7 @@ class Intake:
             helo=s.helo or "unknown", peer=s.peer, hostname=self.hostname,
             protocol=s.protocol, queue_id=qid,
             recipient=next(iter(seen)) if len(seen) == 1 else None, timestamp=now)
+        header += s.trace
         if s.add_missing:
             header += missing_headers(s.data, self.hostname, now)
         client: dict[str, Any] = {"peer": s.peer, "helo": s.helo, "listener": s.listener,

@@ -280,6 +280,28 @@ def test_forged_results_with_our_authserv_id_are_renamed(mx: ServerProcess) -> N
     assert stored.count(b"Authentication-Results: mx.example.test") == 1
 
 
+def test_a_big_message_is_verified_from_its_file_and_stored_as_it_came(mx: ServerProcess
+                                                                      ) -> None:
+    """Over 1 MiB a message is spooled to a file as it arrives: the field goes into the
+    queued row after our Received, the file keeps the client's bytes (a forged field
+    renamed in place, same length), and the signature over it still verifies."""
+    forged = b"Authentication-Results: mx.example.test; dkim=pass header.d=bank.test\r\n"
+    body = b"".join(b"line %07d of a big message, to be hashed from its file\r\n" % i
+                    for i in range(40_000))                      # about 2.3 MB
+    msg = signed(message(extra=forged).replace(b"\r\nhello\r\n", b"\r\n" + body))
+    assert len(msg) > 2 * 1024 * 1024
+    code, _, stored = send(mx, "a@far.test", msg)
+    assert code == 250
+    ar = authres(stored)
+    assert "dkim=pass header.d=far.test" in ar and "dmarc=pass" in ar, ar
+    assert stored is not None
+    head = stored[:stored.index(b"\nDKIM-Signature:")]
+    assert head.index(b"Received: ") < head.index(b"Authentication-Results: mx.example.test")
+    assert b"X-Forged-Authn-Results: mx.example.test; dkim=pass header.d=bank.test" in stored
+    assert stored.count(b"Authentication-Results: mx.example.test") == 1
+    assert stored.replace(b"\r\n", b"\n").endswith(body.replace(b"\r\n", b"\n"))
+
+
 def test_trusted_and_authenticated_senders_are_not_verified(mx: ServerProcess) -> None:
     code, _, stored = send(mx, "ceo@far.test", message("ceo@far.test"), source="127.0.0.1")
     assert code == 250 and stored is not None

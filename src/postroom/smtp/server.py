@@ -20,7 +20,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
 from .. import replies
@@ -662,24 +662,16 @@ class Session(asyncio.Protocol):
                 return checked.reply
             if checked.action == "quarantine":
                 params = {**params, FOLDER_PARAM: "Junk"}
-            if big is None:
-                data = checked.header + data
         sub = Submission(
             env.sender, env.recipients, data, self.peer, core.helo, self.listener,
             ("ESMTP" if core.esmtp else "SMTP") + ("S" if tls else "") + ("A" if auth else ""),
             params, tls, core.auth_user, self.id, qid,
             big.name if big is not None else "", big.size if big is not None else 0,
-            list(self._decisions), add_missing=self.listener != "mx" or auth)
+            list(self._decisions), add_missing=self.listener != "mx" or auth,
+            # after our Received; a big message's file stays as it came
+            trace=checked.header if checked is not None else b"")
         try:
-            if checked is not None and big is not None:
-                # a big message's file stays as it came: the field goes in the row,
-                # after our Received
-                message = st.intake.build(sub)
-                message = replace(message, data=message.data + checked.header)
-                await st.spool.enqueue(message)
-                st.intake.received(sub, message)
-            else:
-                message = await st.intake.queue(sub)
+            message = await st.intake.queue(sub)
         except BaseException:
             if big is not None:
                 big.discard()

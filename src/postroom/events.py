@@ -205,6 +205,11 @@ CATALOGUE: dict[int, EventKind] = {k.id: k for k in (
        "A message from outside carried Authentication-Results fields that claim this "
        "server's authserv-id; they were renamed X-Forged-Authn-Results (RFC 8601 §5).",
        "Nothing: the message is delivered; the renamed fields cannot mislead a reader."),
+    _k(3103, "message_transfer", "minimum", "warning", "message queued unsigned",
+       "Mail of one of our users that leaves could not be DKIM-signed (or a forwarded "
+       "message ARC-sealed): it was queued without the signature rather than refused.",
+       "postroom.log has the error with its trace; postroom dkim show and postroom check "
+       "test the keys. Receivers that enforce DMARC may refuse such mail."),
     _k(4001, "smtp_interface", "medium", "info", "connection",
        "A client connected (medium) and disconnected (maximum).",
        "Nothing."),

@@ -182,11 +182,19 @@ class Intake:
                 what = "ARC-sealed"
             else:
                 return message
-        except Exception:        # never lose mail over a signature: it goes unsigned
+        except Exception as exc:    # never lose mail over a signature: it goes unsigned
             log.exception("queue_id=%s could not be signed; queued unsigned", message.queue_id)
+            if self.metrics is not None:
+                self.metrics.stamps.labels("failed").inc()
+            if self.events is not None:
+                self.events.emit(3103, f"{message.queue_id} from <{s.sender}> queued unsigned: "
+                                 f"{type(exc).__name__}: {str(exc)[:200]}",
+                                 queue_id=message.queue_id, peer=s.peer)
             return message
         if stamp:
             log.debug("queue_id=%s %s", message.queue_id, what)
+            if self.metrics is not None:
+                self.metrics.stamps.labels("dkim" if what == "DKIM-signed" else "arc").inc()
             return replace(message, data=stamp + message.data)
         return message
 

@@ -113,6 +113,9 @@ class Metrics:
         self.verification_actions = Counter("postroom_verification_actions",
                                             "Inbound messages quarantined, rejected or "
                                             "deferred by verification", ["action"], registry=r)
+        self.stamps = Counter("postroom_outbound_stamps",
+                              "DKIM signatures and ARC seals added at intake, and messages "
+                              "queued unsigned after a signing error", ["kind"], registry=r)
         self.connections = Counter("postroom_connections", "Connections accepted",
                                    ["listener"], registry=r)
         self.connections_current = Gauge("postroom_connections_current", "Open connections",

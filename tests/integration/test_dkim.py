@@ -8,6 +8,7 @@ dkimpy (its ``dnsfunc`` asks the dnsmasq through dnspython, never the system res
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -193,6 +194,8 @@ def test_relayed_mail_is_dual_signed_and_opendkim_and_dkimpy_verify_both(
     sigs = _signature_fields(message)
     assert len(sigs) == 2
     assert b"a=rsa-sha256" in sigs[0] + sigs[1] and b"a=ed25519-sha256" in sigs[0] + sigs[1]
+    stamps = json.loads(sp.cli("stats", "--json").stdout)["metrics"]["postroom_outbound_stamps_total"]
+    assert {s["labels"]["kind"]: s["value"] for s in stamps}.get("dkim", 0) >= 1
     results = _opendkim(message, dns_port, tmp_path / "odk")
     for name, _ in records:
         selector = name.split(".")[0]

@@ -10,7 +10,6 @@ parser as ``postroom check`` before anything is written; the file is replaced at
 from __future__ import annotations
 
 import hashlib
-import os
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import tomlkit
 from tomlkit.items import AoT, Comment, Table
 
 from .config import ROUTE_KEYS, Config, ConfigError, Problem, parse_text
+from .files import atomic_write
 
 __all__ = ["EditConflict", "ROUTE_FIELDS", "apply", "read", "write"]
 
@@ -256,32 +256,15 @@ def write(path: Path, routes: list[dict[str, Any]], trusted_networks: list[str],
     if check_only:
         return config, new
     backup = path.with_name(path.name + ".bak")
-    _atomic_write(backup, old, path)
-    _atomic_write(path, new, path)
+    mode = path.stat().st_mode & 0o777
+    atomic_write(backup, old, mode)
+    atomic_write(path, new, mode)
     return config, new
 
 
 def restore(path: Path) -> None:
     """Put back the version kept by the last write (after a reload refused it)."""
     backup = path.with_name(path.name + ".bak")
-    _atomic_write(path, backup.read_text(encoding="utf-8"), path)
+    atomic_write(path, backup.read_text(encoding="utf-8"), path.stat().st_mode & 0o777)
 
 
-def _atomic_write(target: Path, text: str, like: Path) -> None:
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    mode = like.stat().st_mode & 0o777
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dfd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)

@@ -13,9 +13,10 @@ other hash could not log in, and :func:`unusable` names them.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
+
+from ..files import atomic_write
 
 __all__ = ["SCHEME", "read_passwd", "render_passwd", "unusable", "write_passwd"]
 
@@ -39,18 +40,7 @@ def render_passwd(credentials: Sequence[tuple[str, str]]) -> str:
 
 def write_passwd(path: Path, credentials: Sequence[tuple[str, str]]) -> None:
     """Replace ``path`` atomically with the users' passwd-file (mode 0600)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)           # a crash's leftover, whatever its mode
-    try:
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w",
-                       encoding="utf-8") as f:
-            f.write(render_passwd(credentials))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, render_passwd(credentials), 0o600)
 
 
 def read_passwd(path: Path) -> dict[str, str]:

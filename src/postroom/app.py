@@ -24,7 +24,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Collection, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -174,6 +174,12 @@ def should_pause(accepting: bool, share: float, busiest: float) -> bool:
     if accepting:
         return share > 0.2 and share > 1.5 * busiest
     return share > busiest
+
+
+def converting(stopped: Collection[str]) -> bool:
+    """Whether intake converts recipients itself: not while an administrator has stopped
+    conversion or the whole queue manager (then mail waits in the conversion queues)."""
+    return not {"conversion", "queue-manager"} & set(stopped)
 
 
 def _cpu_seconds(pid: int) -> float | None:
@@ -548,6 +554,9 @@ class Postroom:
         if name in LISTENER_COMPONENTS:
             await self._tell_front_ends()
         else:
+            if name in ("conversion", "queue-manager"):
+                self.state.intake.converting = converting(self.qmgr.stopped)
+                await self._tell_front_ends()
             self.qmgr.wake()
         after = next(c for c in self.status() if c["name"] == name)
         if after["state"] != before or action == "restart":
@@ -635,6 +644,7 @@ class Postroom:
         target = self._acks + len(self.children)
         tmp = self._control_path().with_suffix(".tmp")
         tmp.write_text(json.dumps({"stopped": sorted(self.state.stopped),
+                                   "queue_stopped": sorted(self.qmgr.stopped),
                                    "levels": self.events.levels.as_json()}))
         os.replace(tmp, self._control_path())
         for pid in self.children:
@@ -650,6 +660,7 @@ class Postroom:
         try:
             control = json.loads(self._control_path().read_text())
             stopped = control.get("stopped", [])
+            self.state.intake.converting = converting(control.get("queue_stopped", []))
             if "levels" in control:
                 self.events.levels = Levels.from_json(control["levels"])
         except (OSError, ValueError) as exc:

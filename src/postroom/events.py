@@ -27,6 +27,7 @@ keeps a copy of every accepted message under ``<data_dir>/archive/<day>/`` for
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -473,13 +474,24 @@ class EventLog:
                             **fields}, ensure_ascii=False, default=str)
                 for at, kind, sev, cat, text, qid, peer, fields in rows]
         self._jsonl.write(docs)
+        conn = self._conn
         try:
-            with self._conn:
-                self._conn.executemany(
+            # one transaction for the batch: the connection is in autocommit mode, where
+            # executemany alone commits every row by itself (about 50 us of CPU a row
+            # instead of 5 in batches of a few hundred)
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(
                     "INSERT INTO events (at, kind, severity, category, text, queue_id, peer, "
                     "fields) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     [(at, kind, sev, cat, text, qid, peer, doc) for
                      (at, kind, sev, cat, text, qid, peer, _), doc in zip(rows, docs, strict=True)])
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                raise
             self._failing = False
         except sqlite3.Error as exc:
             if not self._failing:            # once until it works again (a full disk)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import re
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
@@ -25,23 +26,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .body import CHUNK
-from .conversion import expand, missing_headers, received_header
+from .config import Route
+from .conversion import MAX_HOPS, count_hops, expand, missing_headers, received_header
 from .events import EventLog
 from .metrics import Metrics
 from .model import Address
-from .spool import Direction, NewMessage, NewRecipient, Spool, new_queue_id
+from .routing import RouteMemo, describe_destination, destination_ref, lmtp_route
+from .spool import Direction, NewMessage, NewRecipient, Spool, State, new_queue_id
 
 if TYPE_CHECKING:          # imported when used: cryptography and dkimpy weigh ~6 MB
     from .mailauth.arcseal import Sealer
     from .mailauth.sign import Signer
 
-__all__ = ["Intake", "Stamping", "Submission", "direction_of"]
+__all__ = ["EarlyConversion", "Intake", "Stamping", "Submission", "direction_of"]
+
+HEAD_BYTES = 256 * 1024     # enough of a message to count its Received headers
 
 log = logging.getLogger("postroom.intake")
 
 _MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(.*(?:\r\n[ \t].*)*)", re.I | re.M)
-
-
 
 
 def direction_of(domain: str, local_domains: Collection[str]) -> Direction:
@@ -83,6 +86,18 @@ class Submission:
                                          # listener's Authentication-Results)
 
 
+@dataclass(frozen=True)
+class EarlyConversion:
+    """What intake needs to convert the plain recipients itself, in the acceptance's own
+    commit: the routing table and the aliases. ``inbound`` is False when the queue
+    manager adds routes of its own for the local domains (``[imap] delivery = "lmtp"``):
+    then local recipients wait for it."""
+
+    routes: tuple[Route, ...]
+    aliases: Mapping[str, tuple[str, ...]]
+    inbound: bool = True
+
+
 @dataclass
 class Stamping:
     """What intake needs to sign and seal: the keys, and who counts as our own user."""
@@ -98,7 +113,7 @@ class Stamping:
 
 
 class Intake:
-    def __init__(self, spool: Spool, hostname: str, local_domains: Collection[str],
+    def __init__(self, spool: Spool, hostname: str, local_domains: frozenset[str],
                  metrics: Metrics | None = None, events: EventLog | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.spool = spool
@@ -108,6 +123,13 @@ class Intake:
         self.events = events
         self.clock = clock
         self.stamping: Stamping | None = None   # DKIM and ARC; app sets it (and on reload)
+        # Conversion at intake (the server state sets it from the config): off while an
+        # administrator has stopped the conversion component or the queue manager, so
+        # that mail waits in the conversion queues, as they expect
+        self.early: EarlyConversion | None = None
+        self.converting = True
+        self._routes = RouteMemo()
+        self._rng = random.Random()
 
     def build(self, s: Submission) -> NewMessage:
         """The queued message: headers added, recipients deduplicated with a direction."""
@@ -128,12 +150,41 @@ class Intake:
             header += missing_headers(s.data, self.hostname, now)
         client: dict[str, Any] = {"peer": s.peer, "helo": s.helo, "listener": s.listener,
                                   "tls": s.tls, "auth": s.auth, "session": s.session}
+        rcpts = self._convert(tuple(seen.values()), header + s.data[:HEAD_BYTES])
         if s.body_file:
-            return NewMessage(qid, str(s.sender), s.mail_params, client, header,
-                              tuple(seen.values()), body_file=s.body_file,
-                              body_size=s.body_size)
-        return NewMessage(qid, str(s.sender), s.mail_params, client, header + s.data,
-                          tuple(seen.values()))
+            return NewMessage(qid, str(s.sender), s.mail_params, client, header, rcpts,
+                              body_file=s.body_file, body_size=s.body_size)
+        return NewMessage(qid, str(s.sender), s.mail_params, client, header + s.data, rcpts)
+
+    def _convert(self, rcpts: tuple[NewRecipient, ...], head: bytes
+                 ) -> tuple[NewRecipient, ...]:
+        """Conversion, done here for the recipients that need nothing else: a local
+        mailbox that is no alias, a remote address that a route covers. They enter the
+        spool in delivery, in the acceptance's commit, and the queue manager has one
+        write and two reads less per message. Aliases, unroutable addresses and a
+        message at the hop limit wait in conversion, where the queue manager decides,
+        explains and notifies as before."""
+        early = self.early
+        if early is None or not self.converting or count_hops(head) >= MAX_HOPS:
+            return rcpts
+        out = []
+        for r in rcpts:
+            domain = r.address.rpartition("@")[2]
+            if r.direction == Direction.INBOUND:
+                if not early.inbound or r.address in early.aliases:
+                    out.append(r)
+                    continue
+                store = lmtp_route(domain, early.routes)
+                ref = destination_ref(store, "") if store is not None else ""
+            else:
+                chosen = self._routes.choose(domain, early.routes, self.local_domains).chosen
+                if not chosen:
+                    out.append(r)
+                    continue
+                route = chosen[0] if len(chosen) == 1 else self._rng.choice(chosen)
+                ref = destination_ref(route, domain)
+            out.append(replace(r, state=State.DELIVERY, destination=ref))
+        return tuple(out)
 
     async def queue(self, s: Submission) -> NewMessage:
         """Build and store the message durably; record its receipt. Raises StorageFull
@@ -221,6 +272,23 @@ class Intake:
                     yield block
         return header, body()
 
+    def _routed(self, message: NewMessage, ev: EventLog) -> None:
+        """Event 2004 for the recipients converted here, as the queue manager says it."""
+        early = self.early
+        for r in message.recipients:
+            if r.state != State.DELIVERY or early is None:
+                continue
+            domain = r.address.rpartition("@")[2]
+            if r.direction == Direction.INBOUND:
+                ev.emit(2004, f"<{r.address}>: local mailbox", queue_id=message.queue_id,
+                        level="medium", domain=domain, rcpt=r.address)
+                continue
+            index = int(r.destination.partition("|")[0])
+            if index < len(early.routes):
+                ev.emit(2004, f"<{r.address}>: "
+                        f"{describe_destination(early.routes[index], domain)}",
+                        queue_id=message.queue_id, domain=domain, rcpt=r.address)
+
     def received(self, s: Submission, message: NewMessage) -> None:
         rcpts = [r.address for r in message.recipients]
         qid = message.queue_id
@@ -233,8 +301,16 @@ class Intake:
             log.info("session=%s queued queue_id=%s from=<%s> size=%d nrcpt=%d", s.session,
                      qid, s.sender, message.size, len(rcpts))
         ev = self.events
-        if ev is None or not ev.enabled("message_transfer", "minimum", peer=s.peer):
+        if ev is None:
             return
+        if ev.enabled("message_transfer", "minimum", peer=s.peer):
+            self._receipt(s, message, ev)
+        self._routed(message, ev)
+
+    def _receipt(self, s: Submission, message: NewMessage, ev: EventLog) -> None:
+        """Event 3001: the message was received."""
+        rcpts = [r.address for r in message.recipients]
+        qid = message.queue_id
         to = ", ".join("<" + r + ">" for r in rcpts)
         if s.listener == "local":
             text = (f"received from local user {(s.auth or '').removeprefix('local:')} "

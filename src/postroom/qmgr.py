@@ -48,12 +48,12 @@ from .delivery import (
     OutboundRecipient,
 )
 from .events import EventLog
-from .intake import direction_of
+from .intake import HEAD_BYTES, direction_of
 from .mailauth.sign import Signer, split_message
 from .metrics import Metrics, status_label
 from .model import DeliveryResult, Reply
 from .notices import build_notice
-from .routing import RouteDecision, choose_route, lmtp_route
+from .routing import RouteDecision, RouteMemo, lmtp_route
 from .spool import (
     Claim,
     Conversion,
@@ -72,7 +72,6 @@ from .spool import (
 
 __all__ = ["QueueManager", "retry_delay", "wants_notice"]
 
-HEAD_BYTES = 256 * 1024     # enough of a message to count its Received headers
 
 log = logging.getLogger("postroom.qmgr")
 
@@ -133,8 +132,7 @@ class QueueManager:
         self.lease = lease                  # how long a claim lasts; renewed every third
         self.node_info = dict(node_info or {})
         self._held: dict[int, Claim] = {}   # claims in flight, renewed while they last
-        self._memo: dict[str, RouteDecision] = {}
-        self._memo_for: tuple[object, object] = ((), frozenset())
+        self._memo = RouteMemo()
         self._renewer: asyncio.Task[None] | None = None
         self._unreachable_noted = -3600.0
         self.rng = rng or random.Random()
@@ -406,19 +404,7 @@ class QueueManager:
         return Destination(route, domain if route.via == "mx" else "")
 
     def _choose(self, domain: str) -> RouteDecision:
-        """:func:`choose_route`, remembered per domain until the routing table or the
-        local domains change (a reload replaces them): it writes an explanation for
-        every route, which a round of many recipients for one domain need not redo."""
-        if self.routes is not self._memo_for[0] or self.local_domains is not self._memo_for[1]:
-            self._memo_for = (self.routes, self.local_domains)
-            self._memo.clear()
-        decision = self._memo.get(domain)
-        if decision is None:
-            if len(self._memo) >= 4096:
-                self._memo.clear()
-            decision = self._memo[domain] = choose_route(domain, self.routes,
-                                                         self.local_domains)
-        return decision
+        return self._memo.choose(domain, self.routes, self.local_domains)
 
     def _route_at(self, ref: str) -> Route | None:
         index, _, _ = ref.partition("|")
@@ -581,6 +567,7 @@ class QueueManager:
         due = await self.spool.due(Direction.OUTBOUND, now, 4 * self.BATCH, self.owner)
         groups: dict[str, tuple[Destination, list[Claim]]] = {}
         unroutable: list[Claim] = []
+        waiting: dict[str, int] = {}
         for d in due:
             if d.rid in self._in_flight:
                 continue
@@ -590,7 +577,15 @@ class QueueManager:
                 continue
             if self.agents.for_route(dest.route) is None:
                 continue                        # no agent for it: stays queued
+            if self._suspended.get(dest.ref, (0.0,))[0] > now:
+                # new mail (converted at intake) for a destination that is backing off
+                # waits with it ("delivery temporarily suspended"), untried
+                waiting[dest.ref] = waiting.get(dest.ref, 0) + 1
+                continue
             groups.setdefault(dest.key, (dest, []))[1].append(d)
+        for ref in waiting:
+            until, reply, why = self._suspended[ref]
+            await self.spool.defer_destination(ref, until, reply, why, now, self.owner)
         chosen: list[tuple[Destination, list[Claim]]] = []
         running = len(self._outbound_tasks)
         for key, (dest, items) in groups.items():
@@ -607,7 +602,7 @@ class QueueManager:
                 running += 1
                 connections += 1
         if not chosen and not unroutable:
-            return 0
+            return sum(waiting.values())
         # Claimed before starting: a delivery that finishes at once must find its claim.
         wanted = unroutable + [c for _, cs in chosen for c in cs]
         claimed = {c.rid: c for c in await self.spool.claim(wanted, now, self.owner, self.lease)}
@@ -621,7 +616,7 @@ class QueueManager:
             mine = [claimed[c.rid] for c in cs if c.rid in claimed]
             self._start(dest, mine)
             started += len(mine)
-        return started + len(unroutable)
+        return started + len(unroutable) + sum(waiting.values())
 
     async def _deliver_remote(self, dest: Destination, claims: list[Claim]) -> None:
         try:

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 from .config import Route
 
-__all__ = ["Candidate", "RouteDecision", "choose_route", "lmtp_route", "specificity"]
+__all__ = ["Candidate", "RouteDecision", "RouteMemo", "choose_route", "describe_destination",
+           "destination_ref", "lmtp_route", "specificity"]
 
 
 def specificity(pattern: str, domain: str) -> tuple[int, int] | None:
@@ -113,3 +114,43 @@ def lmtp_route(domain: str, routes: Sequence[Route]) -> Route | None:
         if best is None or rank > best:
             best, chosen = rank, route
     return chosen
+
+
+class RouteMemo:
+    """:func:`choose_route`, remembered per domain while the routing table and the local
+    domains stay the same objects (a reload replaces them): it writes an explanation
+    for every route, which many recipients for one domain need not redo."""
+
+    LIMIT = 4096
+
+    def __init__(self) -> None:
+        self._memo: dict[str, RouteDecision] = {}
+        self._for: tuple[object, object] = ((), frozenset())
+
+    def choose(self, domain: str, routes: Sequence[Route],
+               local_domains: frozenset[str] | set[str]) -> RouteDecision:
+        if routes is not self._for[0] or local_domains is not self._for[1]:
+            self._for = (routes, local_domains)
+            self._memo.clear()
+        decision = self._memo.get(domain)
+        if decision is None:
+            if len(self._memo) >= self.LIMIT:
+                self._memo.clear()
+            decision = self._memo[domain] = choose_route(domain, routes, local_domains)
+        return decision
+
+
+def destination_ref(route: Route, domain: str) -> str:
+    """How the spool records where a recipient goes: the route's place in the table, and
+    the domain for an MX route ("" for the local Maildirs)."""
+    if route.via == "local":
+        return ""
+    return f"{route.index}|{domain if route.via == 'mx' else ''}"
+
+
+def describe_destination(route: Route, domain: str) -> str:
+    if route.via == "mx":
+        return f"MX of {domain} (route {route.match})"
+    if route.via == "local":
+        return "local mailbox"
+    return route.describe()

@@ -255,6 +255,32 @@ def test_a_dead_destination_backs_off_as_a_whole_and_the_wait_is_stored(
     assert max(waits) == 300.0                       # the second failure in a row waits longer
 
 
+def test_mail_converted_at_intake_for_a_backing_off_destination_waits_untried(
+        spool: SqliteSpool, tmp_path: Path, clock: Clock) -> None:
+    agent = DeadAgent()
+    q = make_qmgr(spool, MaildirStore(tmp_path / "mail", "t"), clock, remote=agent)
+
+    async def main() -> None:
+        await spool.enqueue(message(("u0@far.test", "outbound")))
+        await q.convert_batch()
+        await q.dispatch_outbound()
+        await asyncio.gather(*q._outbound_tasks)
+        assert agent.calls == [1]                    # failed as a whole: backing off
+        dest = q._destination("u1@far.test")
+        assert dest is not None
+        # as intake stores a plain remote recipient: in delivery, due now
+        await spool.enqueue(NewMessage(new_queue_id(), "s@far.example", {}, {}, b"x\r\n", (
+            NewRecipient("u1@far.test", "outbound", {}, "delivery", dest.ref),)))
+        assert await q.dispatch_outbound() == 1      # put back to the destination's time
+        assert agent.calls == [1]                    # without a connection
+        assert await q.dispatch_outbound() == 0
+    asyncio.run(main())
+    (row,) = [r for r in rows(spool, "address, next_attempt, last_reply")
+              if r[0] == "u1@far.test"]
+    assert float(row[1]) == clock.now + 60           # type: ignore[arg-type]
+    assert "connection refused" in str(row[2])
+
+
 def test_deliveries_are_recorded_only_after_their_folder_is_synced(
         spool: SqliteSpool, tmp_path: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
     import postroom.delivery.local as local_module

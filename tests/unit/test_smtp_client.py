@@ -16,6 +16,7 @@ from postroom.smtp.client import (
     ProtocolError,
     ReplyReader,
     Transaction,
+    Transcript,
     prepare_data,
 )
 
@@ -231,3 +232,27 @@ def test_connect_unix_to_a_missing_socket_is_a_connect_hop_error(tmp_path: Path)
     err = asyncio.run(run())
     assert err.step == "connect" and err.transient
     assert err.detail == f"cannot connect to unix:{tmp_path / 'nothing'}: No such file or directory"
+
+
+def test_a_transcript_keeps_the_opening_and_the_message_in_flight_only() -> None:
+    t = Transcript()
+    t.note("trying mx.far.test [192.0.2.1]:25")
+    t.server(Reply(220, "", "mx.far.test ESMTP"))
+    t.client("EHLO us.example")
+    for n in range(60):                          # more lines in all than the limit
+        t.start_message()
+        t.client(f"MAIL FROM:<m{n}@us.example>")
+        t.server(Reply(250, "2.1.0", "Ok"))
+    lines = t.text().splitlines()
+    assert lines == ["-- trying mx.far.test [192.0.2.1]:25", "S: 220 mx.far.test ESMTP",
+                     "C: EHLO us.example", "-- (59 earlier messages on this connection)",
+                     "C: MAIL FROM:<m59@us.example>", "S: 250 2.1.0 Ok"]
+    # the connection broke: the next host's results show it, then their own exchange
+    t.end_connection()
+    t.note("trying mx2.far.test [192.0.2.2]:25")
+    t.start_message()
+    t.client("MAIL FROM:<m60@us.example>")
+    assert t.text().splitlines()[3:] == [
+        "-- (59 earlier messages on this connection)", "C: MAIL FROM:<m59@us.example>",
+        "S: 250 2.1.0 Ok", "-- trying mx2.far.test [192.0.2.2]:25",
+        "C: MAIL FROM:<m60@us.example>"]

@@ -23,6 +23,7 @@ from typing import Protocol
 from ..body import Body
 from ..config import Route
 from ..model import DeliveryResult
+from ..routing import describe_destination, destination_ref
 
 __all__ = ["LOCAL_ROUTE", "Agents", "DeliveryAgent", "Destination", "OutboundMessage",
            "OutboundRecipient"]
@@ -41,7 +42,7 @@ class Destination:
     @property
     def ref(self) -> str:
         """How the spool records it: the route's place in the table, and the domain."""
-        return "" if self.route.via == "local" else f"{self.route.index}|{self.domain}"
+        return destination_ref(self.route, self.domain)
 
     @property
     def key(self) -> str:
@@ -53,11 +54,7 @@ class Destination:
         return f"{via}:{self.route.next_hop}"
 
     def describe(self) -> str:
-        if self.route.via == "mx":
-            return f"MX of {self.domain} (route {self.route.match})"
-        if self.route.via == "local":
-            return "local mailbox"
-        return self.route.describe()
+        return describe_destination(self.route, self.domain)
 
 
 @dataclass(frozen=True, slots=True)

@@ -122,6 +122,7 @@ class LmtpDeliveryAgent:
         for target in targets:
             if not pending:
                 break
+            transcript.end_connection()
             transcript.note(f"trying {target.label}")
             client = Client(helo_name=self.hostname, command_timeout=self.config.command_timeout,
                             transcript=transcript, lmtp=True)
@@ -175,6 +176,7 @@ class LmtpDeliveryAgent:
                     ) -> tuple[list[DeliveryResult], HopError | None]:
         """One transaction: a result per recipient, and the failure that broke the
         connection after the data (None while it is still usable)."""
+        transcript.start_message()
         size = client.size_limit
         if needs_smtputf8(message) and not client.offers("SMTPUTF8"):
             reply = Reply(554, "5.6.7", f"{target.label} does not support SMTPUTF8, which "

@@ -128,6 +128,7 @@ class SmtpDeliveryAgent:
         for name, ip, port in hosts:
             if not pending:
                 break
+            transcript.end_connection()
             transcript.note(f"trying {name} [{ip}]:{port}")
             plaintext_retry = False
             while True:
@@ -206,6 +207,7 @@ class SmtpDeliveryAgent:
 
     async def _send(self, client: Client, message: OutboundMessage, dest: Destination,
                     name: str, ip: str, transcript: Transcript) -> list[DeliveryResult]:
+        transcript.start_message()
         size = client.size_limit
         if needs_smtputf8(message) and not client.offers("SMTPUTF8"):
             return [self._result(r, False, False, Reply(554, "5.6.7", f"{name} [{ip}] does "

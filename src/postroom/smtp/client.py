@@ -93,10 +93,18 @@ def _reply(code: int, lines: list[str]) -> Reply:
 
 @dataclass
 class Transcript:
-    """What was said on one connection, line by line (``C:``/``S:``), secrets redacted."""
+    """What was said on one connection, line by line (``C:``/``S:``), secrets redacted.
+
+    A connection that carries several messages keeps its opening (every host tried, the
+    greeting, EHLO, STARTTLS, AUTH) and the exchange of the message in flight only
+    (:meth:`start_message`): each message's result carries the opening and its own
+    exchange, not every message before it on the connection (50 messages made the last
+    one's about 20 KB, copied into each recipient's row)."""
 
     lines: list[str] = field(default_factory=list)
     limit: int = 400
+    current: list[str] | None = None       # the message in flight, after the opening
+    earlier: int = 0                       # messages before it on this connection
 
     def client(self, text: str) -> None:
         self._add(f"C: {text}")
@@ -108,14 +116,34 @@ class Transcript:
     def note(self, text: str) -> None:
         self._add(f"-- {text}")
 
+    def start_message(self) -> None:
+        if self.current is not None:
+            self.earlier += 1
+        self.current = []
+
+    def end_connection(self) -> None:
+        """The connection is over: the message in flight becomes part of the opening
+        that the next host's results show."""
+        if self.current is not None:
+            self.lines.extend(self._middle() + self.current)
+            del self.lines[self.limit + 1:]
+            self.current, self.earlier = None, 0
+
+    def _middle(self) -> list[str]:
+        return [f"-- ({self.earlier} earlier messages on this connection)"] \
+            if self.earlier else []
+
     def _add(self, line: str) -> None:
-        if len(self.lines) < self.limit:
-            self.lines.append(line[:500])
-        elif len(self.lines) == self.limit:
-            self.lines.append("-- (transcript truncated)")
+        lines = self.lines if self.current is None else self.current
+        if len(lines) < self.limit:
+            lines.append(line[:500])
+        elif len(lines) == self.limit:
+            lines.append("-- (transcript truncated)")
 
     def text(self) -> str:
-        return "\n".join(self.lines)
+        if self.current is None:
+            return "\n".join(self.lines)
+        return "\n".join(self.lines + self._middle() + self.current)
 
 
 class HopError(Exception):

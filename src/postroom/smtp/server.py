@@ -28,7 +28,7 @@ from ..body import BodyWriter
 from ..config import Config
 from ..conversion import FOLDER_PARAM
 from ..events import EventLog
-from ..intake import Intake, Submission
+from ..intake import EarlyConversion, Intake, Submission
 from ..metrics import Metrics
 from ..model import Reply, SmtpError
 from ..policy import (
@@ -149,6 +149,13 @@ class AuthThrottle:
         self._failures[peer].append(self.clock())
 
 
+def early_conversion(c: Config) -> EarlyConversion:
+    """What intake converts itself: with ``[imap] delivery = "lmtp"`` the queue manager
+    routes the local domains to Dovecot, so their recipients wait for it."""
+    return EarlyConversion(c.routes, c.aliases,
+                           inbound=not (c.imap.enabled and c.imap.delivery == "lmtp"))
+
+
 @dataclass
 class ServerState:
     """What every session shares: config, decisions' inputs, counters, the spool."""
@@ -180,6 +187,7 @@ class ServerState:
         self.throttle = AuthThrottle(c.smtp.auth_failure_limit, c.smtp.auth_failure_window)
         self.intake = Intake(self.spool, c.hostname, self.relay.local_domains, self.metrics,
                              self.events, self.clock)
+        self.intake.early = early_conversion(c)
 
     def apply(self, config: Config) -> None:
         """A reloaded config: new sessions use it; open sessions keep their limits."""
@@ -188,6 +196,7 @@ class ServerState:
                                    frozenset(config.aliases), config.routes)
         self.intake.hostname = config.hostname
         self.intake.local_domains = self.relay.local_domains
+        self.intake.early = early_conversion(config)
         self.verifier = None                 # made again, from the new [verify], when needed
         self.throttle.limit = config.smtp.auth_failure_limit
         self.throttle.window = config.smtp.auth_failure_window

@@ -28,7 +28,7 @@ from .records import (
     RecipientView,
     Transition,
 )
-from .states import QUEUES, State, check_move, wants_notice
+from .states import QUEUES, State, check_entry, check_move, wants_notice
 
 __all__ = ["MemorySpool"]
 
@@ -95,7 +95,10 @@ class MemorySpool:
         self._messages[m.queue_id] = _Message(m.queue_id, now, m.sender, m.size, dict(m.params),
                                               dict(m.client), m.data, m.body_file)
         for r in m.recipients:
-            self._add_rcpt(m.queue_id, r.address, r.params, r.direction, now)
+            check_entry(r.state)
+        for r in m.recipients:
+            new = self._add_rcpt(m.queue_id, r.address, r.params, r.direction, now)
+            new.state, new.destination = State(r.state), r.destination
 
     def _finish(self, mids: Iterable[str]) -> None:
         for mid in set(mids):

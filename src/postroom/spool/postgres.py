@@ -68,7 +68,7 @@ from .records import (
     Transition,
     recipient_view,
 )
-from .states import QUEUES, State, check_move, wants_notice
+from .states import QUEUES, State, check_entry, check_move, wants_notice
 
 __all__ = ["CHANNEL", "MIGRATIONS", "PostgresSpool", "SchemaTooNew", "migrate"]
 
@@ -447,14 +447,18 @@ class PostgresSpool:
             "VALUES (%s, %s, %s, %s, %s, %s, %b, %s)",
             (m.queue_id, now, _clean(m.sender), m.size, json.dumps(m.params),
              json.dumps(m.client), m.data, m.body_file))
+        for r in m.recipients:
+            check_entry(r.state)
         await conn.execute(
-            "INSERT INTO recipients (message, address, params, direction, state, next_attempt, "
-            "updated) SELECT %(mid)s, t.a, t.p, t.d, 'conversion', %(now)s, %(now)s "
-            "FROM unnest(%(a)s::text[], %(p)s::text[], %(d)s::text[]) WITH ORDINALITY "
-            "AS t(a, p, d, n) ORDER BY t.n",
+            "INSERT INTO recipients (message, address, params, direction, state, destination, "
+            "next_attempt, updated) SELECT %(mid)s, t.a, t.p, t.d, t.s, t.r, %(now)s, %(now)s "
+            "FROM unnest(%(a)s::text[], %(p)s::text[], %(d)s::text[], %(s)s::text[], "
+            "%(r)s::text[]) WITH ORDINALITY AS t(a, p, d, s, r, n) ORDER BY t.n",
             {"mid": m.queue_id, "now": now, "a": [_clean(r.address) for r in m.recipients],
              "p": [json.dumps(r.params) for r in m.recipients],
-             "d": [str(r.direction) for r in m.recipients]})
+             "d": [str(r.direction) for r in m.recipients],
+             "s": [str(r.state) for r in m.recipients],
+             "r": [r.destination for r in m.recipients]})
         if m.body_file:
             await self._copy_body(conn, m)
 

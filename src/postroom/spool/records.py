@@ -56,6 +56,10 @@ class NewRecipient:
     address: str
     direction: str                    # a Direction
     params: dict[str, str]
+    # Where it starts: conversion, or delivery when intake converted it at once (a
+    # mailbox that is no alias, or a routable remote address), with its destination.
+    state: str = State.CONVERSION
+    destination: str = ""
 
 
 @dataclass(frozen=True, slots=True)

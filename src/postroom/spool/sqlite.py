@@ -16,6 +16,7 @@ holds all of the queue's SQL.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import queue
@@ -45,7 +46,7 @@ from .records import (
     Transition,
     recipient_view,
 )
-from .states import QUEUES, State, check_move, wants_notice
+from .states import QUEUES, State, check_entry, check_move, wants_notice
 
 __all__ = ["SqliteSpool", "connect", "is_disk_full"]
 
@@ -204,9 +205,15 @@ class SqliteSpool:
     # --- the writer ----------------------------------------------------------------
     def _writer(self) -> None:
         conn = self._conn
+        # Every process's writer takes this lock around its transaction. Without it two
+        # writers meet in SQLite's busy handler, which sleeps 1, 2, 5... ms between tries
+        # while the other's transaction lasts a fraction of that; a blocked flock is
+        # woken the moment the lock is free.
+        lock = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         while True:
             first = self._jobs.get()
             if first is None:
+                os.close(lock)
                 return
             batch = [first]
             while len(batch) < self.MAX_BATCH:
@@ -219,6 +226,7 @@ class SqliteSpool:
                     break
                 batch.append(nxt)
             results: list[tuple[_Job, Any, BaseException | None]] = []
+            fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 for job in batch:
@@ -242,6 +250,8 @@ class SqliteSpool:
                     pass
                 err: BaseException = StorageFull(str(exc)) if is_disk_full(exc) else exc
                 results = [(job, None, err) for job in batch]
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
             self.batches += 1
             self.jobs_done += len(batch)
             for job, value, error in results:
@@ -629,11 +639,13 @@ def _insert_message(conn: sqlite3.Connection, m: NewMessage, now: float) -> None
         (m.queue_id, now, m.sender, m.size, json.dumps(m.params), json.dumps(m.client),
          m.data, m.body_file),
     )
+    for r in m.recipients:
+        check_entry(r.state)
     conn.executemany(
-        "INSERT INTO recipients (message, address, params, direction, state, next_attempt, "
-        "updated) VALUES (?, ?, ?, ?, 'conversion', ?, ?)",
-        [(m.queue_id, r.address, json.dumps(r.params), r.direction, now, now)
-         for r in m.recipients],
+        "INSERT INTO recipients (message, address, params, direction, state, destination, "
+        "next_attempt, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [(m.queue_id, r.address, json.dumps(r.params), r.direction, r.state, r.destination,
+          now, now) for r in m.recipients],
     )
 
 

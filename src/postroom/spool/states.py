@@ -8,6 +8,10 @@
         │  └──> failed      (a mail loop, no route, a failed alias)
         └─────> expanded    (an alias, replaced by its targets)
 
+A recipient enters in conversion, or directly in delivery when intake converted it at
+once (``ENTRY``): a local mailbox that is no alias, or a remote address that a route
+covers, in a message under the hop limit. Everything else waits for the queue manager.
+
 Only the spool's backends write a state, and only through :func:`check_move`. The four
 queues an administrator sees are views: ``<direction>-<state>`` for the two active states.
 """
@@ -17,8 +21,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from enum import StrEnum
 
-__all__ = ["ACTIONS", "ACTIVE", "MOVES", "QUEUES", "Direction", "IllegalMove", "State",
-           "check_move", "queue_name", "wants_notice"]
+__all__ = ["ACTIONS", "ACTIVE", "ENTRY", "MOVES", "QUEUES", "Direction", "IllegalMove", "State",
+           "check_entry", "check_move", "queue_name", "wants_notice"]
 
 
 class State(StrEnum):
@@ -35,6 +39,7 @@ class Direction(StrEnum):
 
 
 ACTIVE = (State.CONVERSION, State.DELIVERY)
+ENTRY = frozenset({State.CONVERSION, State.DELIVERY})     # where a new recipient may start
 
 # Every allowed move, and nothing else. A final state has no way out: a late result for a
 # recipient that an administrator deleted meanwhile is refused, not recorded over it.
@@ -57,6 +62,11 @@ class IllegalMove(ValueError):
 def check_move(old: str, new: str) -> None:
     if State(new) not in MOVES[State(old)]:
         raise IllegalMove(f"a recipient in {old} cannot move to {new}")
+
+
+def check_entry(state: str) -> None:
+    if State(state) not in ENTRY:
+        raise IllegalMove(f"a new recipient cannot start in {state}")
 
 
 def queue_name(direction: str, state: str) -> str:

@@ -173,6 +173,8 @@ def setup_logging(log_dir: Path | None, *, level: int = logging.INFO, stderr: bo
     # our lines never show the process, thread or task: skip finding them per record
     logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
     logging.logAsyncioTasks = False      # type: ignore[attr-defined]  # 3.12+
+    # ...nor the source line: the logging HOWTO's "Optimization" switch for findCaller
+    logging._srcfile = None              # type: ignore[attr-defined]
     _handler = _Batched(stderr, file)
     _handler.setFormatter(_Formatter(FORMAT))
     root.addHandler(_handler)

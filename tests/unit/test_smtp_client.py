@@ -256,3 +256,71 @@ def test_a_transcript_keeps_the_opening_and_the_message_in_flight_only() -> None
         "-- (59 earlier messages on this connection)", "C: MAIL FROM:<m59@us.example>",
         "S: 250 2.1.0 Ok", "-- trying mx2.far.test [192.0.2.2]:25",
         "C: MAIL FROM:<m60@us.example>"]
+
+
+def _smtp_store(tmp_path: Path, after_dot: list[bytes], hang_up: bool = False) -> FakeStore:
+    ehlo = b"250-store.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
+    return FakeStore(tmp_path / "smtp", _answers(ehlo), after_dot, hang_up)
+
+
+def test_send_each_puts_the_next_message_commands_behind_the_final_dot(tmp_path: Path) -> None:
+    """RFC 2920 §3.1: message data may open a group, so data, dot, and the next MAIL,
+    RCPT and DATA go in one write; each message still gets its own final reply."""
+    messages = [("a@x.test", "", [("alice@store.test", "")], prepare_data(f"m{n}\r\n".encode()))
+                for n in range(3)]
+    finals = [b"250 2.0.0 Ok: queued as A\r\n", b"452 4.3.1 Insufficient storage\r\n",
+              b"250 2.0.0 Ok: queued as C\r\n"]
+
+    async def run() -> tuple[list[tuple[int, Transaction, str]], list[bytes], FakeStore]:
+        async with _smtp_store(tmp_path, list(finals)) as store:
+            client = Client(helo_name="client.test", command_timeout=5)
+            await client.connect_unix(str(store.path), 5)
+            await client.ehlo()
+            assert client.writer is not None
+            writes: list[bytes] = []
+            real_write = client.writer.write
+
+            def write(data: bytes) -> None:
+                writes.append(bytes(data))
+                real_write(data)
+            client.writer.write = write  # type: ignore[method-assign]
+            got = [(i, tx, client.transcript.text())
+                   async for i, tx in client.send_each(messages)]
+            await client.quit()
+            return got, writes, store
+
+    got, writes, store = asyncio.run(run())
+    assert [(i, tx.data.code if tx.data else None) for i, tx, _ in got] == \
+        [(0, 250), (1, 452), (2, 250)]
+    mail = b"MAIL FROM:<a@x.test>\r\nRCPT TO:<alice@store.test>\r\nDATA\r\n"
+    assert writes == [mail, b"m0\r\n.\r\n" + mail, b"m1\r\n.\r\n" + mail, b"m2\r\n.\r\n",
+                      b"QUIT\r\n"]
+    assert bytes(store.received).endswith(b"m2\r\n.\r\nQUIT\r\n")
+    # each result's transcript: its own commands and its own final reply, in that order
+    assert got[1][2].splitlines()[-10:] == [
+        "-- (1 earlier messages on this connection)", "C: MAIL FROM:<a@x.test>",
+        "C: RCPT TO:<alice@store.test>", "C: DATA", "S: 250 2.1.0 OK", "S: 250 2.1.5 OK",
+        "S: 354 OK", "C: <message, 7 octets>", "C: .", "S: 452 4.3.1 Insufficient storage"]
+    assert "m2" not in got[1][2] and "queued as A" not in got[1][2]
+
+
+def test_send_each_a_lost_connection_fails_the_message_not_yet_given_back(
+        tmp_path: Path) -> None:
+    messages = [("a@x.test", "", [("alice@store.test", "")], prepare_data(b"m\r\n"))] * 2
+
+    async def run() -> tuple[list[int], HopError | None]:
+        got: list[int] = []
+        async with _smtp_store(tmp_path, [b"250 2.0.0 Ok\r\n"], hang_up=True) as store:
+            client = Client(helo_name="client.test", command_timeout=5)
+            await client.connect_unix(str(store.path), 5)
+            await client.ehlo()
+            try:
+                async for i, _ in client.send_each(messages):
+                    got.append(i)
+            except HopError as exc:
+                return got, exc
+            return got, None
+
+    got, exc = asyncio.run(run())
+    assert got == [0]                         # the first was answered before the hang-up
+    assert exc is not None and exc.step == "MAIL" and "closed the connection" in exc.detail

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from ..config import DeliveryConfig, Route
 from ..dns import MxResult, Resolver
 from ..model import DeliveryResult, Reply
-from ..smtp.client import Client, HopError, Transcript, wire_chunks
+from ..smtp.client import Client, HopError, Transaction, Transcript, wire_chunks
 from . import Destination, OutboundMessage, OutboundRecipient
 
 __all__ = ["SmtpDeliveryAgent"]
@@ -152,11 +152,7 @@ class SmtpDeliveryAgent:
                                 for m in pending for r in m.recipients] + results
                     break
                 try:
-                    while pending:
-                        message = pending[0]
-                        results.extend(await self._send(client, message, dest, name, ip,
-                                                        transcript))
-                        pending.pop(0)
+                    await self._send_all(client, pending, results, dest, name, ip, transcript)
                 except HopError as exc:
                     # the message in flight at the failure gets it; the rest try the next host
                     last_error, last_host = exc, (name, ip)
@@ -205,37 +201,63 @@ class SmtpDeliveryAgent:
                                "on the route to allow it)", transient=True)
             await client.auth(route.username, route.password)
 
-    async def _send(self, client: Client, message: OutboundMessage, dest: Destination,
-                    name: str, ip: str, transcript: Transcript) -> list[DeliveryResult]:
-        transcript.start_message()
+    async def _send_all(self, client: Client, pending: list[OutboundMessage],
+                        results: list[DeliveryResult], dest: Destination, name: str, ip: str,
+                        transcript: Transcript) -> None:
+        """Every pending message over this connection, pipelined one into the next
+        (:meth:`Client.send_each`). A message leaves ``pending`` when its results are in
+        ``results``, so on a HopError ``pending[0]`` is the one in flight."""
+        dsn = client.offers("DSN")
+        items = []
+        for message in list(pending):
+            refusal = self._refusal(client, message, name, ip)
+            if refusal is not None:
+                transcript.start_message()
+                results.extend(self._result(r, False, False, refusal, "MAIL", name, ip, dest,
+                                            transcript) for r in message.recipients)
+                pending.remove(message)
+                continue
+            items.append((message.sender, self._mail_params(client, message, dsn),
+                          [(r.address, self._rcpt_params(r, dsn)) for r in message.recipients],
+                          wire_chunks(message.data.chunks())))
+        async for _, tx in client.send_each(items):
+            message = pending.pop(0)
+            results.extend(self._outcome(message, tx, dsn, name, ip, dest, transcript))
+
+    @staticmethod
+    def _refusal(client: Client, message: OutboundMessage, name: str, ip: str) -> Reply | None:
+        """Why this server cannot take the message, known before sending it."""
         size = client.size_limit
         if needs_smtputf8(message) and not client.offers("SMTPUTF8"):
-            return [self._result(r, False, False, Reply(554, "5.6.7", f"{name} [{ip}] does "
-                                 "not support SMTPUTF8, which this message needs"), "MAIL",
-                                 name, ip, dest, transcript) for r in message.recipients]
+            return Reply(554, "5.6.7", f"{name} [{ip}] does not support SMTPUTF8, which this "
+                         "message needs")
         if size is not None and len(message.data) > size:
-            return [self._result(r, False, False, Reply(552, "5.3.4", f"message size "
-                                 f"{len(message.data)} exceeds the size limit {size} of "
-                                 f"{name} [{ip}]"), "MAIL", name, ip, dest, transcript)
-                    for r in message.recipients]
+            return Reply(552, "5.3.4", f"message size {len(message.data)} exceeds the size "
+                         f"limit {size} of {name} [{ip}]")
+        return None
+
+    @staticmethod
+    def _mail_params(client: Client, message: OutboundMessage, dsn: bool) -> str:
         params = mail_parameters(client, message)
-        dsn = client.offers("DSN")
         if dsn:
             if "RET" in message.mail_params:
                 params += f" RET={message.mail_params['RET']}"
             if "ENVID" in message.mail_params:
                 params += f" ENVID={message.mail_params['ENVID']}"
-        rcpts = []
-        for r in message.recipients:
-            rp = ""
-            if dsn:
-                if "NOTIFY" in r.params:
-                    rp += f" NOTIFY={r.params['NOTIFY']}"
-                if "ORCPT" in r.params:
-                    rp += f" ORCPT={r.params['ORCPT']}"
-            rcpts.append((r.address, rp))
-        tx = await client.send(message.sender, params, rcpts,
-                               wire_chunks(message.data.chunks()))
+        return params
+
+    @staticmethod
+    def _rcpt_params(r: OutboundRecipient, dsn: bool) -> str:
+        rp = ""
+        if dsn:
+            if "NOTIFY" in r.params:
+                rp += f" NOTIFY={r.params['NOTIFY']}"
+            if "ORCPT" in r.params:
+                rp += f" ORCPT={r.params['ORCPT']}"
+        return rp
+
+    def _outcome(self, message: OutboundMessage, tx: Transaction, dsn: bool, name: str,
+                 ip: str, dest: Destination, transcript: Transcript) -> list[DeliveryResult]:
         out = []
         for r, rcpt_reply in zip(message.recipients, tx.rcpts, strict=True):
             if not tx.mail.is_positive:

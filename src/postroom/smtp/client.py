@@ -24,7 +24,7 @@ import base64
 import os
 import re
 import ssl
-from collections.abc import Coroutine, Iterable, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,9 +105,13 @@ class Transcript:
     limit: int = 400
     current: list[str] | None = None       # the message in flight, after the opening
     earlier: int = 0                       # messages before it on this connection
+    upcoming: list[str] | None = None      # the next message's commands, pipelined
 
     def client(self, text: str) -> None:
-        self._add(f"C: {text}")
+        if self.upcoming is not None:
+            self._add(f"C: {text}", self.upcoming)
+        else:
+            self._add(f"C: {text}")
 
     def server(self, reply: Reply) -> None:
         for line in reply.render().decode("utf-8", "replace").splitlines():
@@ -119,22 +123,29 @@ class Transcript:
     def start_message(self) -> None:
         if self.current is not None:
             self.earlier += 1
-        self.current = []
+        self.current, self.upcoming = (self.upcoming or []), None
+
+    def next_message(self) -> None:
+        """The next message's commands go out before the reply that ends this one
+        (pipelining): they belong to the next message, the reply still to this one,
+        until :meth:`start_message`."""
+        self.upcoming = []
 
     def end_connection(self) -> None:
-        """The connection is over: the message in flight becomes part of the opening
-        that the next host's results show."""
+        """The connection is over: the message in flight (and commands sent for the
+        next) become part of the opening that the next host's results show."""
         if self.current is not None:
-            self.lines.extend(self._middle() + self.current)
+            self.lines.extend(self._middle() + self.current + (self.upcoming or []))
             del self.lines[self.limit + 1:]
-            self.current, self.earlier = None, 0
+            self.current, self.earlier, self.upcoming = None, 0, None
 
     def _middle(self) -> list[str]:
         return [f"-- ({self.earlier} earlier messages on this connection)"] \
             if self.earlier else []
 
-    def _add(self, line: str) -> None:
-        lines = self.lines if self.current is None else self.current
+    def _add(self, line: str, lines: list[str] | None = None) -> None:
+        if lines is None:
+            lines = self.lines if self.current is None else self.current
         if len(lines) < self.limit:
             lines.append(line[:500])
         elif len(lines) == self.limit:
@@ -406,52 +417,131 @@ class Client:
         In LMTP mode the server answers the final dot once per accepted recipient: see
         :class:`Transaction` for how those replies come back.
         """
-        mail_line = f"MAIL FROM:<{sender}>{mail_params}"
-        rcpt_lines = [f"RCPT TO:<{addr}>{params}" for addr, params in recipients]
+        opened = await self._open_data(sender, mail_params, recipients)
+        if isinstance(opened, Transaction):
+            return opened
+        await self._content(data)
+        return await self._final(*opened)
+
+    async def send_each(self, items: Sequence[tuple[str, str, list[tuple[str, str]],
+                                                    bytes | Iterable[bytes]]]
+                        ) -> AsyncIterator[tuple[int, Transaction]]:
+        """Several mail transactions on this connection, as :meth:`send` would do them
+        one by one; yields (index in ``items``, its Transaction) in order, each as soon
+        as its outcome is known, and starts a message of the transcript for each.
+
+        With PIPELINING (SMTP, not LMTP), a message's data, its final dot and the next
+        message's MAIL, RCPT and DATA go in one write: RFC 2920 §3.1 allows message
+        content as the first "command" of a group. That is one write and one wait for
+        the server per message instead of two. A HopError reading a message's final
+        reply belongs to that message (the one not yet yielded): the next one's commands
+        were sent but, without a final dot, deliver nothing."""
+        if self.lmtp or not self.offers("PIPELINING"):
+            for index, (sender, params, rcpts, data) in enumerate(items):
+                self.transcript.start_message()
+                yield index, await self.send(sender, params, rcpts, data)
+            return
+        held: tuple[int, Reply, list[Reply]] | None = None
+        for index, (sender, params, rcpts, data) in enumerate(items):
+            if held is None:
+                self.transcript.start_message()
+                self._commands(sender, params, rcpts)
+            else:
+                self.transcript.next_message()       # its command lines, not yet its replies
+                self._commands(sender, params, rcpts)
+                yield held[0], await self._final(held[1], held[2])
+                held = None
+                self.transcript.start_message()
+            opened = await self._pipelined_replies(len(rcpts))
+            if isinstance(opened, Transaction):
+                yield index, opened
+                continue
+            await self._content(data, hold=True)
+            held = (index, *opened)
+        if held is not None:
+            yield held[0], await self._final(held[1], held[2])
+
+    def _commands(self, sender: str, mail_params: str, recipients: list[tuple[str, str]]
+                  ) -> None:
+        """MAIL, every RCPT and DATA, queued for one write (PIPELINING)."""
+        self.write_line(f"MAIL FROM:<{sender}>{mail_params}")
+        for addr, params in recipients:
+            self.write_line(f"RCPT TO:<{addr}>{params}")
+        self.write_line("DATA")
+
+    async def _open_data(self, sender: str, mail_params: str,
+                         recipients: list[tuple[str, str]]
+                         ) -> tuple[Reply, list[Reply]] | Transaction:
+        """MAIL, RCPT and DATA up to the 354: (MAIL reply, RCPT replies), or the
+        Transaction of a message that goes no further."""
         if self.offers("PIPELINING"):
-            self.write_line(mail_line)
-            for line in rcpt_lines:
-                self.write_line(line)
-            self.write_line("DATA")
-            await self.drain("MAIL")
-            mail = await self.read_reply("MAIL")
-            rcpts = [await self.read_reply("RCPT") for _ in rcpt_lines]
-            data_start = await self.read_reply("DATA")
-        else:
-            mail = await self.command(mail_line, "MAIL")
-            if not mail.is_positive:
-                return Transaction(mail, [mail] * len(rcpt_lines), None)
-            rcpts = [await self.command(line, "RCPT") for line in rcpt_lines]
-            if not any(r.is_positive for r in rcpts):
-                await self.reset()
-                return Transaction(mail, rcpts, None)
-            data_start = await self.command("DATA", "DATA")
+            self._commands(sender, mail_params, recipients)
+            return await self._pipelined_replies(len(recipients))
+        rcpt_lines = [f"RCPT TO:<{addr}>{params}" for addr, params in recipients]
+        mail = await self.command(f"MAIL FROM:<{sender}>{mail_params}", "MAIL")
+        if not mail.is_positive:
+            return Transaction(mail, [mail] * len(rcpt_lines), None)
+        rcpts = [await self.command(line, "RCPT") for line in rcpt_lines]
+        if not any(r.is_positive for r in rcpts):
+            await self.reset()
+            return Transaction(mail, rcpts, None)
+        data_start = await self.command("DATA", "DATA")
+        return self._after_data(mail, rcpts, data_start) or await self._no_data(
+            mail, rcpts, data_start)
+
+    async def _pipelined_replies(self, count: int) -> tuple[Reply, list[Reply]] | Transaction:
+        """The replies to pipelined MAIL, ``count`` RCPTs and DATA."""
+        await self.drain("MAIL")
+        mail = await self.read_reply("MAIL")
+        rcpts = [await self.read_reply("RCPT") for _ in range(count)]
+        data_start = await self.read_reply("DATA")
+        return self._after_data(mail, rcpts, data_start) or await self._no_data(
+            mail, rcpts, data_start)
+
+    @staticmethod
+    def _after_data(mail: Reply, rcpts: list[Reply], data_start: Reply
+                    ) -> tuple[Reply, list[Reply]] | None:
+        """The message data may follow: MAIL accepted, a recipient accepted, 354."""
+        if mail.is_positive and data_start.code == 354 and any(r.is_positive for r in rcpts):
+            return mail, rcpts
+        return None
+
+    async def _no_data(self, mail: Reply, rcpts: list[Reply], data_start: Reply
+                       ) -> Transaction:
+        """End a transaction that sends no message data, the server left as it was."""
         if not mail.is_positive:
             if data_start.code == 354:           # a confused server: end the empty message
                 await self.command(".", "DATA")
             await self.reset()
-            return Transaction(mail, [mail] * len(rcpt_lines), None)
+            return Transaction(mail, [mail] * len(rcpts), None)
         if data_start.code != 354:
             if any(r.is_positive for r in rcpts):
                 await self.reset()
             return Transaction(mail, rcpts, data_start)
-        if not any(r.is_positive for r in rcpts):
-            # RFC 2920 §3.1: the server said 354 with no valid recipient; send no content
-            await self.command(".", "DATA")
-            await self.reset()
-            return Transaction(mail, rcpts, None)
-        assert self.writer is not None
+        # RFC 2920 §3.1: the server said 354 with no valid recipient; send no content
+        await self.command(".", "DATA")
+        await self.reset()
+        return Transaction(mail, rcpts, None)
+
+    async def _content(self, data: bytes | Iterable[bytes], hold: bool = False) -> None:
+        """Queue the message data and its final dot; a big message goes out a megabyte
+        at a time. The rest is written now, or with ``hold`` by the next drain."""
         sent = pending = 0
         for chunk in [data] if isinstance(data, bytes) else data:
             self._out.append(chunk)
             sent += len(chunk)
             pending += len(chunk)
-            if pending >= 1 << 20:           # a big message goes out a megabyte at a time
+            if pending >= 1 << 20:
                 await self.drain("DATA")
                 pending = 0
-        await self.drain("DATA")
+        if not hold:
+            await self.drain("DATA")
         self.transcript.client(f"<message, {sent} octets>")
         self.transcript.client(".")
+
+    async def _final(self, mail: Reply, rcpts: list[Reply]) -> Transaction:
+        """The reply (LMTP: the replies) to the final dot, once what is queued is sent."""
+        await self.drain("DATA")
         # RFC 5321 4.5.3.2.6: wait at least 10 minutes for the reply to the final dot
         saved, self.timeout = self.timeout, max(self.timeout, 600.0)
         try:

@@ -11,6 +11,7 @@ Receiving ends at "queued": this module never imports delivery or the queue mana
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import itertools
 import logging
 import os
@@ -34,6 +35,7 @@ from ..model import Reply, SmtpError
 from ..policy import (
     NO_ROUTE,
     RELAY_DENIED,
+    IPAddress,
     RelaySettings,
     SessionSnapshot,
     check_mail,
@@ -74,6 +76,7 @@ log = logging.getLogger("postroom.smtp")
 READ_PAUSE = 256 * 1024
 PROGRESS_BYTES = 64 * 1024      # message data that counts as progress against data_timeout
 _session_ids = itertools.count(secrets.randbits(32))
+_NO_PEER = ipaddress.ip_address("0.0.0.0")     # a session's until connection_made
 
 
 def verifying(config: Config) -> bool:
@@ -238,6 +241,7 @@ class Session(asyncio.Protocol):
         self.id = f"{next(_session_ids):08x}"
         self.transport: asyncio.Transport | None = None
         self.peer = ""
+        self.ip: IPAddress = _NO_PEER
         self._loop: asyncio.AbstractEventLoop | None = None
         # An async step runs (a message's commit, AUTH, TLS, an error delay): input
         # waits in the core until it ends and pumps again.
@@ -264,7 +268,8 @@ class Session(asyncio.Protocol):
         self.transport = transport = cast(asyncio.Transport, transport)
         self._loop = asyncio.get_running_loop()
         peername = transport.get_extra_info("peername") or ("0.0.0.0", 0)
-        self.peer = str(peer_address(peername[0]))
+        self.ip = peer_address(peername[0])
+        self.peer = str(self.ip)
         st = self.state
         limits = st.config.smtp
         if st.shutting_down:
@@ -420,7 +425,7 @@ class Session(asyncio.Protocol):
         self._progress_bytes = self._received
 
     def _snapshot(self) -> SessionSnapshot:
-        return SessionSnapshot(peer_address(self.peer), self.listener, self.core.tls_active,
+        return SessionSnapshot(self.ip, self.listener, self.core.tls_active,
                                self.core.auth_user)
 
     def _pump(self) -> None:
@@ -694,11 +699,7 @@ class Session(asyncio.Protocol):
     def _untrusted(self) -> bool:
         """The client is neither in trusted_networks (internal hosts are not verified,
         as with OpenDKIM's InternalHosts) nor authenticated."""
-        try:
-            peer = peer_address(self.peer)
-        except ValueError:
-            return True
-        return trusted_network(peer, self.state.relay) is None
+        return trusted_network(self.ip, self.state.relay) is None
 
     async def _verify(self, verifier: Verifier, qid: str, data: bytes,
                       big: BodyWriter | None) -> tuple[Verification, bytes]:

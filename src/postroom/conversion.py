@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import email.utils
+import functools
 import ipaddress
 import re
 import secrets
@@ -34,9 +35,16 @@ _RECEIVED = re.compile(rb"(?im)^received:")
 
 
 def _date(timestamp: float) -> str:
-    return email.utils.format_datetime(datetime.datetime.fromtimestamp(timestamp, datetime.UTC))
+    return _date_of(int(timestamp))
 
 
+@functools.lru_cache(maxsize=4)
+def _date_of(second: int) -> str:
+    """The RFC 5322 date of a second (seconds are all it shows): made once a second."""
+    return email.utils.format_datetime(datetime.datetime.fromtimestamp(second, datetime.UTC))
+
+
+@functools.lru_cache(maxsize=1024)
 def _literal(peer: str) -> str:
     ip = ipaddress.ip_address(peer)
     return f"[IPv6:{ip}]" if ip.version == 6 else f"[{ip}]"

@@ -55,6 +55,7 @@ from common import (  # noqa: E402
     postfix_version,
     postroom_processes_setting,
     pss_of,
+    quiet_files,
     quiet_machine,
     raise_nofile,
     rss_of,
@@ -152,13 +153,16 @@ class Workload:
 def guarded(server: str, fn: Callable[[], Run]) -> Run:
     """A server's run; a failure is recorded and reported, not raised."""
     busy = quiet_machine(QUIET_WAIT[0])
-    print(f"  {server} (machine busy before: {busy:.2f} cores) ...", flush=True)
+    create = quiet_files(FILES_WAIT)
+    print(f"  {server} (machine busy before: {busy:.2f} cores, a file created in "
+          f"{create:.0f} us) ...", flush=True)
     t0 = time.monotonic()
     try:
         run = fn()
     except Exception as exc:  # noqa: BLE001 - reported in the table
         run = Run(server, error=f"{type(exc).__name__}: {exc}"[:400])
     run.extra["busy_before"] = busy
+    run.extra["create_us_before"] = create
     print(f"  {server} done in {time.monotonic() - t0:.1f}s"
           + (f" FAILED: {run.error}" if run.error else ""), flush=True)
     return run
@@ -167,6 +171,7 @@ def guarded(server: str, fn: Callable[[], Run]) -> Run:
 RUN_FIGURES = ("rate", "cpu_per_1000", "rss_mb", "pss_mb", "seconds", "messages", "cpu",
                "server_cpu", "server_cpu_per_1000", "other_cores")
 QUIET_WAIT = [5.0]     # seconds to wait for other jobs before each run (set by main)
+FILES_WAIT = 120.0     # seconds to wait for file creation to be cheap again (common.discard)
 
 
 def figure(run: Run, attr: str) -> float | None:
@@ -1199,7 +1204,11 @@ def report(workloads: list[Workload], args: argparse.Namespace, started: float,
         "sessions' tests and fuzzers) and kernel work no process is charged for (softirq "
         "for loopback TCP and disk completions, journaling threads). Other jobs slow both "
         "servers and inflate the machine figure. Before each server's run the suite waits "
-        f"(up to {QUIET_WAIT[0]:.0f} s) for the machine to go quiet.",
+        f"(up to {QUIET_WAIT[0]:.0f} s) for the machine to go quiet, and (up to "
+        f"{FILES_WAIT:.0f} s) until creating a file costs under 100 us: on this machine's "
+        "ext4 without a journal, creating files right after thousands were removed costs "
+        "0.5-1 ms each (see bench/common.py's `discard`), so the runs' folders are removed "
+        "when the suite ends, not between runs.",
         "- **Peak RSS** is the highest sum of VmRSS over the server's processes (Postfix: "
         "the master and every process it started; Postroom: the serve process and its "
         "front ends), sampled every 100 ms (PSS every second) unless noted. Shared pages "

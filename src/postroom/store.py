@@ -39,7 +39,7 @@ class StoreError(Exception):
         self.reason = reason or message        # without paths: safe to show a sender
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_dir(path: Path | str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -55,6 +55,7 @@ class MaildirStore:
         # Maildir names must not contain '/' or ':'; RFC-free convention from qmail.
         self.hostname = hostname.replace("/", "\\057").replace(":", "\\072")
         self._known: set[Path] = set()
+        self._ready: dict[tuple[str, str, str], str] = {}   # (local, domain, folder) -> folder
 
     def maildir(self, local: str, domain: str) -> Path:
         if not local or "/" in local or local.startswith(".") or "\x00" in local:
@@ -99,19 +100,22 @@ class MaildirStore:
         With ``sync_dir=False`` the caller must :meth:`sync` the returned file's folder
         before it reports the delivery: several deliveries then share one fsync.
         """
-        base = self.folder(local, domain, folder)
+        key = (local, domain, folder)
+        base = self._ready.get(key)
         try:
-            self.create(local, domain, folder)
+            if base is None:
+                # made (or found) once; later deliveries use its name as a string
+                base = self._ready[key] = str(self.create(local, domain, folder))
             sec, usec = divmod(time.time_ns() // 1000, 1_000_000)
             # microseconds zero-padded: names in one folder sort by arrival
             unique = f"{sec}.M{usec:06d}P{_pid}Q{next(_counter)}"
-            folder = str(base)
-            tmp = f"{folder}/tmp/{unique}.{self.hostname}"
+            tmp = f"{base}/tmp/{unique}.{self.hostname}"
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             except FileNotFoundError:
                 # the folder went since we made it (removed by hand): make it again
-                self._known.discard(base)
+                self._ready.pop(key, None)
+                self._known.discard(Path(base))
                 self._known.discard(self.maildir(local, domain))
                 self.create(local, domain, folder)
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -128,23 +132,23 @@ class MaildirStore:
                 os.unlink(tmp)
                 raise
             os.close(fd)
-            final = f"{folder}/new/{unique}.{self.hostname},S={size}"
+            final = f"{base}/new/{unique}.{self.hostname},S={size}"
             try:
                 os.link(tmp, final)
             finally:
                 os.unlink(tmp)
             if sync_dir:
-                _fsync_dir(base / "new")
+                _fsync_dir(f"{base}/new")
             return Path(final)
         except OSError as exc:
             # Every storage error (full disk, permissions, a file where a folder should
             # be) is something an administrator can fix: retry, never drop.
             reason = os.strerror(exc.errno) if exc.errno else exc.__class__.__name__
-            raise StoreError(f"{reason} ({exc.filename or base})", transient=True,
+            raise StoreError(f"{reason} ({exc.filename or base or self.root})", transient=True,
                              reason=reason) from exc
 
 
-def sync(folder: Path) -> None:
+def sync(folder: Path | str) -> None:
     """Make the names linked into ``folder`` durable (fsync of the directory)."""
     try:
         _fsync_dir(folder)

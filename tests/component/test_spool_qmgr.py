@@ -284,9 +284,9 @@ def test_mail_converted_at_intake_for_a_backing_off_destination_waits_untried(
 def test_deliveries_are_recorded_only_after_their_folder_is_synced(
         spool: SqliteSpool, tmp_path: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
     import postroom.delivery.local as local_module
-    synced: list[Path] = []
+    synced: list[str] = []
 
-    def failing_sync(folder: Path) -> None:
+    def failing_sync(folder: str) -> None:
         synced.append(folder)
         raise StoreError("Input/output error", transient=True, reason="Input/output error")
 
@@ -299,7 +299,7 @@ def test_deliveries_are_recorded_only_after_their_folder_is_synced(
         await q.convert_batch()
         assert await q.deliver_batch() == 3
     asyncio.run(main())
-    assert synced == [tmp_path / "mail" / "example.test" / "a" / "new"]   # once for all three
+    assert synced == [str(tmp_path / "mail" / "example.test" / "a" / "new")]   # once for all three
     found = rows(spool, "state, last_reply")
     assert [r[0] for r in found] == ["delivery"] * 3                    # not recorded as delivered
     assert all(str(r[1]).startswith("451 4.3.0") for r in found)

@@ -13,10 +13,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
-from pathlib import Path
 
 from ..body import to_lf
 from ..conversion import FOLDER_PARAM, delivery_headers, local_delivery_bytes
@@ -32,7 +32,7 @@ HOP = "local mailbox"
 JOBS = 4             # worker-thread jobs a batch is split into
 
 
-def _sync_or_error(folder: Path) -> str | None:
+def _sync_or_error(folder: str) -> str | None:
     try:
         sync(folder)
     except StoreError as exc:
@@ -67,15 +67,16 @@ class LocalDeliveryAgent:
             results[i::jobs] = part
         done = [r for r in results if r is not None]
         # One fsync per Maildir folder for the whole batch, before anything is returned.
-        folders = sorted({Path(r.stored).parent for r in done if r.stored})
+        folders = sorted({os.path.dirname(r.stored) for r in done if r.stored})
         failed = dict(zip(folders, await loop.run_in_executor(
             self.executor, lambda: [_sync_or_error(f) for f in folders]), strict=True))
-        for i, res in enumerate(done):
-            if res.stored and failed[Path(res.stored).parent] is not None:
-                done[i] = DeliveryResult(
-                    res.recipient, False, True, Reply(451, "4.3.0", "Maildir delivery failed: "
-                                                      f"{failed[Path(res.stored).parent]}"),
-                    "local", hop=HOP)
+        if any(failed.values()):
+            for i, res in enumerate(done):
+                reason = failed[os.path.dirname(res.stored)] if res.stored else None
+                if reason is not None:
+                    done[i] = DeliveryResult(
+                        res.recipient, False, True, Reply(
+                            451, "4.3.0", f"Maildir delivery failed: {reason}"), "local", hop=HOP)
         return done
 
     def _some(self, work: Sequence[tuple[OutboundMessage, OutboundRecipient]]

@@ -32,10 +32,20 @@ NOBODY = 65534
 
 
 # --- ports ---------------------------------------------------------------------------
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free loopback port, never one this process handed out before: the kernel may
+    give the same ephemeral port to two binds in a row once the first is closed (a
+    suite's Postroom once got its SMTP and admin ports equal, and did not start)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def closed_port() -> int:

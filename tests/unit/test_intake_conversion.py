@@ -11,19 +11,10 @@ from typing import Any
 from postroom.address import parse_path
 from postroom.config import Route
 from postroom.intake import EarlyConversion, Intake, Submission
+from tests.unit.test_intake_stamping import FakeSpool
 
 ROUTES = (Route("*", "mx", index=0), Route("partner.test", "smarthost", host="10.0.0.1",
                                            index=1))
-
-
-class FakeSpool:
-    bodies = None
-
-    def __init__(self) -> None:
-        self.stored: list[Any] = []
-
-    async def enqueue(self, message: Any) -> None:
-        self.stored.append(message)
 
 
 class Events:

@@ -24,7 +24,7 @@ import dataclasses
 import ipaddress
 import logging
 import ssl
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from ..config import DeliveryConfig, Route
 from ..dns import MxResult, Resolver
@@ -43,6 +43,11 @@ def _status(reply: Reply | None, default: str) -> str:
     if reply is not None:
         return f"{str(reply.code)[0]}.0.0"
     return default
+
+
+def _passed_on(params: Mapping[str, str], keys: tuple[str, ...]) -> str:
+    """The DSN parameters (RFC 3461) the sender gave, for a next hop that offers DSN."""
+    return "".join(f" {k}={params[k]}" for k in keys if k in params)
 
 
 def needs_smtputf8(message: OutboundMessage) -> bool:
@@ -238,23 +243,12 @@ class SmtpDeliveryAgent:
 
     @staticmethod
     def _mail_params(client: Client, message: OutboundMessage, dsn: bool) -> str:
-        params = mail_parameters(client, message)
-        if dsn:
-            if "RET" in message.mail_params:
-                params += f" RET={message.mail_params['RET']}"
-            if "ENVID" in message.mail_params:
-                params += f" ENVID={message.mail_params['ENVID']}"
-        return params
+        return mail_parameters(client, message) + (
+            _passed_on(message.mail_params, ("RET", "ENVID")) if dsn else "")
 
     @staticmethod
     def _rcpt_params(r: OutboundRecipient, dsn: bool) -> str:
-        rp = ""
-        if dsn:
-            if "NOTIFY" in r.params:
-                rp += f" NOTIFY={r.params['NOTIFY']}"
-            if "ORCPT" in r.params:
-                rp += f" ORCPT={r.params['ORCPT']}"
-        return rp
+        return _passed_on(r.params, ("NOTIFY", "ORCPT")) if dsn else ""
 
     def _outcome(self, message: OutboundMessage, tx: Transaction, dsn: bool, name: str,
                  ip: str, dest: Destination, transcript: Transcript) -> list[DeliveryResult]:

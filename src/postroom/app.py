@@ -182,6 +182,12 @@ def converting(stopped: Collection[str]) -> bool:
     return not {"conversion", "queue-manager"} & set(stopped)
 
 
+def delivering(stopped: Collection[str]) -> bool:
+    """Whether intake delivers plain local recipients itself: not while local delivery
+    (or conversion, or the queue manager) is stopped: mail then waits in the queues."""
+    return converting(stopped) and "local-delivery" not in stopped
+
+
 def _cpu_seconds(pid: int) -> float | None:
     """User + system CPU seconds of a live process; None when gone or a zombie."""
     try:
@@ -391,6 +397,16 @@ class Postroom:
                 loop.add_reader(self._wake_fd, self._woken)
         elif self._notify_fd >= 0:
             self.spool.on_commit(self._notify)
+        if not c.imap.enabled:
+            # plain local recipients go into their Maildirs at intake (direct.py), in
+            # every process; with Dovecot the Maildirs are its mail owner's
+            from .delivery.local import LocalDeliveryAgent as Local
+            from .direct import DirectDelivery
+            if not self.main:
+                self.local = Local(self.store, self.users.exists, c.aliases,
+                                   ThreadPoolExecutor(4, "local-delivery"))
+            self.state.intake.deliver_here = DirectDelivery(
+                self.local, self.local.executor, self.metrics, self.events)
         sockets = self._sockets if self._sockets is not None else bind_listeners(c)
         # the main process with front ends serves SMTP from copies of the listening
         # sockets, so that the balancer can stop and resume its accepting
@@ -554,8 +570,9 @@ class Postroom:
         if name in LISTENER_COMPONENTS:
             await self._tell_front_ends()
         else:
-            if name in ("conversion", "queue-manager"):
+            if name in ("conversion", "queue-manager", "local-delivery"):
                 self.state.intake.converting = converting(self.qmgr.stopped)
+                self.state.intake.delivering = delivering(self.qmgr.stopped)
                 await self._tell_front_ends()
             self.qmgr.wake()
         after = next(c for c in self.status() if c["name"] == name)
@@ -661,6 +678,7 @@ class Postroom:
             control = json.loads(self._control_path().read_text())
             stopped = control.get("stopped", [])
             self.state.intake.converting = converting(control.get("queue_stopped", []))
+            self.state.intake.delivering = delivering(control.get("queue_stopped", []))
             if "levels" in control:
                 self.events.levels = Levels.from_json(control["levels"])
         except (OSError, ValueError) as exc:
@@ -698,6 +716,8 @@ class Postroom:
         self.config = new
         self.state.apply(new)
         self.state.intake.stamping = _stamping(new, signer)
+        if hasattr(self, "local"):
+            self.local.aliases = new.aliases
         if self.main:
             q = self.qmgr
             q.local_domains = frozenset(new.local_domains)
@@ -709,7 +729,6 @@ class Postroom:
             q.delivery = new.delivery
             q.hostname = new.hostname
             q.signer = signer
-            self.local.aliases = new.aliases
             for agent in (self.agent, self.lmtp):
                 agent.config = new.delivery
                 agent.hostname = new.hostname
@@ -758,6 +777,7 @@ class Postroom:
                 pass
         if hasattr(self, "qmgr"):
             await self.qmgr.stop()
+        if hasattr(self, "local"):
             self.local.executor.shutdown(wait=True)
         if self.imap is not None:
             await self.imap.stop()

@@ -20,10 +20,10 @@ import logging
 import random
 import re
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .body import CHUNK
 from .config import Route
@@ -38,7 +38,8 @@ if TYPE_CHECKING:          # imported when used: cryptography and dkimpy weigh ~
     from .mailauth.arcseal import Sealer
     from .mailauth.sign import Signer
 
-__all__ = ["EarlyConversion", "Intake", "Stamping", "Submission", "direction_of"]
+__all__ = ["DeliverHere", "DeliveredHere", "EarlyConversion", "Intake", "Stamping", "Submission",
+           "direction_of"]
 
 HEAD_BYTES = 256 * 1024     # enough of a message to count its Received headers
 
@@ -86,6 +87,19 @@ class Submission:
                                          # listener's Authentication-Results)
 
 
+class DeliveredHere(Protocol):
+    """Copies made at intake, before the rest of their message is queued."""
+
+    def announce(self) -> None:
+        """Log, count and record them (after the receipt)."""
+
+    def take_back(self) -> None:
+        """Remove them: the rest could not be queued, and the client will send again."""
+
+
+DeliverHere = Callable[[NewMessage], Awaitable[tuple[NewMessage, DeliveredHere | None]]]
+
+
 @dataclass(frozen=True)
 class EarlyConversion:
     """What intake needs to convert the plain recipients itself, in the acceptance's own
@@ -128,6 +142,11 @@ class Intake:
         # that mail waits in the conversion queues, as they expect
         self.early: EarlyConversion | None = None
         self.converting = True
+        # Local delivery at intake (app sets it): None, or a callable that delivers a
+        # message's plain local recipients and returns the rest to queue; off while an
+        # administrator has stopped local delivery (or conversion, as above)
+        self.deliver_here: DeliverHere | None = None
+        self.delivering = True
         self._routes = RouteMemo()
         self._rng = random.Random()
 
@@ -188,14 +207,31 @@ class Intake:
 
     async def queue(self, s: Submission) -> NewMessage:
         """Build and store the message durably; record its receipt. Raises StorageFull
-        (or any storage error) with nothing stored."""
+        (or any storage error) with nothing stored. Plain local recipients may be
+        delivered into their Maildirs first (:mod:`postroom.direct`); only the rest is
+        queued then."""
         message = self.build(s)
         st = self.stamping
         if st is not None and st.signer and (forwards := self._leaves(s, st)) is not None:
             message = await asyncio.get_running_loop().run_in_executor(
                 None, self._stamp, s, message, st, forwards)
-        await self.spool.enqueue(message)
+        rest, done = message, None
+        if self.deliver_here is not None and self.delivering:
+            try:
+                rest, done = await self.deliver_here(message)
+            except Exception:          # never lose mail over it: the queue delivers it
+                log.exception("queue_id=%s local delivery at intake failed; queued instead",
+                              message.queue_id)
+        if rest.recipients:
+            try:
+                await self.spool.enqueue(rest)
+            except BaseException:
+                if done is not None:
+                    done.take_back()
+                raise
         self.received(s, message)
+        if done is not None:
+            done.announce()
         return message
 
     def _leaves(self, s: Submission, st: Stamping) -> list[str] | None:

@@ -30,11 +30,10 @@ import dataclasses
 import functools
 import json
 import logging
-import os
 import random
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -46,7 +45,9 @@ from .delivery import (
     Destination,
     OutboundMessage,
     OutboundRecipient,
+    announce_delivered,
 )
+from .delivery.local import take_back
 from .events import EventLog
 from .intake import HEAD_BYTES, direction_of
 from .mailauth.sign import Signer, split_message
@@ -489,12 +490,12 @@ class QueueManager:
             # Not recorded, so these recipients will be delivered again: take back this
             # round's copies. Kept, they are duplicates, and on a full disk each retry's
             # copies ate the space freed for the spool's own commit, so it never got it.
-            _take_back(r for _, r in results)
+            take_back(r for _, r in results)
             raise
         if stale:
             log.warning("%d results were not recorded: their recipients were claimed again "
                         "or finished meanwhile", len(stale))
-            _take_back(r for c, r in results if c.rid in stale)
+            take_back(r for c, r in results if c.rid in stale)
         for t, done in decided:
             if t.claim.rid not in stale:
                 done()
@@ -513,13 +514,8 @@ class QueueManager:
                 wants_notice("success", c.sender, c.params) else ""
 
             def delivered() -> None:
-                m.delivered.labels(direction).inc()
-                m.delivery.labels(direction).observe(max(0.0, now - c.received))
-                m.attempts.labels(direction, "delivered", status_label(status)).inc()
-                log.info("queue_id=%s to=<%s> status=delivered (%s)", c.message, c.address,
-                         r.reply)
-                self._event(3002, f"<{c.address}> delivered via {hop or '?'}{where}: {r.reply}",
-                            c.message, domain=domain, rcpt=c.address, hop=hop, remote_ip=ip)
+                announce_delivered(log, m, self.events.emit if self.events else None,
+                                   c.message, c.address, direction, r, now - c.received)
             return Transition(c, State.DELIVERED, str(r.reply), detail, notice=notice), delivered
         age = now - c.received
         if r.transient and age < self.delivery.max_queue_lifetime:
@@ -718,15 +714,3 @@ class QueueManager:
             if stamp:
                 report = dataclasses.replace(report, data=stamp + report.data)
         return report
-
-
-def _take_back(results: Iterable[DeliveryResult]) -> None:
-    for r in results:
-        if r.stored:
-            try:
-                os.unlink(r.stored)
-            except OSError as exc:
-                log.warning("could not take back %s: %s", r.stored, exc)
-
-
-

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -148,10 +149,67 @@ class MaildirStore:
                              reason=reason) from exc
 
 
+class _Shared:
+    """One folder's fsyncs, shared by the threads that need them (a group commit).
+
+    A thread's names are durable after an fsync of the folder that *started* after it
+    linked them. So it waits for the next fsync to start; the threads that ask while one
+    runs all wait for the next, and one of them runs it for all. Ten sessions delivering
+    into one mailbox at once make two or three fsyncs, not ten.
+    """
+
+    __slots__ = ("cond", "started", "finished", "running", "errors")
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition(threading.Lock())
+        self.started = 0          # fsyncs begun
+        self.finished = 0         # fsyncs ended (they run one at a time, in order)
+        self.running = False
+        self.errors: dict[int, OSError] = {}
+
+    def sync(self, folder: str) -> None:
+        with self.cond:
+            need = self.started + 1          # the first fsync to start after this call
+            while self.finished < need:
+                if self.running:
+                    self.cond.wait()
+                    continue
+                self.running = True
+                self.started += 1
+                mine = self.started
+                self.cond.release()
+                error = None
+                try:
+                    _fsync_dir(folder)
+                except OSError as exc:
+                    error = exc
+                finally:
+                    self.cond.acquire()
+                    self.running = False
+                    self.finished = mine
+                    if error is not None:
+                        self.errors[mine] = error
+                    self.errors.pop(mine - 64, None)     # nobody waits that long
+                    self.cond.notify_all()
+            error = self.errors.get(need)
+        if error is not None:
+            raise error
+
+
+_shared: dict[str, _Shared] = {}
+_shared_lock = threading.Lock()
+
+
 def sync(folder: Path | str) -> None:
-    """Make the names linked into ``folder`` durable (fsync of the directory)."""
+    """Make the names linked into ``folder`` durable (fsync of the directory); threads
+    that ask at the same time share one fsync."""
+    key = str(folder)
+    shared = _shared.get(key)
+    if shared is None:
+        with _shared_lock:
+            shared = _shared.setdefault(key, _Shared())
     try:
-        _fsync_dir(folder)
+        shared.sync(key)
     except OSError as exc:
         reason = os.strerror(exc.errno) if exc.errno else exc.__class__.__name__
         raise StoreError(f"{reason} ({folder})", transient=True, reason=reason) from exc

@@ -18,7 +18,7 @@ PLAN: list[tuple[str, set[str]]] = [
     ("storage and protocols", {"spool", "store", "users", "events", "dns", "tls",
                                "smtp.client", "mailauth"}),
     ("agents and intake", {"delivery", "intake", "notices"}),
-    ("components", {"smtp", "smtp.server", "qmgr", "diagnostics", "imap"}),
+    ("components", {"smtp", "smtp.server", "qmgr", "direct", "diagnostics", "imap"}),
     ("operations", {"admin"}),
     ("console", {"console"}),             # pages over the admin API
     ("composition root", {"app"}),        # builds everything: the console too, on purpose

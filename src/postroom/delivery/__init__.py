@@ -16,17 +16,19 @@ in the registry that ``app`` builds.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..body import Body
 from ..config import Route
+from ..metrics import Metrics, status_label
 from ..model import DeliveryResult
 from ..routing import describe_destination, destination_ref
 
 __all__ = ["LOCAL_ROUTE", "Agents", "DeliveryAgent", "Destination", "OutboundMessage",
-           "OutboundRecipient"]
+           "OutboundRecipient", "announce_delivered"]
 
 # Mail for this server's own domains, delivered to its Maildirs.
 LOCAL_ROUTE = Route("*", "local", index=-1)
@@ -91,3 +93,19 @@ class Agents:
 
     def __contains__(self, via: str) -> bool:
         return via in self._agents
+
+
+def announce_delivered(log: logging.Logger, metrics: Metrics, emit: Callable[..., Any] | None,
+                       queue_id: str, address: str, direction: str, r: DeliveryResult,
+                       waited: float) -> None:
+    """A recorded delivery, told: the counters, the log line and event 3002 (the queue
+    manager's results, and local deliveries made at intake, alike)."""
+    metrics.delivered.labels(direction).inc()
+    metrics.delivery.labels(direction).observe(max(0.0, waited))
+    metrics.attempts.labels(direction, "delivered", status_label(r.dsn_status)).inc()
+    log.info("queue_id=%s to=<%s> status=delivered (%s)", queue_id, address, r.reply)
+    if emit is not None:
+        hop, ip = r.hop, r.remote_ip
+        where = f" {r.remote_host} [{ip}]" if ip else ""
+        emit(3002, f"<{address}> delivered via {hop or '?'}{where}: {r.reply}", queue_id=queue_id,
+             domain=address.rpartition("@")[2], rcpt=address, hop=hop, remote_ip=ip)

@@ -15,7 +15,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 
 from ..body import to_lf
@@ -24,7 +24,7 @@ from ..model import DeliveryResult, Reply
 from ..store import MaildirStore, StoreError, sync
 from . import Destination, OutboundMessage, OutboundRecipient
 
-__all__ = ["LocalDeliveryAgent"]
+__all__ = ["LocalDeliveryAgent", "take_back"]
 
 log = logging.getLogger("postroom.delivery")
 
@@ -39,6 +39,32 @@ def _sync_or_error(folder: str) -> str | None:
         log.warning("fsync of %s failed: %s", folder, exc)
         return exc.reason
     return None
+
+
+def _synced(done: list[DeliveryResult]) -> list[DeliveryResult]:
+    """``done`` once each Maildir folder it touched is fsync'd; a copy whose folder
+    could not be synced is a transient failure (it stays, and may be a duplicate)."""
+    folders = {os.path.dirname(r.stored) for r in done if r.stored}
+    failed = {f: _sync_or_error(f) for f in sorted(folders)}
+    if any(failed.values()):
+        for i, res in enumerate(done):
+            reason = failed[os.path.dirname(res.stored)] if res.stored else None
+            if reason is not None:
+                done[i] = DeliveryResult(
+                    res.recipient, False, True, Reply(
+                        451, "4.3.0", f"Maildir delivery failed: {reason}"), "local", hop=HOP)
+    return done
+
+
+def take_back(results: Iterable[DeliveryResult]) -> None:
+    """Remove the copies of deliveries that will not be recorded (they will be made
+    again, or were made by whoever holds the claim)."""
+    for r in results:
+        if r.stored:
+            try:
+                os.unlink(r.stored)
+            except OSError as exc:
+                log.warning("could not take back %s: %s", r.stored, exc)
 
 
 class LocalDeliveryAgent:
@@ -65,19 +91,14 @@ class LocalDeliveryAgent:
         results: list[DeliveryResult | None] = [None] * len(work)
         for i, part in enumerate(parts):
             results[i::jobs] = part
-        done = [r for r in results if r is not None]
         # One fsync per Maildir folder for the whole batch, before anything is returned.
-        folders = sorted({os.path.dirname(r.stored) for r in done if r.stored})
-        failed = dict(zip(folders, await loop.run_in_executor(
-            self.executor, lambda: [_sync_or_error(f) for f in folders]), strict=True))
-        if any(failed.values()):
-            for i, res in enumerate(done):
-                reason = failed[os.path.dirname(res.stored)] if res.stored else None
-                if reason is not None:
-                    done[i] = DeliveryResult(
-                        res.recipient, False, True, Reply(
-                            451, "4.3.0", f"Maildir delivery failed: {reason}"), "local", hop=HOP)
-        return done
+        return await loop.run_in_executor(self.executor, _synced,
+                                          [r for r in results if r is not None])
+
+    def deliver_here(self, message: OutboundMessage) -> list[DeliveryResult]:
+        """:meth:`deliver` for one message, in the calling thread (a worker's, never the
+        event loop's): every copy written and its folder synced before it returns."""
+        return _synced(self._some([(message, r) for r in message.recipients]))
 
     def _some(self, work: Sequence[tuple[OutboundMessage, OutboundRecipient]]
               ) -> list[DeliveryResult]:

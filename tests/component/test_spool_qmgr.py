@@ -303,6 +303,8 @@ def test_deliveries_are_recorded_only_after_their_folder_is_synced(
     found = rows(spool, "state, last_reply")
     assert [r[0] for r in found] == ["delivery"] * 3                    # not recorded as delivered
     assert all(str(r[1]).startswith("451 4.3.0") for r in found)
+    # copies that may not last are taken back: the retry makes no duplicates
+    assert list((tmp_path / "mail" / "example.test" / "a" / "new").iterdir()) == []
 
 
 def test_a_delivery_that_cannot_be_recorded_takes_back_its_copy(

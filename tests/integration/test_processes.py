@@ -129,3 +129,55 @@ def test_the_harness_chooses_new_ports_when_one_was_taken(tmp_path) -> None:  # 
     finally:
         sp.stop()
         squatter.close()
+
+
+def _in_maildir(sp: ServerProcess, uid: str) -> bool:
+    return any(f"X-Test-Id: {uid}\n".encode() in m for m in sp.messages("alice@example.test"))
+
+
+def test_every_process_delivers_local_mail_before_its_250(server_factory) -> None:  # type: ignore[no-untyped-def]
+    """Local delivery at intake: the copy is in the Maildir when the client has its 250,
+    whichever process took the message, and the queue never held it."""
+    sp: ServerProcess = server_factory("[smtp]\nprocesses = 2")
+    assert sp.proc is not None
+    front_ends = _children(sp.proc.pid, 1)
+    missing: list[str] = []
+
+    def sender(t: int) -> None:
+        for i in range(10):
+            uid = f"d{t}-{i}"
+            with sp.smtp() as s:
+                s.sendmail("s@example.test", ["alice@example.test"],
+                           f"Subject: {uid}\r\nX-Test-Id: {uid}\r\n\r\n{uid}\r\n".encode())
+            if not _in_maildir(sp, uid):       # looked for at once, no waiting
+                missing.append(uid)
+
+    workers = [threading.Thread(target=sender, args=(t,)) for t in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=60)
+    assert missing == []
+    assert len(sp.messages("alice@example.test")) == 40
+    # each file is named by the process that wrote it (P<pid>): the two that serve SMTP
+    writers = {int(p.name.split("P")[1].split("Q")[0])
+               for p in sp.maildir("alice@example.test").iterdir()}
+    assert writers <= {sp.proc.pid, *front_ends}
+    log = sp.log_text()
+    delivered = [line for line in log.splitlines() if "status=delivered" in line]
+    assert len(delivered) == 40
+    assert all(" postroom.delivery " in line for line in delivered)     # not the qmgr's
+    assert all(q["recipients"] == 0 for q in sp.queue().values())
+
+
+def test_with_local_delivery_stopped_every_process_queues_local_mail(server_factory) -> None:  # type: ignore[no-untyped-def]
+    sp: ServerProcess = server_factory("[smtp]\nprocesses = 2")
+    assert sp.proc is not None
+    _children(sp.proc.pid, 1)
+    sp.cli("stop", "local-delivery")      # returns once every front end has applied it
+    accepted = _send_many(sp, 4, 5)
+    assert len(accepted) == 20
+    assert sp.messages("alice@example.test") == []
+    assert sp.queue()["inbound-delivery"]["recipients"] == 20
+    sp.cli("start", "local-delivery")
+    assert _ids(sp, 20) == set(accepted)

@@ -43,13 +43,14 @@ def _sync_or_error(folder: str) -> str | None:
 
 def _synced(done: list[DeliveryResult]) -> list[DeliveryResult]:
     """``done`` once each Maildir folder it touched is fsync'd; a copy whose folder
-    could not be synced is a transient failure (it stays, and may be a duplicate)."""
+    could not be synced is taken back and is a transient failure (tried again later)."""
     folders = {os.path.dirname(r.stored) for r in done if r.stored}
     failed = {f: _sync_or_error(f) for f in sorted(folders)}
     if any(failed.values()):
         for i, res in enumerate(done):
             reason = failed[os.path.dirname(res.stored)] if res.stored else None
             if reason is not None:
+                take_back((res,))
                 done[i] = DeliveryResult(
                     res.recipient, False, True, Reply(
                         451, "4.3.0", f"Maildir delivery failed: {reason}"), "local", hop=HOP)

@@ -14,7 +14,16 @@ from postroom.delivery import Agents
 from postroom.delivery.local import LocalDeliveryAgent
 from postroom.model import DeliveryResult, Reply
 from postroom.qmgr import QueueManager, retry_delay
-from postroom.spool import NewMessage, NewRecipient, SqliteSpool, StorageFull, new_queue_id
+from postroom.spool import (
+    Claim,
+    Direction,
+    NewMessage,
+    NewRecipient,
+    SqliteSpool,
+    State,
+    StorageFull,
+    new_queue_id,
+)
 from postroom.store import MaildirStore, StoreError
 
 
@@ -100,6 +109,40 @@ def test_concurrent_enqueues_share_commits(spool: SqliteSpool) -> None:
     asyncio.run(main())
     assert spool.summary()[0].messages == 300
     assert spool.batches < 300          # group commit: fewer fsyncs than messages
+
+
+def test_bookkeeping_commits_without_an_fsync_and_mail_always_with_one(
+        spool: SqliteSpool, tmp_path: Path) -> None:
+    """A batch of claims, heartbeats or a suspended destination's waits commits with
+    synchronous=NORMAL (no fsync); a batch with any durable job, with FULL."""
+    def level(conn: sqlite3.Connection) -> int:        # 1 NORMAL, 2 FULL
+        return int(conn.execute("PRAGMA synchronous").fetchone()[0])
+
+    async def main() -> tuple[int, int, list[int]]:
+        lazy = await spool._write(level, durable=False)
+        durable = await spool._write(level)
+        # together in one batch: durable wins
+        mixed = await asyncio.gather(spool._write(level, durable=False), spool._write(level),
+                                     spool.enqueue(NewMessage(
+                                         new_queue_id(), "s@far.example", {}, {}, b"x\r\n",
+                                         (NewRecipient("a@example.test", "inbound", {},
+                                                       State.DELIVERY),))))
+        return lazy, durable, [m for m in mixed if m is not None]
+    lazy, durable, mixed = asyncio.run(main())
+    assert (lazy, durable) == (1, 2)
+    assert mixed == [2, 2]
+
+    async def claim() -> list[Claim]:
+        due = await spool.due(Direction.INBOUND, spool.clock(), 10, "n1")
+        return await spool.claim(due, spool.clock(), "n1", 60)
+    [claimed] = asyncio.run(claim())
+    # another connection (another process) sees the lazy commit at once
+    other = sqlite3.connect(tmp_path / "spool.sqlite3")
+    try:
+        assert other.execute("SELECT lease_owner FROM recipients WHERE id = ?",
+                             (claimed.rid,)).fetchone() == ("n1",)
+    finally:
+        other.close()
 
 
 def test_a_failing_job_does_not_undo_the_others_in_its_batch(spool: SqliteSpool) -> None:

@@ -161,6 +161,7 @@ class _Job:
     loop: asyncio.AbstractEventLoop | None
     future: Any                       # asyncio.Future, or None with ``done``
     done: Callable[[Any, BaseException | None], None] | None = None
+    durable: bool = True              # False: no fsync of its own (see _write)
 
 
 def _body(bodies: Path, data: bytes, body_file: str, size: int) -> Body:
@@ -210,6 +211,7 @@ class SqliteSpool:
         # while the other's transaction lasts a fraction of that; a blocked flock is
         # woken the moment the lock is free.
         lock = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        full = True                       # the connection's synchronous=FULL
         while True:
             first = self._jobs.get()
             if first is None:
@@ -226,8 +228,12 @@ class SqliteSpool:
                     break
                 batch.append(nxt)
             results: list[tuple[_Job, Any, BaseException | None]] = []
+            durable = any(job.durable for job in batch)
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
+                if durable != full:       # it may not change inside a transaction
+                    conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+                    full = durable
                 conn.execute("BEGIN IMMEDIATE")
                 for job in batch:
                     conn.execute("SAVEPOINT job")
@@ -279,11 +285,22 @@ class SqliteSpool:
         except RuntimeError:
             pass                                  # the loop is gone; nobody is waiting
 
-    async def _write(self, job: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``job(conn)`` inside the next committed batch; return after the commit."""
+    async def _write(self, job: Callable[[sqlite3.Connection], T], durable: bool = True) -> T:
+        """Run ``job(conn)`` inside the next committed batch; return after the commit.
+
+        ``durable=False`` is for bookkeeping that may be lost in a power failure at no
+        cost: a claim's lease, a heartbeat, a suspended destination's wait. A batch of
+        such jobs only commits with ``synchronous=NORMAL``: no fsync, and no lock held
+        for one. What another process reads, and a ``kill -9``, see it at once (it is in
+        the WAL, in the page cache); the next durable commit's fsync of the WAL, which
+        is written in order, makes it durable too. A power failure can lose only such
+        jobs committed after the last durable commit, never the record that followed
+        one: a claim lost with its delivery's record means a delivery made again, a
+        duplicate, never a loss.
+        """
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._jobs.put(_Job(job, loop, fut))
+        self._jobs.put(_Job(job, loop, fut, durable=durable))
         return await fut  # type: ignore[no-any-return]
 
     def write_sync(self, job: Callable[[sqlite3.Connection], T]) -> T:
@@ -425,7 +442,7 @@ class SqliteSpool:
                             "RETURNING id, claim, attempts, destination",
                             (now + lease, owner, *chunk, now, now, owner)).fetchall()]
             return out
-        return await self._write(job) if ids else []
+        return await self._write(job, durable=False) if ids else []
 
     async def renew(self, claims: Sequence[Claim], now: float, owner: str, lease: float
                     ) -> list[int]:
@@ -434,7 +451,7 @@ class SqliteSpool:
                 "UPDATE recipients SET lease_until = ? WHERE id = ? AND claim = ? "
                 "AND lease_owner = ? AND state = 'delivery'",
                 (now + lease, c.rid, c.token, owner)).rowcount == 0]
-        return await self._write(job) if claims else []
+        return await self._write(job, durable=False) if claims else []
 
     async def release_leases(self, owner: str) -> None:
         await self._write(lambda conn: conn.execute(
@@ -478,7 +495,7 @@ class SqliteSpool:
                 "AND direction = 'outbound' AND (lease_until <= ? OR lease_owner = ?) "
                 "AND next_attempt < ?", (until, reply, detail, reply, ref, now, owner, until)
             ).rowcount
-        return await self._write(job)
+        return await self._write(job, durable=False)
 
     async def message_bodies(self, ids: Sequence[str]
                              ) -> dict[str, tuple[Body, dict[str, str]]]:
@@ -536,7 +553,7 @@ class SqliteSpool:
         await self._write(lambda conn: conn.execute(
             "INSERT INTO nodes (name, info, last_seen) VALUES (?, ?, ?) ON CONFLICT (name) "
             "DO UPDATE SET info = excluded.info, last_seen = excluded.last_seen",
-            (node, json.dumps(info), now)))
+            (node, json.dumps(info), now)), durable=False)
 
     async def nodes(self, now: float) -> list[dict[str, Any]]:
         def q(c: sqlite3.Connection) -> list[dict[str, Any]]:

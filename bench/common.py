@@ -332,14 +332,17 @@ _DISCARDED: list[Path] = []
 _PROBES = [0]
 
 
+KEEP = [False]      # --keep: leave the run folders (back-to-back suites; see bench/README)
+
+
 def discard(folder: Path) -> None:
-    """Remove ``folder`` when this process exits."""
+    """Remove ``folder`` when this process exits (unless --keep)."""
     _DISCARDED.append(folder)
 
 
 @atexit.register
 def _remove_discarded() -> None:
-    for folder in _DISCARDED:
+    for folder in [] if KEEP[0] else _DISCARDED:
         shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import relay  # noqa: E402 - bench/ is not a package
 from common import (  # noqa: E402
+    KEEP,
     POSTCONF,
     ROOT,
     Meter,
@@ -153,7 +154,8 @@ class Workload:
 def guarded(server: str, fn: Callable[[], Run]) -> Run:
     """A server's run; a failure is recorded and reported, not raised."""
     busy = quiet_machine(QUIET_WAIT[0])
-    create = quiet_files(FILES_WAIT)
+    create = quiet_files(FILES_WAIT[0], FILES_LIMIT_US)
+    FILES_WAIT[0] = FILES_WAIT[1]       # after the first run: the suite itself removed none
     print(f"  {server} (machine busy before: {busy:.2f} cores, a file created in "
           f"{create:.0f} us) ...", flush=True)
     t0 = time.monotonic()
@@ -171,7 +173,10 @@ def guarded(server: str, fn: Callable[[], Run]) -> Run:
 RUN_FIGURES = ("rate", "cpu_per_1000", "rss_mb", "pss_mb", "seconds", "messages", "cpu",
                "server_cpu", "server_cpu_per_1000", "other_cores")
 QUIET_WAIT = [5.0]     # seconds to wait for other jobs before each run (set by main)
-FILES_WAIT = 120.0     # seconds to wait for file creation to be cheap again (common.discard)
+# seconds to wait for file creation to be cheap again (common.discard): long before the
+# first run (another suite's folders removed minutes ago), short later
+FILES_WAIT = [420.0, 60.0]      # (before the next run, before the ones after it)
+FILES_LIMIT_US = 40.0  # a quiet file system creates one in about 15-30 us here
 
 
 def figure(run: Run, attr: str) -> float | None:
@@ -1205,7 +1210,8 @@ def report(workloads: list[Workload], args: argparse.Namespace, started: float,
         "for loopback TCP and disk completions, journaling threads). Other jobs slow both "
         "servers and inflate the machine figure. Before each server's run the suite waits "
         f"(up to {QUIET_WAIT[0]:.0f} s) for the machine to go quiet, and (up to "
-        f"{FILES_WAIT:.0f} s) until creating a file costs under 100 us: on this machine's "
+        f"{FILES_WAIT[1]:.0f} s, 420 s before the first) until creating a file costs under "
+        f"{FILES_LIMIT_US:.0f} us: on this machine's "
         "ext4 without a journal, creating files right after thousands were removed costs "
         "0.5-1 ms each (see bench/common.py's `discard`), so the runs' folders are removed "
         "when the suite ends, not between runs.",
@@ -1367,12 +1373,19 @@ def main() -> int:
     p.add_argument("--only", default="", help="comma-separated workloads, e.g. W1,W4")
     p.add_argument("--out", default="", help="the Markdown report (default: docs/benchmarks.md; "
                    "with --only: bench/results/suite-partial.md)")
+    p.add_argument("--keep", action="store_true",
+                   help="leave the run folders in /tmp: removing their thousands of files "
+                   "slows creating files for minutes after (bench/README.md); for suites "
+                   "run back to back; remove /tmp/bench-* by hand once done")
     args = p.parse_args()
+    KEEP[0] = args.keep
     started = time.monotonic()
     machine_lines = machine()            # raises RLIMIT_NOFILE too
     _, processes_note = postroom_processes_setting()
     k = 0 if args.quick or args.smoke else 1
     QUIET_WAIT[0] = 0.0 if args.smoke else 3.0 if args.quick else 30.0
+    if args.smoke:                 # CI: right after the tests removed their folders
+        FILES_WAIT[:] = [0.0, 0.0]
     n = {name: v[k] for name, v in SIZES.items()}
     if args.smoke:
         n = {name: max(1, v // 10) for name, v in n.items()}     # a tenth of --quick

@@ -26,6 +26,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .files import WRITEBACK_EVERY, start_writeback
+
 __all__ = ["CHUNK", "SPILL_AT", "Body", "BodyWriter", "to_lf"]
 
 SPILL_AT = 1 << 20          # message bytes held in memory before they go to a file
@@ -83,6 +85,13 @@ def to_lf(chunks: Iterable[bytes]) -> Iterator[bytes]:
         yield carry
 
 
+def strip_cr(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """:func:`to_lf` for a message whose every CR begins a CRLF (a CRLF-clean one):
+    every CR deleted, with no care for chunk boundaries."""
+    for chunk in chunks:
+        yield chunk.translate(None, b"\r")
+
+
 class BodyWriter:
     """The parts of one message as a session receives them; spills to a file past
     :data:`SPILL_AT`. Not thread-safe: one session owns it.
@@ -99,6 +108,8 @@ class BodyWriter:
         self.head = bytearray()               # the first bytes, for header checks
         self._parts: list[bytes] = []
         self._fd = -1
+        self._written = 0                     # bytes in the file
+        self._kicked = 0                      # of which the writeback was started
         self.error: OSError | None = None
 
     @property
@@ -138,6 +149,11 @@ class BodyWriter:
                 view = view[os.write(self._fd, view):]
         except OSError as exc:
             self.error = exc
+            return
+        self._written += len(data)
+        if self._written - self._kicked >= WRITEBACK_EVERY:
+            start_writeback(self._fd, self._kicked, self._written - self._kicked)
+            self._kicked = self._written
 
     def inline(self) -> bytes | None:
         """The whole message, when it never left memory."""

@@ -17,6 +17,8 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from .files import WRITEBACK_EVERY, start_writeback
+
 __all__ = ["MaildirStore", "StoreError", "sync"]
 
 _counter = itertools.count()
@@ -120,13 +122,16 @@ class MaildirStore:
                 self._known.discard(self.maildir(local, domain))
                 self.create(local, domain, folder)
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            size = 0
+            size = kicked = 0
             try:
                 for chunk in [data] if isinstance(data, bytes) else data:
                     view = memoryview(chunk)
                     size += len(view)
                     while view:
                         view = view[os.write(fd, view):]
+                    if size - kicked >= WRITEBACK_EVERY:     # a big message
+                        start_writeback(fd, kicked, size - kicked)
+                        kicked = size
                 os.fsync(fd)
             except BaseException:
                 os.close(fd)

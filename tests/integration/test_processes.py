@@ -15,12 +15,20 @@ from tests.conftest import ServerProcess
 
 def _children(pid: int, expected: int) -> list[int]:
     """The front ends forked by the main process (the sockets listen before the fork,
-    so wait for them)."""
+    so wait for them). A fork has its parent's command line; the helper that makes the
+    first start's certificate (python -m postroom.tls) does not."""
     path = Path(f"/proc/{pid}/task/{pid}/children")
     deadline = time.monotonic() + 10
     found: list[int] = []
+
+    def cmdline(p: int | str) -> bytes:
+        try:
+            return Path(f"/proc/{p}/cmdline").read_bytes()
+        except OSError:
+            return b""
     while time.monotonic() < deadline:
-        found = [int(p) for p in path.read_text().split()] if path.exists() else []
+        found = [int(p) for p in path.read_text().split()
+                 if cmdline(p) == cmdline(pid)] if path.exists() else []
         if len(found) >= expected:
             break
         time.sleep(0.05)

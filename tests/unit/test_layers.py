@@ -33,6 +33,7 @@ SIDEWAYS = {
     ("notices", "intake"),      # a notice is queued mail: intake decides its direction
     ("cli", "ctl"),
     ("mailauth", "dns"),        # verification's lookups go through the configured resolver
+    ("body", "files"),          # a big message's file starts its writeback as it grows
 }
 # Edges that would point down, yet break the design.
 FORBIDDEN = {

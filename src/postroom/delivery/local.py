@@ -18,8 +18,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 
-from ..body import to_lf
-from ..conversion import FOLDER_PARAM, delivery_headers, local_delivery_bytes
+from ..body import strip_cr, to_lf
+from ..conversion import CRLF_PARAM, FOLDER_PARAM, delivery_headers, local_delivery_bytes
 from ..model import DeliveryResult, Reply
 from ..store import MaildirStore, StoreError, sync
 from . import Destination, OutboundMessage, OutboundRecipient
@@ -117,7 +117,8 @@ class LocalDeliveryAgent:
                 content: bytes | Iterator[bytes] = local_delivery_bytes(
                     body.prefix, message.sender, r.address)
             else:
-                content = to_lf(itertools.chain(
+                lf = strip_cr if message.mail_params.get(CRLF_PARAM) else to_lf
+                content = lf(itertools.chain(
                     (delivery_headers(message.sender, r.address),), body.chunks()))
             folder = message.mail_params.get(FOLDER_PARAM, "")
             path = self.store.deliver(local, domain, content, sync_dir=False, folder=folder) \

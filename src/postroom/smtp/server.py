@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, cast
 from .. import replies
 from ..body import BodyWriter
 from ..config import Config
-from ..conversion import FOLDER_PARAM
+from ..conversion import CRLF_PARAM, FOLDER_PARAM
 from ..events import EventLog
 from ..intake import EarlyConversion, Intake, Submission
 from ..metrics import Metrics
@@ -676,6 +676,8 @@ class Session(asyncio.Protocol):
                 return checked.reply
             if checked.action == "quarantine":
                 params = {**params, FOLDER_PARAM: "Junk"}
+        if big is not None:       # its every line was checked to end in CRLF
+            params = {**params, CRLF_PARAM: "1"}
         sub = Submission(
             env.sender, env.recipients, data, self.peer, core.helo, self.listener,
             ("ESMTP" if core.esmtp else "SMTP") + ("S" if tls else "") + ("A" if auth else ""),

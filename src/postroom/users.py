@@ -70,6 +70,7 @@ class UserStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._watched = (str(path), f"{path}-wal")     # what _signature stats, as strings
         path.parent.mkdir(parents=True, exist_ok=True)
         fresh = not path.exists()
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
@@ -100,7 +101,7 @@ class UserStore:
 
     def _signature(self) -> tuple[int, ...]:
         sig: list[int] = []
-        for path in (self.path, self.path.with_name(self.path.name + "-wal")):
+        for path in self._watched:
             try:
                 st = os.stat(path)
                 sig += (st.st_mtime_ns, st.st_size, st.st_ino)

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from postroom import body as body_module
-from postroom.body import Body, BodyWriter, to_lf
+from postroom.body import Body, BodyWriter, strip_cr, to_lf
 from postroom.smtp.client import prepare_data, wire_chunks
 
 LINEISH = st.lists(st.sampled_from([b"a", b".", b"\r", b"\n", b"\r\n", b"..", b"x" * 5]),
@@ -34,6 +35,31 @@ def test_wire_chunks_equal_prepare_data_however_split(data: bytes, cuts: list[in
 @given(LINEISH, st.lists(st.integers(min_value=0, max_value=1000), max_size=6))
 def test_to_lf_equals_a_whole_replace_however_split(data: bytes, cuts: list[int]) -> None:
     assert b"".join(to_lf(_split(data, cuts))) == data.replace(b"\r\n", b"\n")
+
+
+CLEAN = st.lists(st.sampled_from([b"a", b".", b"\r\n", b"..", b"x" * 5]),
+                 max_size=40).map(b"".join)
+
+
+@given(CLEAN, st.lists(st.integers(min_value=0, max_value=1000), max_size=6))
+def test_strip_cr_equals_to_lf_for_crlf_clean_data_however_split(data: bytes,
+                                                                  cuts: list[int]) -> None:
+    """What a big message marked CRLF-clean gets: the same bytes as to_lf."""
+    assert b"".join(strip_cr(_split(data, cuts))) == b"".join(to_lf(_split(data, cuts)))
+
+
+def test_a_big_file_starts_its_writeback_as_it_grows(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    kicks: list[tuple[int, int]] = []
+    monkeypatch.setattr(body_module, "start_writeback",
+                        lambda fd, offset, length: kicks.append((offset, length)))
+    w = BodyWriter(tmp_path, 1, "q1")
+    mb = 1024 * 1024
+    w.write([b"x" * mb] * 9)
+    w.finish()
+    # every 4 MB, each call covering what the last one did not (the fsync does the rest)
+    assert kicks == [(0, 4 * mb), (4 * mb, 4 * mb)]
+    assert (tmp_path / "q1").stat().st_size == 9 * mb
 
 
 def test_body_reads_prefix_then_file_in_chunks(tmp_path: Path) -> None:

@@ -163,40 +163,50 @@ class _Shared:
     into one mailbox at once make two or three fsyncs, not ten.
     """
 
-    __slots__ = ("cond", "started", "finished", "running", "errors")
+    __slots__ = ("cond", "started", "finished", "running", "errors", "waiting")
 
     def __init__(self) -> None:
         self.cond = threading.Condition(threading.Lock())
         self.started = 0          # fsyncs begun
         self.finished = 0         # fsyncs ended (they run one at a time, in order)
         self.running = False
-        self.errors: dict[int, OSError] = {}
+        self.errors: dict[int, BaseException] = {}    # failed fsyncs someone may ask about
+        self.waiting: dict[int, int] = {}             # fsync number -> threads needing it
 
     def sync(self, folder: str) -> None:
         with self.cond:
             need = self.started + 1          # the first fsync to start after this call
-            while self.finished < need:
-                if self.running:
-                    self.cond.wait()
-                    continue
-                self.running = True
-                self.started += 1
-                mine = self.started
-                self.cond.release()
-                error = None
-                try:
-                    _fsync_dir(folder)
-                except OSError as exc:
-                    error = exc
-                finally:
-                    self.cond.acquire()
-                    self.running = False
-                    self.finished = mine
-                    if error is not None:
-                        self.errors[mine] = error
-                    self.errors.pop(mine - 64, None)     # nobody waits that long
-                    self.cond.notify_all()
-            error = self.errors.get(need)
+            self.waiting[need] = self.waiting.get(need, 0) + 1
+            try:
+                while self.finished < need:
+                    if self.running:
+                        self.cond.wait()
+                        continue
+                    self.running = True
+                    self.started += 1
+                    mine = self.started
+                    self.cond.release()
+                    error: BaseException | None = None
+                    try:
+                        _fsync_dir(folder)
+                    except BaseException as exc:  # noqa: BLE001 - every waiter hears of it
+                        error = exc
+                    finally:
+                        self.cond.acquire()
+                        self.running = False
+                        self.finished = mine
+                        if error is not None:
+                            self.errors[mine] = error
+                        self.cond.notify_all()
+                error = self.errors.get(need)
+            finally:
+                self.waiting[need] -= 1
+                if not self.waiting[need]:
+                    del self.waiting[need]
+                # forget the failures no waiting thread can still ask about
+                oldest = min(self.waiting, default=self.finished + 1)
+                for gen in [g for g in self.errors if g < oldest]:
+                    del self.errors[gen]
         if error is not None:
             raise error
 

@@ -169,3 +169,47 @@ def test_a_failed_folder_fsync_fails_the_deliveries_it_covered(
     with pytest.raises(store.StoreError) as err:
         store.sync(tmp_path)
     assert err.value.transient and err.value.reason == os.strerror(5)
+
+
+def test_a_failed_shared_fsync_is_reported_to_every_caller_it_covered_and_no_later_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    gate = threading.Event()
+
+    def flaky(path: Any) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            gate.wait(5)                 # the first fsync runs while the others ask
+            return
+        if len(calls) == 2:
+            raise OSError(5, os.strerror(5))
+
+    monkeypatch.setattr(store, "_fsync_dir", flaky)
+    folder = tmp_path / "new"
+    folder.mkdir()
+    outcome: dict[int, str] = {}
+
+    def caller(i: int) -> None:
+        try:
+            store.sync(folder)
+            outcome[i] = "ok"
+        except store.StoreError as exc:
+            outcome[i] = exc.reason
+
+    first = threading.Thread(target=caller, args=(0,))
+    first.start()
+    while not calls:
+        time.sleep(0.001)
+    # these ask while fsync 1 runs: fsync 2, which fails, is theirs
+    waiting = [threading.Thread(target=caller, args=(i,)) for i in (1, 2, 3)]
+    for t in waiting:
+        t.start()
+    time.sleep(0.05)
+    gate.set()
+    for t in [first, *waiting]:
+        t.join()
+    assert outcome == {0: "ok", 1: os.strerror(5), 2: os.strerror(5), 3: os.strerror(5)}
+    assert len(calls) == 2
+    store.sync(folder)                   # a later caller gets a fsync of its own, which works
+    assert len(calls) == 3
+    assert store._shared[str(folder)].errors == {}     # nothing kept once nobody waits

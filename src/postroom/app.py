@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import gc
 import ipaddress
 import json
 import logging
@@ -52,7 +53,7 @@ if TYPE_CHECKING:
     from .mailauth.sign import Signer
 
 __all__ = ["COMPONENTS", "BoundListener", "Postroom", "bind_listeners", "bind_admin",
-           "catch_stop_signals", "fork_front_ends", "tls_files", "tune_malloc"]
+           "catch_stop_signals", "fork_front_ends", "tls_files", "tune_gc", "tune_malloc"]
 
 COMPONENTS = ("smtp", "submission", "conversion", "queue-manager", "local-delivery",
               "outbound-delivery", "admin")
@@ -229,6 +230,24 @@ def tune_malloc() -> None:
         libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     except (OSError, AttributeError):
         pass
+
+
+GC_THRESHOLD = 20_000      # allocations between young-generation collections (default 700)
+
+
+def tune_gc() -> None:
+    """Collect cycles less often, and never look at what start-up made.
+
+    A message's session, intake and delivery allocate thousands of short-lived objects,
+    almost none of them in cycles, so the default young-generation threshold of 700
+    ran a collection every few messages for nothing. ``gc.freeze`` moves everything
+    imported and built so far into a generation the collector never scans, so a forked
+    front end does not copy those pages by touching them either (the ``gc`` module's
+    documentation advises it before a fork). Measured on W3-like load, 3 interleaved
+    pairs: 821-874 -> 871-911 messages/s, server CPU about 4 % lower; 20,000 beat 5,000
+    in 2 more pairs; W6's peak RSS unchanged (91.4 MB)."""
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, 10, 10)
 
 
 def loop_name() -> str:

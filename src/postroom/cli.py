@@ -77,6 +77,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         fork_front_ends,
         run_loop,
         tls_files,
+        tune_gc,
         tune_malloc,
     )
     from .events import connect_events
@@ -105,6 +106,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     catch_stop_signals()
     tune_malloc()
+    tune_gc()
     start_time = time.time()
     try:
         # the admin API's token and socket first: once the SMTP port answers, so does

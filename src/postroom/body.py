@@ -26,7 +26,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .files import WRITEBACK_EVERY, start_writeback
+from .files import writeback_due
 
 __all__ = ["CHUNK", "SPILL_AT", "Body", "BodyWriter", "to_lf"]
 
@@ -151,9 +151,7 @@ class BodyWriter:
             self.error = exc
             return
         self._written += len(data)
-        if self._written - self._kicked >= WRITEBACK_EVERY:
-            start_writeback(self._fd, self._kicked, self._written - self._kicked)
-            self._kicked = self._written
+        self._kicked = writeback_due(self._fd, self._written, self._kicked)
 
     def inline(self) -> bytes | None:
         """The whole message, when it never left memory."""

@@ -8,11 +8,20 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["WRITEBACK_EVERY", "atomic_write", "start_writeback"]
+__all__ = ["WRITEBACK_EVERY", "atomic_write", "start_writeback", "writeback_due"]
 
 WRITEBACK_EVERY = 4 * 1024 * 1024     # bytes written between two start_writeback calls
 _SYNC_FILE_RANGE_WRITE = 2
 _sync_file_range: list[Callable[..., int] | None] = []
+
+
+def writeback_due(fd: int, written: int, started: int) -> int:
+    """For a file being written: start the writeback of what was written since
+    ``started`` once that is :data:`WRITEBACK_EVERY` bytes; returns the new ``started``."""
+    if written - started < WRITEBACK_EVERY:
+        return started
+    start_writeback(fd, started, written - started)
+    return written
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:

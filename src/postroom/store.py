@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from .files import WRITEBACK_EVERY, start_writeback
+from .files import writeback_due
 
 __all__ = ["MaildirStore", "StoreError", "sync"]
 
@@ -129,9 +129,7 @@ class MaildirStore:
                     size += len(view)
                     while view:
                         view = view[os.write(fd, view):]
-                    if size - kicked >= WRITEBACK_EVERY:     # a big message
-                        start_writeback(fd, kicked, size - kicked)
-                        kicked = size
+                    kicked = writeback_due(fd, size, kicked)     # a big message's
                 os.fsync(fd)
             except BaseException:
                 os.close(fd)

@@ -8,6 +8,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.conftest import ServerProcess
@@ -43,7 +44,9 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def _send_many(sp: ServerProcess, threads: int, each: int) -> list[str]:
+def _send_many(sp: ServerProcess, threads: int, each: int,
+               after: Callable[[str], None] | None = None) -> list[str]:
+    """``threads`` senders of ``each`` messages; ``after(id)`` runs once each is accepted."""
     accepted: list[str] = []
 
     def sender(t: int) -> None:
@@ -53,6 +56,8 @@ def _send_many(sp: ServerProcess, threads: int, each: int) -> list[str]:
                 s.sendmail("s@example.test", ["alice@example.test"],
                            f"Subject: {uid}\r\nX-Test-Id: {uid}\r\n\r\n{uid}\r\n".encode())
             accepted.append(uid)
+            if after is not None:
+                after(uid)
 
     workers = [threading.Thread(target=sender, args=(t,)) for t in range(threads)]
     for w in workers:
@@ -62,13 +67,17 @@ def _send_many(sp: ServerProcess, threads: int, each: int) -> list[str]:
     return accepted
 
 
-def _ids(sp: ServerProcess, count: int) -> set[str]:
+def _ids_in(bodies: list[bytes]) -> set[str]:
     found: set[str] = set()
-    for body in sp.wait_messages("alice@example.test", count, timeout=30):
+    for body in bodies:
         for line in body.split(b"\n"):
             if line.startswith(b"X-Test-Id: "):
                 found.add(line[11:].decode())
     return found
+
+
+def _ids(sp: ServerProcess, count: int) -> set[str]:
+    return _ids_in(sp.wait_messages("alice@example.test", count, timeout=30))
 
 
 def test_two_front_ends_share_the_listener_and_every_message_is_delivered(  # type: ignore[no-untyped-def]
@@ -139,10 +148,6 @@ def test_the_harness_chooses_new_ports_when_one_was_taken(tmp_path) -> None:  # 
         squatter.close()
 
 
-def _in_maildir(sp: ServerProcess, uid: str) -> bool:
-    return any(f"X-Test-Id: {uid}\n".encode() in m for m in sp.messages("alice@example.test"))
-
-
 def test_every_process_delivers_local_mail_before_its_250(server_factory) -> None:  # type: ignore[no-untyped-def]
     """Local delivery at intake: the copy is in the Maildir when the client has its 250,
     whichever process took the message, and the queue never held it."""
@@ -151,20 +156,11 @@ def test_every_process_delivers_local_mail_before_its_250(server_factory) -> Non
     front_ends = _children(sp.proc.pid, 1)
     missing: list[str] = []
 
-    def sender(t: int) -> None:
-        for i in range(10):
-            uid = f"d{t}-{i}"
-            with sp.smtp() as s:
-                s.sendmail("s@example.test", ["alice@example.test"],
-                           f"Subject: {uid}\r\nX-Test-Id: {uid}\r\n\r\n{uid}\r\n".encode())
-            if not _in_maildir(sp, uid):       # looked for at once, no waiting
-                missing.append(uid)
+    def look(uid: str) -> None:                 # at once, no waiting
+        if uid not in _ids_in(sp.messages("alice@example.test")):
+            missing.append(uid)
 
-    workers = [threading.Thread(target=sender, args=(t,)) for t in range(4)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(timeout=60)
+    assert len(_send_many(sp, 4, 10, after=look)) == 40
     assert missing == []
     assert len(sp.messages("alice@example.test")) == 40
     # each file is named by the process that wrote it (P<pid>): the two that serve SMTP

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from postroom import body as body_module
+from postroom import files
 from postroom.body import Body, BodyWriter, strip_cr, to_lf
 from postroom.smtp.client import prepare_data, wire_chunks
 
@@ -51,7 +52,7 @@ def test_strip_cr_equals_to_lf_for_crlf_clean_data_however_split(data: bytes,
 def test_a_big_file_starts_its_writeback_as_it_grows(tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     kicks: list[tuple[int, int]] = []
-    monkeypatch.setattr(body_module, "start_writeback",
+    monkeypatch.setattr(files, "start_writeback",
                         lambda fd, offset, length: kicks.append((offset, length)))
     w = BodyWriter(tmp_path, 1, "q1")
     mb = 1024 * 1024

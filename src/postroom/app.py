@@ -421,11 +421,13 @@ class Postroom:
             # every process; with Dovecot the Maildirs are its mail owner's
             from .delivery.local import LocalDeliveryAgent as Local
             from .direct import DirectDelivery
+            from .syncer import Syncer
             if not self.main:
                 self.local = Local(self.store, self.users.exists, c.aliases,
                                    ThreadPoolExecutor(4, "local-delivery"))
+            self.syncer = Syncer()
             self.state.intake.deliver_here = DirectDelivery(
-                self.local, self.local.executor, self.metrics, self.events)
+                self.local, self.syncer, self.metrics, self.events)
         sockets = self._sockets if self._sockets is not None else bind_listeners(c)
         # the main process with front ends serves SMTP from copies of the listening
         # sockets, so that the balancer can stop and resume its accepting
@@ -798,6 +800,8 @@ class Postroom:
             await self.qmgr.stop()
         if hasattr(self, "local"):
             self.local.executor.shutdown(wait=True)
+        if hasattr(self, "syncer"):
+            self.syncer.close()              # waits for the fsyncs in flight
         if self.imap is not None:
             await self.imap.stop()
         await self._reap_children()

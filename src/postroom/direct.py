@@ -4,13 +4,14 @@ Maildirs while the client waits for its ``250``, as an LMTP server delivers.
 A recipient that intake converted to a plain local mailbox (no alias, a Maildir here,
 not a store behind LMTP) and whose sender wants no success notice is delivered before
 the message is queued: the copy written into ``tmp/``, fsync'd, linked into ``new/``,
-and the folder fsync'd (``LocalDeliveryAgent.deliver_here``, the queue manager's own
-agent). A message whose every recipient was delivered so never enters the queue, which
-would only have claimed it, read it back and deleted it. What was not delivered (a full
-disk, a mailbox removed meanwhile) is queued in delivery as before, and the queue
-manager tries again, defers or returns it with its reasons. When that rest cannot be
-queued (the spool's disk is full), the copies made here are taken back before the
-client gets the spool's 4xx, so its retry makes no duplicate.
+and the folder fsync'd (``LocalDeliveryAgent.deliver_now``, the queue manager's own
+agent, run in the event loop: its fsyncs go to the kernel through ``syncer.py``, with
+no worker thread). A message whose every recipient was delivered so never enters the
+queue, which would only have claimed it, read it back and deleted it. What was not
+delivered (a full disk, a mailbox removed meanwhile) is queued in delivery as before,
+and the queue manager tries again, defers or returns it with its reasons. When that
+rest cannot be queued (the spool's disk is full), the copies made here are taken back
+before the client gets the spool's 4xx, so its retry makes no duplicate.
 
 Not used while an administrator has stopped the local-delivery component, the
 conversion component or the queue manager (mail then waits in the queues, as they
@@ -20,11 +21,9 @@ when Postroom runs Dovecot (the Maildirs then belong to the mail owner).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 
 from .body import Body
@@ -35,6 +34,7 @@ from .metrics import Metrics
 from .model import DeliveryResult
 from .spool import Direction, NewMessage, NewRecipient, State
 from .spool.states import wants_notice
+from .syncer import Syncer
 
 __all__ = ["Delivered", "DirectDelivery"]
 
@@ -61,10 +61,10 @@ class Delivered:
 
 
 class DirectDelivery:
-    def __init__(self, agent: LocalDeliveryAgent, executor: Executor, metrics: Metrics,
+    def __init__(self, agent: LocalDeliveryAgent, syncer: Syncer, metrics: Metrics,
                  events: EventLog | None) -> None:
         self.agent = agent
-        self.executor = executor
+        self.syncer = syncer
         self.metrics = metrics
         self.emit = events.emit if events is not None else None
 
@@ -88,8 +88,7 @@ class DirectDelivery:
                               Body(message.data),
                               [OutboundRecipient(i, r.address, r.params)
                                for i, r in enumerate(here)])
-        results = await asyncio.get_running_loop().run_in_executor(
-            self.executor, self.agent.deliver_here, out)
+        results = await self.agent.deliver_now(out, self.syncer)
         done = [(here[r.recipient].address, r) for r in results if r.ok]
         if not done:
             return message, None

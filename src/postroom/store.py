@@ -10,6 +10,7 @@ Maildir reader expects.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import threading
@@ -18,8 +19,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .files import writeback_due
+from .syncer import Syncer
 
-__all__ = ["MaildirStore", "StoreError", "sync"]
+__all__ = ["MaildirStore", "StoreError", "sync", "sync_async"]
 
 _counter = itertools.count()
 _pid = os.getpid()             # in every Maildir file name; a forked front end has its own
@@ -103,12 +105,59 @@ class MaildirStore:
         With ``sync_dir=False`` the caller must :meth:`sync` the returned file's folder
         before it reports the delivery: several deliveries then share one fsync.
         """
+        draft = self._draft(local, domain, data, folder)
+        try:
+            try:
+                os.fsync(draft.fd)
+            except BaseException:
+                draft.discard()
+                raise
+            final = draft.publish()
+            if sync_dir:
+                _fsync_dir(os.path.dirname(final))
+            return Path(final)
+        except OSError as exc:
+            raise _store_error(exc, draft.base) from exc
+
+    async def deliver_async(self, local: str, domain: str, data: bytes, syncer: Syncer,
+                            folder: str = "") -> str:
+        """:meth:`deliver` of a small message from the event loop: the file is written
+        in the loop's thread (page cache, a few microseconds) and fsync'd by ``syncer``,
+        without a worker thread. The caller syncs the returned file's folder
+        (``syncer.sync_dir``) before it reports the delivery."""
+        if (local, domain, folder) not in self._ready:
+            # a new mailbox: its folders are made and fsync'd in a thread, once
+            try:
+                await asyncio.get_running_loop().run_in_executor(
+                    None, self._folder_ready, local, domain, folder)
+            except OSError as exc:
+                raise _store_error(exc, str(self.root)) from exc
+        draft = self._draft(local, domain, data, folder)
+        try:
+            try:
+                await syncer.fsync(draft.fd)
+            except BaseException:
+                draft.discard()
+                raise
+            return draft.publish()
+        except OSError as exc:
+            raise _store_error(exc, draft.base) from exc
+
+    def _folder_ready(self, local: str, domain: str, folder: str) -> str:
         key = (local, domain, folder)
         base = self._ready.get(key)
+        if base is None:
+            # made (or found) once; later deliveries use its name as a string
+            base = self._ready[key] = str(self.create(local, domain, folder))
+        return base
+
+    def _draft(self, local: str, domain: str, data: bytes | Iterable[bytes],
+               folder: str) -> _Draft:
+        """The message written into ``tmp/``, not yet fsync'd nor linked."""
+        key = (local, domain, folder)
+        base = ""
         try:
-            if base is None:
-                # made (or found) once; later deliveries use its name as a string
-                base = self._ready[key] = str(self.create(local, domain, folder))
+            base = self._folder_ready(local, domain, folder)
             sec, usec = divmod(time.time_ns() // 1000, 1_000_000)
             # microseconds zero-padded: names in one folder sort by arrival
             unique = f"{sec}.M{usec:06d}P{_pid}Q{next(_counter)}"
@@ -122,6 +171,7 @@ class MaildirStore:
                 self._known.discard(self.maildir(local, domain))
                 self.create(local, domain, folder)
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            draft = _Draft(fd, tmp, f"{base}/new/{unique}.{self.hostname}", base)
             size = kicked = 0
             try:
                 for chunk in [data] if isinstance(data, bytes) else data:
@@ -130,26 +180,42 @@ class MaildirStore:
                     while view:
                         view = view[os.write(fd, view):]
                     kicked = writeback_due(fd, size, kicked)     # a big message's
-                os.fsync(fd)
             except BaseException:
-                os.close(fd)
-                os.unlink(tmp)
+                draft.discard()
                 raise
-            os.close(fd)
-            final = f"{base}/new/{unique}.{self.hostname},S={size}"
-            try:
-                os.link(tmp, final)
-            finally:
-                os.unlink(tmp)
-            if sync_dir:
-                _fsync_dir(f"{base}/new")
-            return Path(final)
+            draft.final += f",S={size}"
+            return draft
         except OSError as exc:
-            # Every storage error (full disk, permissions, a file where a folder should
-            # be) is something an administrator can fix: retry, never drop.
-            reason = os.strerror(exc.errno) if exc.errno else exc.__class__.__name__
-            raise StoreError(f"{reason} ({exc.filename or base or self.root})", transient=True,
-                             reason=reason) from exc
+            raise _store_error(exc, base or str(self.root)) from exc
+
+
+class _Draft:
+    """A message file in ``tmp/``, open, before its fsync and its link into ``new/``."""
+
+    __slots__ = ("fd", "tmp", "final", "base")
+
+    def __init__(self, fd: int, tmp: str, final: str, base: str) -> None:
+        self.fd, self.tmp, self.final, self.base = fd, tmp, final, base
+
+    def discard(self) -> None:
+        os.close(self.fd)
+        os.unlink(self.tmp)
+
+    def publish(self) -> str:
+        """Close it and link it into ``new/`` (after its fsync); returns the new name."""
+        os.close(self.fd)
+        try:
+            os.link(self.tmp, self.final)
+        finally:
+            os.unlink(self.tmp)
+        return self.final
+
+
+def _store_error(exc: OSError, where: str) -> StoreError:
+    # Every storage error (full disk, permissions, a file where a folder should be) is
+    # something an administrator can fix: retry, never drop.
+    reason = os.strerror(exc.errno) if exc.errno else exc.__class__.__name__
+    return StoreError(f"{reason} ({exc.filename or where})", transient=True, reason=reason)
 
 
 class _Shared:
@@ -224,5 +290,12 @@ def sync(folder: Path | str) -> None:
     try:
         shared.sync(key)
     except OSError as exc:
-        reason = os.strerror(exc.errno) if exc.errno else exc.__class__.__name__
-        raise StoreError(f"{reason} ({folder})", transient=True, reason=reason) from exc
+        raise _store_error(exc, str(folder)) from exc
+
+
+async def sync_async(folder: str, syncer: Syncer) -> None:
+    """:func:`sync` from the event loop: ``syncer``'s group commit, without a thread."""
+    try:
+        await syncer.sync_dir(folder)
+    except OSError as exc:
+        raise _store_error(exc, folder) from exc

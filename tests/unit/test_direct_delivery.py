@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,7 @@ from postroom.intake import EarlyConversion, Intake, Submission
 from postroom.metrics import Metrics
 from postroom.spool import StorageFull
 from postroom.store import MaildirStore
+from postroom.syncer import Syncer
 from tests.unit.test_intake_conversion import Events
 from tests.unit.test_intake_stamping import FakeSpool
 
@@ -40,9 +42,19 @@ def files(root: Path) -> list[Path]:
     return sorted(root.glob("*/*/new/*"))
 
 
+class BrokenDisk(Syncer):
+    """fsync of a folder fails with EIO (a file's works)."""
+
+    async def fsync(self, fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(5, os.strerror(5))
+        await super().fsync(fd)
+
+
 def queue(tmp_path: Path, rcpts: list[tuple[str, dict[str, str]]], *, spool: Any = None,
           delivering: bool = True, aliases: dict[str, tuple[str, ...]] | None = None,
-          data: bytes = b"Subject: hi\r\n\r\nhello\r\n") -> tuple[Any, Any, Events]:
+          data: bytes = b"Subject: hi\r\n\r\nhello\r\n", syncer: Syncer | None = None
+          ) -> tuple[Any, Any, Events]:
     spool = spool or FakeSpool()
     events = Events()
     aliases = aliases or {}
@@ -51,13 +63,21 @@ def queue(tmp_path: Path, rcpts: list[tuple[str, dict[str, str]]], *, spool: Any
     pool = ThreadPoolExecutor(2)
     agent = LocalDeliveryAgent(MaildirStore(tmp_path, "mx.example.org"), MAILBOXES.__contains__,
                                aliases, pool)
-    intake.deliver_here = DirectDelivery(agent, pool, Metrics(), events)  # type: ignore[arg-type]
+    syncer = syncer or Syncer()
+    intake.deliver_here = DirectDelivery(agent, syncer, Metrics(), events)
     intake.delivering = delivering
     sub = Submission(parse_path("<alice@far.test>", allow_null=False),
                      [(parse_path(f"<{r}>", allow_null=False), p) for r, p in rcpts], data,
                      "192.0.2.1", "client.far.test", "mx", "ESMTP")
+
+    async def run() -> Any:
+        try:
+            return await intake.queue(sub)
+        finally:
+            syncer.close()
+
     try:
-        message = asyncio.run(intake.queue(sub))
+        message = asyncio.run(run())
     finally:
         pool.shutdown()
     return message, spool, events
@@ -160,7 +180,7 @@ def test_a_failed_folder_fsync_fails_the_deliveries_it_covered(
         raise OSError(5, os.strerror(5))
 
     monkeypatch.setattr(store, "_fsync_dir", broken)
-    message, spool, _ = queue(tmp_path, [("bob@example.org", {})])
+    message, spool, _ = queue(tmp_path, [("bob@example.org", {})], syncer=BrokenDisk())
     # not reported delivered: queued, so the queue manager tries again (and says why),
     # and the copy that may not last is taken back, lest the retry make a duplicate
     assert files(tmp_path) == []

@@ -13,7 +13,8 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "postroom"
 # console, config) are one component each; the smtp package is split by module.
 PLAN: list[tuple[str, set[str]]] = [
     ("values", {"model", "replies", "address"}),
-    ("foundation", {"config", "observability", "body", "metrics", "format", "files"}),
+    ("foundation", {"config", "observability", "body", "metrics", "format", "files",
+                    "syncer"}),
     ("logic", {"routing", "policy", "bounce", "conversion", "configedit", "smtp.protocol"}),
     ("storage and protocols", {"spool", "store", "users", "events", "dns", "tls",
                                "smtp.client", "mailauth"}),

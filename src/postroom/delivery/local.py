@@ -21,7 +21,8 @@ from concurrent.futures import Executor
 from ..body import strip_cr, to_lf
 from ..conversion import CRLF_PARAM, FOLDER_PARAM, delivery_headers, local_delivery_bytes
 from ..model import DeliveryResult, Reply
-from ..store import MaildirStore, StoreError, sync
+from ..store import MaildirStore, StoreError, sync, sync_async
+from ..syncer import Syncer
 from . import Destination, OutboundMessage, OutboundRecipient
 
 __all__ = ["LocalDeliveryAgent", "take_back"]
@@ -32,20 +33,34 @@ HOP = "local mailbox"
 JOBS = 4             # worker-thread jobs a batch is split into
 
 
+def _failure(folder: str, error: BaseException | None) -> str | None:
+    """Why ``folder``'s fsync failed (logged), or None."""
+    if error is None:
+        return None
+    if not isinstance(error, StoreError):
+        raise error
+    log.warning("fsync of %s failed: %s", folder, error)
+    return error.reason
+
+
 def _sync_or_error(folder: str) -> str | None:
     try:
         sync(folder)
     except StoreError as exc:
-        log.warning("fsync of %s failed: %s", folder, exc)
-        return exc.reason
+        return _failure(folder, exc)
     return None
 
 
 def _synced(done: list[DeliveryResult]) -> list[DeliveryResult]:
-    """``done`` once each Maildir folder it touched is fsync'd; a copy whose folder
-    could not be synced is taken back and is a transient failure (tried again later)."""
+    """``done`` once each Maildir folder it touched is fsync'd (see :func:`_settle`)."""
     folders = {os.path.dirname(r.stored) for r in done if r.stored}
-    failed = {f: _sync_or_error(f) for f in sorted(folders)}
+    return _settle(done, {f: _sync_or_error(f) for f in sorted(folders)})
+
+
+def _settle(done: list[DeliveryResult], failed: dict[str, str | None]
+            ) -> list[DeliveryResult]:
+    """``done``, where a copy whose folder could not be synced (``failed`` maps each
+    folder to why, or None) is taken back and is a transient failure (tried again)."""
     if any(failed.values()):
         for i, res in enumerate(done):
             reason = failed[os.path.dirname(res.stored)] if res.stored else None
@@ -96,10 +111,33 @@ class LocalDeliveryAgent:
         return await loop.run_in_executor(self.executor, _synced,
                                           [r for r in results if r is not None])
 
-    def deliver_here(self, message: OutboundMessage) -> list[DeliveryResult]:
-        """:meth:`deliver` for one message, in the calling thread (a worker's, never the
-        event loop's): every copy written and its folder synced before it returns."""
-        return _synced(self._some([(message, r) for r in message.recipients]))
+    async def deliver_now(self, message: OutboundMessage, syncer: Syncer
+                          ) -> list[DeliveryResult]:
+        """:meth:`deliver` of one small message from the event loop, without a thread
+        (intake's delivery, ``direct.py``): the copies are written in the loop's thread
+        and fsync'd by ``syncer``, and every folder they went into is synced before it
+        returns."""
+        assert message.data.path is None
+        copies = await asyncio.gather(*(self._now(message, r, syncer)
+                                        for r in message.recipients))
+        folders = sorted({os.path.dirname(r.stored) for r in copies if r.stored})
+        synced = await asyncio.gather(*(sync_async(f, syncer) for f in folders),
+                                      return_exceptions=True)
+        return _settle(copies, {f: _failure(f, e) for f, e in zip(folders, synced, strict=True)})
+
+    async def _now(self, message: OutboundMessage, r: OutboundRecipient, syncer: Syncer
+                   ) -> DeliveryResult:
+        local, _, domain = r.address.rpartition("@")
+        if not self._known(local, r.address):
+            return self._gone(r)
+        try:
+            path = await self.store.deliver_async(
+                local, domain, local_delivery_bytes(message.data.prefix, message.sender,
+                                                    r.address),
+                syncer, message.mail_params.get(FOLDER_PARAM, ""))
+        except StoreError as exc:
+            return self._failed(message, r, exc)
+        return self._stored(r, path)
 
     def _some(self, work: Sequence[tuple[OutboundMessage, OutboundRecipient]]
               ) -> list[DeliveryResult]:
@@ -107,10 +145,8 @@ class LocalDeliveryAgent:
 
     def _one(self, message: OutboundMessage, r: OutboundRecipient) -> DeliveryResult:
         local, _, domain = r.address.rpartition("@")
-        if local != "postmaster" and not self.mailbox_exists(r.address) \
-                and r.address not in self.aliases:
-            return DeliveryResult(r.id, False, False, Reply(550, "5.1.1", f"Mailbox {r.address} "
-                                                            "no longer exists"), "local", hop=HOP)
+        if not self._known(local, r.address):
+            return self._gone(r)
         body = message.data
         try:
             if body.path is None:      # the common case: one write
@@ -124,12 +160,30 @@ class LocalDeliveryAgent:
             path = self.store.deliver(local, domain, content, sync_dir=False, folder=folder) \
                 if folder else self.store.deliver(local, domain, content, sync_dir=False)
         except StoreError as exc:
-            log.warning("queue_id=%s to=<%s> Maildir delivery failed: %s", message.queue_id,
-                        r.address, exc)
-            reply = Reply(451, "4.3.0", f"Maildir delivery failed: {exc.reason}") \
-                if exc.transient else \
-                Reply(550, "5.2.0", f"Maildir delivery failed: {exc.reason}")
-            return DeliveryResult(r.id, False, exc.transient, reply, "local", hop=HOP)
-        return DeliveryResult(r.id, True, False, Reply(250, "2.0.0", "delivered to maildir as "
-                                                       f"{path.name}"), "local", hop=HOP,
-                              stored=str(path))
+            return self._failed(message, r, exc)
+        return self._stored(r, str(path))
+
+    def _known(self, local: str, address: str) -> bool:
+        return local == "postmaster" or self.mailbox_exists(address) or \
+            address in self.aliases
+
+    @staticmethod
+    def _gone(r: OutboundRecipient) -> DeliveryResult:
+        return DeliveryResult(r.id, False, False, Reply(550, "5.1.1", f"Mailbox {r.address} "
+                                                        "no longer exists"), "local", hop=HOP)
+
+    @staticmethod
+    def _failed(message: OutboundMessage, r: OutboundRecipient, exc: StoreError
+                ) -> DeliveryResult:
+        log.warning("queue_id=%s to=<%s> Maildir delivery failed: %s", message.queue_id,
+                    r.address, exc)
+        reply = Reply(451, "4.3.0", f"Maildir delivery failed: {exc.reason}") \
+            if exc.transient else \
+            Reply(550, "5.2.0", f"Maildir delivery failed: {exc.reason}")
+        return DeliveryResult(r.id, False, exc.transient, reply, "local", hop=HOP)
+
+    @staticmethod
+    def _stored(r: OutboundRecipient, path: str) -> DeliveryResult:
+        return DeliveryResult(r.id, True, False, Reply(
+            250, "2.0.0", f"delivered to maildir as {os.path.basename(path)}"), "local",
+            hop=HOP, stored=path)

@@ -99,7 +99,10 @@ CREATE TABLE IF NOT EXISTS recipients (
 );
 CREATE INDEX IF NOT EXISTS recipients_due ON recipients (state, direction, next_attempt);
 CREATE INDEX IF NOT EXISTS recipients_message ON recipients (message);
-CREATE INDEX IF NOT EXISTS recipients_notice ON recipients (notice) WHERE notice != '';
+-- what owed_notices reads every queue round: without it, a scan of every recipient
+DROP INDEX IF EXISTS recipients_notice;
+CREATE INDEX IF NOT EXISTS recipients_owed ON recipients (message)
+    WHERE notice != '' OR warned = 1;
 CREATE INDEX IF NOT EXISTS recipients_destination ON recipients (destination)
     WHERE state = 'delivery' AND direction = 'outbound';
 CREATE TABLE IF NOT EXISTS nodes (         -- the node(s) using this spool: one, here
@@ -122,6 +125,12 @@ MIGRATIONS = {
     "lease_owner": "ALTER TABLE recipients ADD COLUMN lease_owner TEXT NOT NULL DEFAULT ''",
     "claim": "ALTER TABLE recipients ADD COLUMN claim INTEGER NOT NULL DEFAULT 0",
 }
+
+# The notices owed to senders, read every queue round (index recipients_owed).
+OWED = ("SELECT r.id, r.message, r.address, r.params, r.state, r.last_reply, r.detail, "
+        "r.notice, r.warned, m.sender, m.received, m.params FROM recipients r "
+        "JOIN messages m ON m.id = r.message WHERE r.notice != '' OR r.warned = 1 "
+        "ORDER BY r.message LIMIT ?")
 
 WAL_CHECKPOINT_PAGES = 256          # of 4 KiB: 1 MiB
 WAL_SIZE_LIMIT = 1 << 20
@@ -514,11 +523,7 @@ class SqliteSpool:
     # --- notices -------------------------------------------------------------------
     async def owed_notices(self, limit: int) -> list[NoticeOwed]:
         def q(c: sqlite3.Connection) -> list[NoticeOwed]:
-            rows = c.execute(
-                "SELECT r.id, r.message, r.address, r.params, r.state, r.last_reply, r.detail, "
-                "r.notice, r.warned, m.sender, m.received, m.params FROM recipients r "
-                "JOIN messages m ON m.id = r.message WHERE r.notice != '' OR r.warned = 1 "
-                "ORDER BY r.message LIMIT ?", (limit,)).fetchall()
+            rows = c.execute(OWED, (limit,)).fetchall()
             return [NoticeOwed(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5], json.loads(r[6]),
                                r[7] or "delay", r[9], r[10], json.loads(r[11])) for r in rows]
         return await self._read(q)

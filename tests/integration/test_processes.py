@@ -3,6 +3,7 @@ reaches the queue manager, and the front ends never outlive the main process."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -95,6 +96,12 @@ def test_two_front_ends_share_the_listener_and_every_message_is_delivered(  # ty
     queued = [line.split("queue_id=")[1].split()[0] for line in log.splitlines()
               if " queued queue_id=" in line]
     assert len(queued) == len(set(queued)) == 120
+    # every process's counters add up (each writes its own file, named by its pid)
+    metrics = json.loads(sp.cli("stats", "--json").stdout)["metrics"]
+    received = sum(s["value"] for s in metrics["postroom_messages_received_total"])
+    assert received == 120
+    files = {int(f.stem.rsplit("_", 1)[1]) for f in (sp.data / "metrics").glob("*.db")}
+    assert files <= {sp.proc.pid, *front_ends} and len(files) == 2
 
 
 def test_sigterm_stops_every_process(server_factory) -> None:  # type: ignore[no-untyped-def]

@@ -159,6 +159,17 @@ def _errno_error(what: str) -> OSError:
     return OSError(err, f"{what}: {os.strerror(err)}")
 
 
+_forks = 0          # how many forks deep this process is: a child makes its own context
+
+
+def _forked() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
 class Syncer:
     """``await syncer.fsync(fd)`` is ``os.fsync(fd)`` without blocking the loop;
     ``await syncer.sync_dir(path)`` makes the names linked into a folder durable, with
@@ -177,13 +188,13 @@ class Syncer:
 
     def _context(self) -> _Aio | None:
         loop = asyncio.get_running_loop()
-        if self._owner != (os.getpid(), loop):    # first use, or a forked child, or a new loop
+        if self._owner != (_forks, loop):    # first use, or a forked child, or a new loop
             if self._aio is not None and self._owner is not None:
-                if self._owner[0] == os.getpid():
+                if self._owner[0] == _forks:
                     self._aio.close()
                 else:                             # a parent's context is not ours
                     os.close(self._aio.efd)
-            self._owner = (os.getpid(), loop)
+            self._owner = (_forks, loop)
             self._aio = None
             self._folders = {}
             if self.use_aio:
@@ -211,8 +222,7 @@ class Syncer:
         await folder.sync()
 
     def close(self) -> None:
-        if self._aio is not None and self._owner is not None and \
-                self._owner[0] == os.getpid():
+        if self._aio is not None and self._owner is not None and self._owner[0] == _forks:
             self._aio.close()
         self._aio = self._owner = None
         if self._pool is not None:

@@ -44,19 +44,26 @@ def run(s: Syncer, coro_fn: object) -> object:
     return asyncio.run(main())
 
 
-def test_the_aio_path_is_taken_where_the_kernel_offers_it(tmp_path: Path) -> None:
-    s = Syncer()
-    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
+def mode_of_one_fsync(s: Syncer, path: Path, close: bool = True) -> str:
+    """fsync a file through ``s`` in a new event loop; the way it went."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
 
     async def go() -> str:
-        await s.fsync(fd)
-        return s.mode
+        try:
+            await s.fsync(fd)
+            return s.mode
+        finally:
+            if close:
+                s.close()
     try:
-        mode = run(s, go)
+        return asyncio.run(go())
     finally:
         os.close(fd)
+
+
+def test_the_aio_path_is_taken_where_the_kernel_offers_it(tmp_path: Path) -> None:
     # Linux AIO where io_setup works (this machine, CI); threads elsewhere
-    assert mode == ("aio" if aio_works() else "threads")
+    assert mode_of_one_fsync(Syncer(), tmp_path / "f") == ("aio" if aio_works() else "threads")
     assert Syncer(use_aio=False).mode == "threads"
 
 
@@ -178,24 +185,16 @@ def test_a_cancelled_caller_does_not_cancel_the_others_fsync(tmp_path: Path) -> 
 
 def test_a_forked_child_makes_its_own_context(tmp_path: Path) -> None:
     s = Syncer()
-    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
-
-    async def once() -> str:
-        await s.fsync(fd)
-        return s.mode
-
-    parent = asyncio.run(once())            # the parent's context, for its old loop
+    # the parent's context, left open: a child that used it would fail (EINVAL)
+    parent = mode_of_one_fsync(s, tmp_path / "f", close=False)
     pid = os.fork()
     if pid == 0:                            # the child: a new loop, its own context
-        code = 0
         try:
-            child = asyncio.run(once())
-            code = 0 if child == parent else 3
+            code = 0 if mode_of_one_fsync(s, tmp_path / "g") == parent else 3
         except BaseException:  # noqa: BLE001
             code = 4
         os._exit(code)
     _, status = os.waitpid(pid, 0)
-    os.close(fd)
     s.close()
     assert os.waitstatus_to_exitcode(status) == 0
 
@@ -203,13 +202,4 @@ def test_a_forked_child_makes_its_own_context(tmp_path: Path) -> None:
 def test_without_the_system_calls_it_falls_back_to_threads(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(syncer_module, "_CALLS", {})      # an architecture without numbers
-    s = Syncer()
-    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
-
-    async def go() -> str:
-        await s.fsync(fd)
-        return s.mode
-    try:
-        assert run(s, go) == "threads"
-    finally:
-        os.close(fd)
+    assert mode_of_one_fsync(Syncer(), tmp_path / "f") == "threads"

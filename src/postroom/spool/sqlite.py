@@ -1,4 +1,6 @@
-"""The SQLite spool: one database in WAL mode with ``synchronous=FULL``.
+"""The SQLite spool: one database in WAL mode, each commit's WAL fdatasync'd before
+its callers hear of it (``synchronous=FULL``, with the sync moved out of the writers'
+lock: see :meth:`SqliteSpool._writer`).
 
 Table ``messages`` holds the envelope and the message bytes (CRLF line ends, Received
 header included; a big message's bytes in ``<data_dir>/bodies/<name>``); table
@@ -219,8 +221,17 @@ class SqliteSpool:
         # writers meet in SQLite's busy handler, which sleeps 1, 2, 5... ms between tries
         # while the other's transaction lasts a fraction of that; a blocked flock is
         # woken the moment the lock is free.
+        #
+        # The commit itself does not sync (synchronous=NORMAL): the WAL is fdatasync'd
+        # after the lock is released, and only then are the callers answered. That is
+        # what synchronous=FULL does at the commit (an fdatasync of the WAL, where the
+        # commit's frames are written in order), with the lock no longer held across
+        # the disk's wait: the other process's writer commits meanwhile, and the two
+        # syncs overlap. Checkpoints sync as before (the WAL before, the database
+        # after). Measured on W2 (6,000 messages, four interleaved pairs): 849-905
+        # messages/s with the sync under the lock, 934-961 without.
         lock = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        full = True                       # the connection's synchronous=FULL
+        conn.execute("PRAGMA synchronous=NORMAL")
         while True:
             first = self._jobs.get()
             if first is None:
@@ -240,9 +251,6 @@ class SqliteSpool:
             durable = any(job.durable for job in batch)
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                if durable != full:       # it may not change inside a transaction
-                    conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-                    full = durable
                 conn.execute("BEGIN IMMEDIATE")
                 for job in batch:
                     conn.execute("SAVEPOINT job")
@@ -267,10 +275,29 @@ class SqliteSpool:
                 results = [(job, None, err) for job in batch]
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+            if durable and any(error is None for _, _, error in results):
+                results = self._synced(results)
             self.batches += 1
             self.jobs_done += len(batch)
             for job, value, error in results:
                 self._finish(job, value, error)
+
+    def _synced(self, results: list[tuple[_Job, Any, BaseException | None]]
+                ) -> list[tuple[_Job, Any, BaseException | None]]:
+        """``results`` once the WAL is on disk; if it cannot be synced, every durable
+        job's caller hears so (its commit may not survive a power failure: a sender
+        told 4xx sends again, a duplicate at worst, never a loss)."""
+        try:
+            fd = os.open(f"{self.path}-wal", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            err: BaseException = StorageFull(str(exc)) if is_disk_full(exc) else exc
+            return [(job, None, err) if job.durable and error is None else (job, value, error)
+                    for job, value, error in results]
+        return results
 
     @staticmethod
     def _finish(job: _Job, value: Any, error: BaseException | None) -> None:
@@ -299,10 +326,10 @@ class SqliteSpool:
 
         ``durable=False`` is for bookkeeping that may be lost in a power failure at no
         cost: a claim's lease, a heartbeat, a suspended destination's wait. A batch of
-        such jobs only commits with ``synchronous=NORMAL``: no fsync, and no lock held
-        for one. What another process reads, and a ``kill -9``, see it at once (it is in
-        the WAL, in the page cache); the next durable commit's fsync of the WAL, which
-        is written in order, makes it durable too. A power failure can lose only such
+        such jobs commits without the WAL's fdatasync. What another process reads, and
+        a ``kill -9``, see it at once (it is in the WAL, in the page cache); the next
+        durable commit's fdatasync of the WAL, which is written in order, makes it
+        durable too. A power failure can lose only such
         jobs committed after the last durable commit, never the record that followed
         one: a claim lost with its delivery's record means a delivery made again, a
         duplicate, never a loss.

@@ -124,7 +124,7 @@ class MaildirStore:
         """:meth:`deliver` of a small message from the event loop: the file is written
         in the loop's thread (page cache, a few microseconds) and fsync'd by ``syncer``,
         without a worker thread. The caller syncs the returned file's folder
-        (``syncer.sync_dir``) before it reports the delivery."""
+        (:func:`sync_async`) before it reports the delivery."""
         if (local, domain, folder) not in self._ready:
             # a new mailbox: its folders are made and fsync'd in a thread, once
             try:

@@ -6,6 +6,9 @@ result is returned: the queue manager records a delivery only after it is durabl
 result whose folder could not be synced is a transient failure (delivered again later: a
 possible duplicate, never a loss). Every successful result names its file in
 ``stored``, so that a caller who cannot record it can take the copy back.
+
+Intake's delivery of a small message (:meth:`LocalDeliveryAgent.deliver_now`) takes the
+same steps in the event loop instead, its fsyncs handed to the kernel by ``syncer.py``.
 """
 
 from __future__ import annotations

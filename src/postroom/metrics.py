@@ -19,6 +19,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from .process import process_id
+
 __all__ = ["Metrics", "add_up", "multiprocess", "status_label"]
 
 log = logging.getLogger("postroom.metrics")
@@ -83,22 +85,8 @@ def multiprocess() -> bool:
 
 # In multi-process mode every update of a value asks the kernel for the process id
 # (os.getpid, a system call: about 2 us each here, 3-4 % of a front end's CPU in W1 at
-# ten updates a message), to notice a fork. This process knows when it forks: the id
-# is kept and renewed in the child, and the library is given that instead (its
-# documented ``process_identifier`` hook).
-_pid = os.getpid()
-
-
-def _forked() -> None:
-    global _pid
-    _pid = os.getpid()
-
-
-def process_id() -> int:
-    return _pid
-
-
-os.register_at_fork(after_in_child=_forked)
+# ten updates a message), to notice a fork. The library is given the id kept by
+# postroom.process instead (its documented ``process_identifier`` hook).
 if multiprocess():
     values.ValueClass = values.MultiProcessValue(process_identifier=process_id)
 

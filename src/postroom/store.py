@@ -19,20 +19,12 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .files import writeback_due
+from .process import process_id
 from .syncer import Syncer
 
 __all__ = ["MaildirStore", "StoreError", "sync", "sync_async"]
 
 _counter = itertools.count()
-_pid = os.getpid()             # in every Maildir file name; a forked front end has its own
-
-
-def _forked() -> None:
-    global _pid
-    _pid = os.getpid()
-
-
-os.register_at_fork(after_in_child=_forked)
 
 
 class StoreError(Exception):
@@ -160,7 +152,8 @@ class MaildirStore:
             base = self._folder_ready(local, domain, folder)
             sec, usec = divmod(time.time_ns() // 1000, 1_000_000)
             # microseconds zero-padded: names in one folder sort by arrival
-            unique = f"{sec}.M{usec:06d}P{_pid}Q{next(_counter)}"
+            # the process id: a forked front end names its files apart
+            unique = f"{sec}.M{usec:06d}P{process_id()}Q{next(_counter)}"
             tmp = f"{base}/tmp/{unique}.{self.hostname}"
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -26,6 +26,8 @@ import platform
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from .process import process_id
+
 __all__ = ["Syncer"]
 
 log = logging.getLogger("postroom.store")
@@ -159,17 +161,6 @@ def _errno_error(what: str) -> OSError:
     return OSError(err, f"{what}: {os.strerror(err)}")
 
 
-_forks = 0          # how many forks deep this process is: a child makes its own context
-
-
-def _forked() -> None:
-    global _forks
-    _forks += 1
-
-
-os.register_at_fork(after_in_child=_forked)
-
-
 class Syncer:
     """``await syncer.fsync(fd)`` is ``os.fsync(fd)`` without blocking the loop;
     ``await syncer.sync_dir(path)`` makes the names linked into a folder durable, with
@@ -188,13 +179,14 @@ class Syncer:
 
     def _context(self) -> _Aio | None:
         loop = asyncio.get_running_loop()
-        if self._owner != (_forks, loop):    # first use, or a forked child, or a new loop
+        pid = process_id()
+        if self._owner != (pid, loop):    # first use, or a forked child, or a new loop
             if self._aio is not None and self._owner is not None:
-                if self._owner[0] == _forks:
+                if self._owner[0] == pid:
                     self._aio.close()
                 else:                             # a parent's context is not ours
                     os.close(self._aio.efd)
-            self._owner = (_forks, loop)
+            self._owner = (pid, loop)
             self._aio = None
             self._folders = {}
             if self.use_aio:
@@ -222,7 +214,8 @@ class Syncer:
         await folder.sync()
 
     def close(self) -> None:
-        if self._aio is not None and self._owner is not None and self._owner[0] == _forks:
+        if self._aio is not None and self._owner is not None and \
+                self._owner[0] == process_id():
             self._aio.close()
         self._aio = self._owner = None
         if self._pool is not None:

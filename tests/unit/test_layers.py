@@ -12,7 +12,7 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "postroom"
 # its own layer where SIDEWAYS names the edge. Packages (spool, delivery, diagnostics,
 # console, config) are one component each; the smtp package is split by module.
 PLAN: list[tuple[str, set[str]]] = [
-    ("values", {"model", "replies", "address"}),
+    ("values", {"model", "replies", "address", "process"}),
     ("foundation", {"config", "observability", "body", "metrics", "format", "files",
                     "syncer"}),
     ("logic", {"routing", "policy", "bounce", "conversion", "configedit", "smtp.protocol"}),

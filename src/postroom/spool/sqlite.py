@@ -329,10 +329,9 @@ class SqliteSpool:
         such jobs commits without the WAL's fdatasync. What another process reads, and
         a ``kill -9``, see it at once (it is in the WAL, in the page cache); the next
         durable commit's fdatasync of the WAL, which is written in order, makes it
-        durable too. A power failure can lose only such
-        jobs committed after the last durable commit, never the record that followed
-        one: a claim lost with its delivery's record means a delivery made again, a
-        duplicate, never a loss.
+        durable too. A power failure can lose only such jobs committed after the last
+        durable commit, never the record that followed one: a claim lost with its
+        delivery's record means a delivery made again, a duplicate, never a loss.
         """
         loop = asyncio.get_running_loop()
         fut = loop.create_future()

@@ -205,6 +205,19 @@ class ServerProcess:
             time.sleep(0.1)
         return self.log.read_text(errors="replace")
 
+    def wait_log(self, text: str, timeout: float = 15.0) -> str:
+        """The server's output once it contains ``text`` (AssertionError after
+        ``timeout``). The SMTP port answers before every process has started: with front
+        ends, a front end can take mail while the main process is still loading."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.log.read_text(errors="replace") if self.log.exists() else ""
+            if text in found:
+                return found
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not in the server's output:\n{found}")
+            time.sleep(0.05)
+
 
 def merge_toml(base: str, extra: str) -> str:
     """Merge ``extra`` into ``base`` (tests only): a key in both takes extra's value;

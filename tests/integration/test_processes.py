@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import threading
@@ -15,25 +16,24 @@ from pathlib import Path
 from tests.conftest import ServerProcess
 
 
-def _children(pid: int, expected: int) -> list[int]:
-    """The front ends forked by the main process (the sockets listen before the fork,
-    so wait for them). A fork has its parent's command line; the helper that makes the
-    first start's certificate (python -m postroom.tls) does not."""
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    deadline = time.monotonic() + 10
+def _children(sp: ServerProcess, expected: int) -> list[int]:
+    """The front ends forked by the main process, by the pids they log once started
+    (the sockets listen before the fork, so wait for them). Not by looking for children
+    with the main process's command line: the helper that makes the first start's
+    certificate (python -m postroom.tls) has it too, between its fork and its exec."""
+    assert sp.proc is not None
+    deadline = time.monotonic() + 15
     found: list[int] = []
-
-    def cmdline(p: int | str) -> bytes:
-        try:
-            return Path(f"/proc/{p}/cmdline").read_bytes()
-        except OSError:
-            return b""
     while time.monotonic() < deadline:
-        found = [int(p) for p in path.read_text().split()
-                 if cmdline(p) == cmdline(pid)] if path.exists() else []
+        text = sp.log.read_text(errors="replace") if sp.log.exists() else ""
+        found = list(dict.fromkeys(
+            int(pid) for pid in re.findall(r"postroom front end started \(pid (\d+), ", text)))
         if len(found) >= expected:
             break
         time.sleep(0.05)
+    for pid in found:                               # and each is the main process's child
+        assert Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1] \
+            == str(sp.proc.pid)
     return found
 
 
@@ -85,13 +85,15 @@ def test_two_front_ends_share_the_listener_and_every_message_is_delivered(  # ty
         server_factory) -> None:
     sp: ServerProcess = server_factory("[smtp]\nprocesses = 2")
     assert sp.proc is not None
-    front_ends = _children(sp.proc.pid, 1)
+    front_ends = _children(sp, 1)
     assert len(front_ends) == 1 and _alive(front_ends[0])
     accepted = _send_many(sp, 8, 15)
     assert len(accepted) == 120
     assert _ids(sp, 120) == set(accepted)
+    # the front end can take and deliver all 120 before the main process has loaded
+    sp.wait_log("postroom main started")
     log = sp.log_text()
-    assert "postroom main started" in log and "postroom front end started" in log
+    assert "postroom front end started" in log
     # queue ids stay unique across processes (each 250 names one)
     queued = [line.split("queue_id=")[1].split()[0] for line in log.splitlines()
               if " queued queue_id=" in line]
@@ -107,7 +109,7 @@ def test_two_front_ends_share_the_listener_and_every_message_is_delivered(  # ty
 def test_sigterm_stops_every_process(server_factory) -> None:  # type: ignore[no-untyped-def]
     sp: ServerProcess = server_factory("[smtp]\nprocesses = 3")
     assert sp.proc is not None
-    front_ends = _children(sp.proc.pid, 2)
+    front_ends = _children(sp, 2)
     assert len(front_ends) == 2
     assert sp.stop(signal.SIGTERM) == 0
     assert not any(_alive(pid) for pid in front_ends)
@@ -117,7 +119,7 @@ def test_kill_9_of_the_main_process_takes_the_front_ends_with_it_and_loses_nothi
         server_factory) -> None:
     sp: ServerProcess = server_factory("[smtp]\nprocesses = 2")
     assert sp.proc is not None
-    front_ends = _children(sp.proc.pid, 1)
+    front_ends = _children(sp, 1)
     assert len(front_ends) == 1
     accepted = _send_many(sp, 4, 10)
     sp.kill9()
@@ -160,7 +162,7 @@ def test_every_process_delivers_local_mail_before_its_250(server_factory) -> Non
     whichever process took the message, and the queue never held it."""
     sp: ServerProcess = server_factory("[smtp]\nprocesses = 2")
     assert sp.proc is not None
-    front_ends = _children(sp.proc.pid, 1)
+    front_ends = _children(sp, 1)
     missing: list[str] = []
 
     def look(uid: str) -> None:                 # at once, no waiting
@@ -184,7 +186,7 @@ def test_every_process_delivers_local_mail_before_its_250(server_factory) -> Non
 def test_with_local_delivery_stopped_every_process_queues_local_mail(server_factory) -> None:  # type: ignore[no-untyped-def]
     sp: ServerProcess = server_factory("[smtp]\nprocesses = 2")
     assert sp.proc is not None
-    _children(sp.proc.pid, 1)
+    _children(sp, 1)
     sp.cli("stop", "local-delivery")      # returns once every front end has applied it
     accepted = _send_many(sp, 4, 5)
     assert len(accepted) == 20

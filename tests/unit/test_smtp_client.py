@@ -324,3 +324,48 @@ def test_send_each_a_lost_connection_fails_the_message_not_yet_given_back(
     got, exc = asyncio.run(run())
     assert got == [0]                         # the first was answered before the hang-up
     assert exc is not None and exc.step == "MAIL" and "closed the connection" in exc.detail
+
+
+def test_the_command_timeout_runs_per_wait_and_ends_a_silent_connection(tmp_path: Path) -> None:
+    """One timer per connection, moved by every read: a slow server whose every answer
+    comes within the timeout is never cut off, however long the whole exchange; one
+    that stops answering is, about one timeout after the command it left unanswered."""
+    path = tmp_path / "slow"
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 slow.test ready\r\n")
+        while line := await reader.readline():
+            if line.startswith(b"VRFY"):
+                continue                              # never answered
+            await asyncio.sleep(0.15)
+            writer.write(b"250 slow.test\r\n" if line.startswith(b"EHLO")
+                         else b"250 2.0.0 OK\r\n")
+        writer.close()
+
+    async def run() -> tuple[float, float, HopError, bool]:
+        server = await asyncio.start_unix_server(handle, str(path))
+        loop = asyncio.get_running_loop()
+        try:
+            client = Client(helo_name="client.test", command_timeout=0.4)
+            await client.connect_unix(str(path), 5)
+            start = loop.time()
+            await client.ehlo()
+            for _ in range(5):
+                assert (await client.command("NOOP", "NOOP")).code == 250
+            slow_but_alive = loop.time() - start
+            start = loop.time()
+            with pytest.raises(HopError) as caught:
+                await client.command("VRFY alice", "VRFY")
+            silent = loop.time() - start
+            assert client.writer is not None
+            closed = client.writer.is_closing()
+            client.close()
+            return slow_but_alive, silent, caught.value, closed
+        finally:
+            server.close()
+
+    slow_but_alive, silent, exc, closed = asyncio.run(run())
+    assert slow_but_alive > 0.8                   # twice the timeout, in answers of 0.15 s
+    assert 0.35 < silent < 1.2
+    assert exc.step == "VRFY" and exc.detail.endswith("did not answer VRFY within 0.4s")
+    assert closed

@@ -46,6 +46,20 @@ def test_reply_reader_joins_multiline_replies_and_reads_enhanced_codes() -> None
                        Reply(550, "5.7.1", "<b@x>: Relay access denied")]
 
 
+def test_reply_reader_reads_a_reply_seen_before_the_same_way_in_any_position() -> None:
+    """Single-line replies seen lately are not parsed again; a line that is such a reply
+    on its own is still the last line of a multi-line reply when one is under way."""
+    first = ReplyReader().feed(b"250 2.1.5 Ok\r\n")
+    r = ReplyReader()
+    again = r.feed(b"250 2.1.5 Ok\r\n250-mx.far.test\r\n250 2.1.5 Ok\r\n250 2.1.5 O")
+    assert first == again[:1] == [Reply(250, "2.1.5", "Ok")]
+    assert again[1:] == [Reply(250, "", "mx.far.test\n2.1.5 Ok")]
+    assert r.feed(b"k\r\n251 2.1.5 Ok\r\n") == [Reply(250, "2.1.5", "Ok"),
+                                                  Reply(251, "2.1.5", "Ok")]
+    with pytest.raises(ProtocolError):        # seen before, but inside a 250- reply
+        r.feed(b"250-a\r\n251 2.1.5 Ok\r\n")
+
+
 def test_reply_reader_ignores_an_enhanced_code_of_the_wrong_class() -> None:
     [reply] = ReplyReader().feed(b"550 2.0.0 confused\r\n")
     assert reply.code == 550 and reply.enhanced == ""

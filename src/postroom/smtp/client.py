@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import os
 import re
 import ssl
@@ -51,33 +52,56 @@ class ReplyReader:
         self._code = 0
 
     def feed(self, data: bytes) -> list[Reply]:
-        self._buf += data
+        buf = self._buf
+        buf += data
         out: list[Reply] = []
-        while True:
-            nl = self._buf.find(b"\n")
-            if nl < 0:
-                if len(self._buf) > MAX_REPLY_LINE:
-                    raise ProtocolError("reply line too long")
-                return out
-            raw = bytes(self._buf[:nl]).rstrip(b"\r")
-            del self._buf[: nl + 1]
-            line = raw.decode("utf-8", "replace")
-            if len(line) < 3 or not line[:3].isdigit() or (len(line) > 3 and line[3] not in " -"):
-                raise ProtocolError(f"not an SMTP reply: {line[:80]!r}")
-            code = int(line[:3])
-            if self._lines and code != self._code:
-                raise ProtocolError("multi-line reply changed its code")
-            self._code = code
-            self._lines.append(line[4:])
-            if len(self._lines) > MAX_REPLY_LINES:
-                raise ProtocolError("reply has too many lines")
-            if len(line) == 3 or line[3] == " ":
-                out.append(_reply(code, self._lines))
-                self._lines = []
+        start = 0
+        try:
+            while (nl := buf.find(b"\n", start)) >= 0:
+                raw = bytes(buf[start:nl])
+                start = nl + 1
+                if not self._lines and (seen := _SEEN.get(raw)) is not None:
+                    out.append(seen)
+                    continue
+                single = not self._lines
+                reply = self._line(raw.rstrip(b"\r").decode("utf-8", "replace"))
+                if reply is not None:
+                    out.append(reply)
+                    if single:                  # its key is this one line
+                        if len(_SEEN) >= 64:
+                            _SEEN.clear()
+                        _SEEN[raw] = reply
+        finally:
+            del buf[:start]
+        if len(buf) > MAX_REPLY_LINE:
+            raise ProtocolError("reply line too long")
+        return out
+
+    def _line(self, line: str) -> Reply | None:
+        """One line; the reply once it is complete."""
+        if len(line) < 3 or not line[:3].isdigit() or (len(line) > 3 and line[3] not in " -"):
+            raise ProtocolError(f"not an SMTP reply: {line[:80]!r}")
+        code = int(line[:3])
+        if self._lines and code != self._code:
+            raise ProtocolError("multi-line reply changed its code")
+        self._code = code
+        self._lines.append(line[4:])
+        if len(self._lines) > MAX_REPLY_LINES:
+            raise ProtocolError("reply has too many lines")
+        if len(line) == 3 or line[3] == " ":
+            lines, self._lines = self._lines, []
+            return _reply(code, lines)
+        return None
 
     @property
     def pending(self) -> bool:
         return bool(self._buf) or bool(self._lines)
+
+
+# Replies are values, and a server says the same few again and again ("250 2.1.5 Ok",
+# "354 End data..."): a single-line reply seen lately is not parsed again (W2's relay:
+# four replies a message). Cleared when full; only the event loop's thread reads it.
+_SEEN: dict[bytes, Reply] = {}
 
 
 def _reply(code: int, lines: list[str]) -> Reply:
@@ -85,10 +109,16 @@ def _reply(code: int, lines: list[str]) -> Reply:
     m = _ENHANCED.match(lines[0]) if lines else None
     if m and m.group(1) == str(code)[0] and 200 <= code <= 599:
         enhanced = m.group(0).strip()
-        lines = [_ENHANCED.sub("", ln, count=1) if _ENHANCED.match(ln) else ln for ln in lines]
+        lines = [ln[found.end():] if (found := _ENHANCED.match(ln)) else ln for ln in lines]
     if not 200 <= code <= 599:
         code = 554 if code >= 500 or code < 200 else code
     return Reply(code, enhanced, "\n".join(lines))
+
+
+@functools.lru_cache(maxsize=64)
+def _shown(reply: Reply) -> tuple[str, ...]:
+    """A reply's lines as a transcript shows them (the same few replies, again and again)."""
+    return tuple(f"S: {line}" for line in reply.render().decode("utf-8", "replace").splitlines())
 
 
 @dataclass
@@ -114,8 +144,8 @@ class Transcript:
             self._add(f"C: {text}")
 
     def server(self, reply: Reply) -> None:
-        for line in reply.render().decode("utf-8", "replace").splitlines():
-            self._add(f"S: {line}")
+        for line in _shown(reply):
+            self._add(line)
 
     def note(self, text: str) -> None:
         self._add(f"-- {text}")

@@ -487,6 +487,40 @@ def test_a_late_result_for_a_deleted_recipient_is_refused(spool: Spool, clock: C
     run(main())
 
 
+def test_a_message_goes_with_its_last_final_recipient_and_not_while_owed(
+        spool: Spool, clock: Clock) -> None:
+    """Recorded results finish a message only when none of its recipients is waiting
+    or owed a notice, whether they come in one batch or several."""
+    one_by_one, together, warned = (msg("a@here.test", "b@here.test"),
+                                    msg("c@here.test", "d@here.test"), msg("e@here.test"))
+
+    async def main() -> None:
+        for m in (one_by_one, together, warned):
+            await spool.enqueue(m)
+        await to_delivery(spool, clock.now)
+        claims = {c.address: c for c in await claim_all(spool, Direction.INBOUND, clock.now)}
+        await spool.record([Transition(claims["e@here.test"], State.DELIVERY, "451 4.3.0 later",
+                                       {"status": "4.3.0"}, attempts=1,
+                                       next_attempt=clock.now, warn=True)], clock.now)
+        (e,) = await spool.claim([d for d in await spool.due(Direction.INBOUND, clock.now, 10, "a")
+                                  if d.address == "e@here.test"], clock.now, "a", 600)
+        stale = claims["e@here.test"]                          # its claim before the retry
+        assert await spool.record([delivered(claims["a@here.test"]), delivered(stale)],
+                                  clock.now) == [stale.rid]
+        shown = await views.show(spool, one_by_one.queue_id)
+        assert [(r["address"], r["state"]) for r in shown["recipients"]] == [
+            ("a@here.test", "delivered"), ("b@here.test", "delivery")]
+        assert await spool.record([delivered(claims["b@here.test"]),
+                                   delivered(claims["c@here.test"]),
+                                   delivered(claims["d@here.test"]), delivered(e)],
+                                  clock.now) == []
+        assert await spool.message(one_by_one.queue_id) is None
+        assert await spool.message(together.queue_id) is None
+        assert await spool.message(warned.queue_id) is not None    # its delay notice is owed
+        assert [n.kind for n in await spool.owed_notices(10)] == ["delay"]
+    run(main())
+
+
 def test_views_show_a_message_and_group_reasons(spool: Spool, clock: Clock) -> None:
     m = msg("a@far.test", "b@far.test")
 

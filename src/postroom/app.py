@@ -798,6 +798,8 @@ class Postroom:
                 pass
         if hasattr(self, "qmgr"):
             await self.qmgr.stop()
+        if hasattr(self, "agent"):
+            await self.agent.close()             # QUIT the idle outbound connections
         if hasattr(self, "local"):
             self.local.executor.shutdown(wait=True)
         if hasattr(self, "syncer"):

@@ -20,11 +20,13 @@ Policy per route:
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import ipaddress
 import logging
 import ssl
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from ..config import DeliveryConfig, Route
 from ..dns import MxResult, Resolver
@@ -68,7 +70,28 @@ def mail_parameters(client: Client, message: OutboundMessage) -> str:
     return params
 
 
+_Key = tuple[Route, str, str, int]     # route, our EHLO name, server address, port
+
+
+@dataclass(slots=True)
+class _Idle:
+    """A connection between two batches (the connection cache)."""
+
+    client: Client
+    timer: asyncio.TimerHandle
+    opened: float                     # loop time
+    messages: int                     # sent on it so far
+
+
 class SmtpDeliveryAgent:
+    # The connection cache (Postfix's smtp_connection_cache_on_demand): a connection
+    # whose batch went well waits IDLE seconds for the next batch to the same server,
+    # over the same route, instead of QUIT; it is closed after REUSE_TIME seconds of
+    # use in all (Postfix: smtp_connection_cache_time_limit 2s,
+    # smtp_connection_reuse_time_limit 300s).
+    IDLE = 2.0
+    REUSE_TIME = 300.0
+
     def __init__(self, resolver: Resolver, hostname: str, config: DeliveryConfig) -> None:
         self.resolver = resolver
         self.hostname = hostname
@@ -78,6 +101,63 @@ class SmtpDeliveryAgent:
         self._may.verify_mode = ssl.CERT_NONE
         self._verify = ssl.create_default_context()
         self._noverify = self._may
+        self._idle: dict[_Key, list[_Idle]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+
+    # --- the connection cache -------------------------------------------------------
+    def _take(self, key: _Key) -> _Idle | None:
+        """The most recently used idle connection for ``key`` that the server has not
+        closed meanwhile, or None."""
+        idle = self._idle.get(key)
+        while idle:
+            entry = idle.pop()
+            entry.timer.cancel()
+            if not idle:
+                del self._idle[key]
+            if entry.client.usable():
+                return entry
+            entry.client.close()
+        return None
+
+    def _park(self, key: _Key, client: Client, opened: float, messages: int) -> None:
+        """Keep ``client`` for the next batch, or end it (QUIT) when it has served its
+        time, or when as many connections already wait as one destination may have."""
+        loop = asyncio.get_running_loop()
+        idle = self._idle.setdefault(key, [])
+        if loop.time() - opened >= self.REUSE_TIME or not client.usable() or \
+                len(idle) >= self.config.max_connections_per_destination:
+            if not idle:
+                del self._idle[key]
+            self._quit(client)
+            return
+        entry = _Idle(client, loop.call_later(self.IDLE, self._expire, key, client), opened,
+                      messages)
+        idle.append(entry)
+
+    def _expire(self, key: _Key, client: Client) -> None:
+        idle = self._idle.get(key, [])
+        for entry in idle:
+            if entry.client is client:
+                idle.remove(entry)
+                break
+        if not idle:
+            self._idle.pop(key, None)
+        self._quit(client)
+
+    def _quit(self, client: Client) -> None:
+        task = asyncio.get_running_loop().create_task(client.quit())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def close(self) -> None:
+        """QUIT every idle connection (at shutdown)."""
+        for idle in list(self._idle.values()):
+            for entry in idle:
+                entry.timer.cancel()
+                self._quit(entry.client)
+        self._idle.clear()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
     # --- next hop ------------------------------------------------------------------
     async def _hosts(self, dest: Destination) -> list[tuple[str, str, int]] | DeliveryResult:
@@ -134,14 +214,26 @@ class SmtpDeliveryAgent:
             if not pending:
                 break
             transcript.end_connection()
-            transcript.note(f"trying {name} [{ip}]:{port}")
+            key = (dest.route, self.hostname, ip, port)
+            reused = self._take(key)
+            if reused is None:
+                transcript.note(f"trying {name} [{ip}]:{port}")
             plaintext_retry = False
             while True:
-                client = Client(helo_name=self.hostname,
-                                command_timeout=self.config.command_timeout,
-                                transcript=transcript)
+                if reused is not None:
+                    client, opened, sent = reused.client, reused.opened, reused.messages
+                    client.transcript = transcript
+                    transcript.note(f"reusing the connection to {name} [{ip}]:{port} "
+                                    f"({sent} messages sent on it before)")
+                    answered = client.replies
+                else:
+                    client = Client(helo_name=self.hostname,
+                                    command_timeout=self.config.command_timeout,
+                                    transcript=transcript)
+                    opened, sent = asyncio.get_running_loop().time(), 0
                 try:
-                    await self._open(client, dest.route, ip, port, name, plaintext_retry)
+                    if reused is None:
+                        await self._open(client, dest.route, ip, port, name, plaintext_retry)
                 except HopError as exc:
                     client.close()
                     if exc.step == "STARTTLS" and dest.route.tls == "opportunistic" \
@@ -156,9 +248,20 @@ class SmtpDeliveryAgent:
                         return [self._hop_result(exc, name, ip, dest, transcript, m, r)
                                 for m in pending for r in m.recipients] + results
                     break
+                before = len(pending)
                 try:
                     await self._send_all(client, pending, results, dest, name, ip, transcript)
                 except HopError as exc:
+                    client.close()
+                    if reused is not None and client.replies == answered:
+                        # the server ended the idle connection just as it was reused:
+                        # nothing was sent that it took; a new connection, same host
+                        transcript.end_connection()
+                        transcript.note(f"the reused connection failed at once ({exc.detail}); "
+                                        "opening a new one")
+                        reused = None
+                        transcript.note(f"trying {name} [{ip}]:{port}")
+                        continue
                     # the message in flight at the failure gets it; the rest try the next host
                     last_error, last_host = exc, (name, ip)
                     failures.append(f"{name} [{ip}]: {exc.detail}")
@@ -167,9 +270,8 @@ class SmtpDeliveryAgent:
                         results.extend(self._hop_result(exc, name, ip, dest, transcript, m, r,
                                                         hop_failure=False)
                                        for r in m.recipients)
-                    client.close()
                     break
-                await client.quit()
+                self._park(key, client, opened, sent + before - len(pending))
                 break
         if pending:
             assert last_error is not None and last_host is not None

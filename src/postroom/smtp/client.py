@@ -275,6 +275,7 @@ class Client:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._expired = False
+        self.replies = 0                      # read so far (a 421 not counted)
 
     # --- plumbing ------------------------------------------------------------------
     async def connect(self, ip: str, port: int, timeout: float,
@@ -334,7 +335,16 @@ class Client:
             # "service closing": whatever was asked, the connection is over, and the
             # failure must quote this reply rather than the closed socket after it
             raise HopError(step, f"{self.peer} closed the connection at {step}: {reply}", reply)
+        self.replies += 1
         return reply
+
+    def usable(self) -> bool:
+        """Open, not timed out, and between replies: an idle connection that the server
+        has closed is not (one it is closing, or said 421 on, fails at its first reply:
+        see SmtpDeliveryAgent.deliver)."""
+        return self.writer is not None and self.reader is not None and not self._expired \
+            and not self.writer.is_closing() and not self.reader.at_eof() \
+            and not self._queue and not self._replies.pending
 
     def write_line(self, line: str, shown: str | None = None) -> None:
         """Queue a command line; :meth:`drain` sends everything queued in one write."""

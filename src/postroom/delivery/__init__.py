@@ -103,9 +103,13 @@ def announce_delivered(log: logging.Logger, metrics: Metrics, emit: Callable[...
     metrics.delivered.labels(direction).inc()
     metrics.delivery.labels(direction).observe(max(0.0, waited))
     metrics.attempts.labels(direction, "delivered", status_label(r.dsn_status)).inc()
-    log.info("queue_id=%s to=<%s> status=delivered (%s)", queue_id, address, r.reply)
+    hop, ip = r.hop, r.remote_ip
+    if ip:
+        log.info("queue_id=%s to=<%s> relay=%s[%s] status=delivered (%s)", queue_id, address,
+                 r.remote_host, ip, r.reply)
+    else:
+        log.info("queue_id=%s to=<%s> status=delivered (%s)", queue_id, address, r.reply)
     if emit is not None:
-        hop, ip = r.hop, r.remote_ip
         where = f" {r.remote_host} [{ip}]" if ip else ""
         emit(3002, f"<{address}> delivered via {hop or '?'}{where}: {r.reply}", queue_id=queue_id,
              domain=address.rpartition("@")[2], rcpt=address, hop=hop, remote_ip=ip)

@@ -372,10 +372,12 @@ class SmtpDeliveryAgent:
             out.append(self._result(r, ok, reply.is_transient, reply, step, name, ip, dest,
                                     transcript, dsn_capable=dsn))
         for r, res in zip(message.recipients, out, strict=True):
-            log.info("queue_id=%s to=<%s> relay=%s[%s] status=%s step=%s (%s)",
-                     message.queue_id, r.address, name, ip,
-                     "sent" if res.ok else ("deferred" if res.transient else "bounced"),
-                     res.step, res.reply)
+            # a delivery is logged once, as recorded (status=delivered, with its relay);
+            # a refusal also here, with the step that met it
+            if not res.ok:
+                log.info("queue_id=%s to=<%s> relay=%s[%s] status=%s step=%s (%s)",
+                         message.queue_id, r.address, name, ip,
+                         "deferred" if res.transient else "bounced", res.step, res.reply)
         return out
 
     @staticmethod

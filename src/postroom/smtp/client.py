@@ -275,6 +275,7 @@ class Client:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._expired = False
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.replies = 0                      # read so far (a 421 not counted)
 
     # --- plumbing ------------------------------------------------------------------
@@ -375,7 +376,11 @@ class Client:
         take what is written. One timer per connection, moved only when it would fire
         late: a new timer per wait (``asyncio.timeout``, made and cancelled at every
         read and drain) cost about a quarter of this client's CPU per message."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            # asyncio.get_running_loop() makes a getpid() system call on Python 3.11
+            # (its fork check): once per connection, not at every read
+            loop = self._loop = asyncio.get_running_loop()
         due = loop.time() + self.timeout
         self._due = due
         if self._timer is not None:
@@ -391,7 +396,8 @@ class Client:
         self._timer = None
         if not self._due:
             return                                # not waiting; the next wait re-arms
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        assert loop is not None
         if loop.time() < self._due:               # a later wait moved the deadline
             self._timer_at = self._due
             self._timer = loop.call_at(self._due, self._check)

@@ -70,7 +70,9 @@ def mail_parameters(client: Client, message: OutboundMessage) -> str:
     return params
 
 
-_Key = tuple[Route, str, str, int]     # route, our EHLO name, server address, port
+# route, our EHLO name, the server's name (a certificate verified for one MX name is
+# never reused for another at the same address), its address and port
+_Key = tuple[Route, str, str, str, int]
 
 
 @dataclass(slots=True)
@@ -214,7 +216,7 @@ class SmtpDeliveryAgent:
             if not pending:
                 break
             transcript.end_connection()
-            key = (dest.route, self.hostname, ip, port)
+            key = (dest.route, self.hostname, name, ip, port)
             reused = self._take(key)
             if reused is None:
                 transcript.note(f"trying {name} [{ip}]:{port}")

@@ -388,6 +388,41 @@ def test_queued_messages_for_one_destination_share_one_connection(  # type: igno
     assert len(sessions) == 1, log
 
 
+def test_a_message_refused_after_its_data_costs_the_next_on_the_connection_nothing(  # type: ignore[no-untyped-def]
+        server_factory, dns_port, tmp_path: Path) -> None:
+    """Postfix keeps a transaction it refused at the end of data until RSET, and answers
+    the next MAIL "503 5.5.1 Error: nested MAIL command": the next message over that
+    connection (in the same batch, or when the cached connection is reused) is sent
+    after an RSET and accepted, and only the refused one bounces."""
+    refusals = tmp_path / "end-of-data"
+    refusals.write_text("/^bob@/ REJECT 5.7.1 not from this sender\n")
+    refusals.chmod(0o644)
+    with postfix(tmp_path / "isp", "127.0.0.20", f"""
+            mynetworks = 127.0.0.0/8
+            smtpd_relay_restrictions = permit_mynetworks reject_unauth_destination
+            smtpd_end_of_data_restrictions = check_sender_access regexp:{refusals}
+            """) as isp:
+        sp = server_factory(_config(dns_port, 9, f"""
+            [[route]]
+            match = "far.test"
+            via = "smarthost"
+            host = "{isp.address}:{isp.port}"
+            tls = "none"
+            """), users=("alice@example.test", "bob@example.test"))
+        for n, sender in enumerate(["bob@example.test", "alice@example.test"] * 3):
+            _send(sp, ["carol@far.test"], f"message {n}", sender=sender)
+        bounces = sp.wait_messages("bob@example.test", 3, timeout=30)
+        assert _queue_empty(sp)
+        deadline = time.monotonic() + 10
+        while isp.log.read_text().count("from=<alice@example.test>") < 3 and \
+                time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert isp.log.read_text().count("from=<alice@example.test>") == 3
+    assert len(bounces) == 3 and all(b"5.7.1" in b for b in bounces)
+    assert sp.messages("alice@example.test") == []                # no NDR for alice
+    assert "nested MAIL" not in sp.log_text()
+
+
 def test_a_message_needing_smtputf8_to_a_server_without_it_bounces_with_5_6_7(  # type: ignore[no-untyped-def]
         server_factory, dns_port, tmp_path: Path) -> None:
     with postfix(tmp_path / "old", "127.0.0.21", """

@@ -14,18 +14,19 @@ from postroom.dns import Resolver
 
 
 class Scripted:
-    """SMTP over TCP on 127.0.0.1; the n-th connection's first MAIL after its first
-    message gets ``second_mail[n]`` (b"" to hang up without a word)."""
+    """SMTP over TCP on 127.0.0.1; the n-th connection's first command after its first
+    message (the reused connection's RSET) gets ``after_first[n]`` (b"" to hang up
+    without a word; None: answered as usual)."""
 
-    def __init__(self, second_mail: list[bytes | None]) -> None:
-        self.second_mail = second_mail
+    def __init__(self, after_first: list[bytes | None]) -> None:
+        self.after_first = after_first
         self.connections = 0
         self.delivered = 0
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         n, self.connections = self.connections, self.connections + 1
         writer.write(b"220 scripted.test ESMTP\r\n")
-        messages, in_data = 0, False
+        messages, in_data, answered = 0, False, False
         while line := await reader.readline():
             if in_data:
                 if line == b".\r\n":
@@ -34,8 +35,9 @@ class Scripted:
                     writer.write(b"250 2.0.0 Ok: queued\r\n")
                 continue
             cmd = line.decode().strip().upper()
-            if cmd.startswith("MAIL") and messages == 1 and n < len(self.second_mail):
-                answer = self.second_mail[n]
+            if messages == 1 and not answered and n < len(self.after_first):
+                answered = True
+                answer = self.after_first[n]
                 if answer is not None:
                     if answer:
                         writer.write(answer)

@@ -89,6 +89,8 @@ def _answers(greeting_reply: bytes = LHLO_REPLY) -> Callable[[str], bytes]:
             return b"250 2.1.5 OK\r\n"
         if cmd == "DATA":
             return b"354 OK\r\n"
+        if cmd == "RSET":
+            return b"250 2.0.0 OK\r\n"
         if cmd == "QUIT":
             return b"221 2.0.0 Bye\r\n"
         return b"500 5.5.1 Unknown command\r\n"
@@ -171,8 +173,9 @@ def test_lmtp_says_lhlo_and_reads_one_reply_per_accepted_recipient(
     assert bytes(store.received) == (
         b"LHLO client.test\r\nMAIL FROM:<s@x.test>\r\nRCPT TO:<alice@store.test>\r\n"
         b"RCPT TO:<nobody@store.test>\r\nRCPT TO:<bob@store.test>\r\nDATA\r\n"
-        b"Subject: hi\r\n\r\nbody\r\n.\r\n"
-        b"MAIL FROM:<s@x.test>\r\nRCPT TO:<alice@store.test>\r\nDATA\r\ntwo\r\n.\r\nQUIT\r\n")
+        b"Subject: hi\r\n\r\nbody\r\n.\r\n"        # RSET: a transaction came before
+        b"RSET\r\nMAIL FROM:<s@x.test>\r\nRCPT TO:<alice@store.test>\r\nDATA\r\ntwo\r\n.\r\n"
+        b"QUIT\r\n")
     text = client.transcript.text()
     assert "C: LHLO client.test" in text and "EHLO" not in text
     assert "S: 452 4.2.2 <bob@store.test> Mailbox is full" in text
@@ -307,14 +310,16 @@ def test_send_each_puts_the_next_message_commands_behind_the_final_dot(tmp_path:
     assert [(i, tx.data.code if tx.data else None) for i, tx, _ in got] == \
         [(0, 250), (1, 452), (2, 250)]
     mail = b"MAIL FROM:<a@x.test>\r\nRCPT TO:<alice@store.test>\r\nDATA\r\n"
-    assert writes == [mail, b"m0\r\n.\r\n" + mail, b"m1\r\n.\r\n" + mail, b"m2\r\n.\r\n",
-                      b"QUIT\r\n"]
+    # after the first transaction, RSET first: the server may still hold a refused one
+    assert writes == [mail, b"m0\r\n.\r\nRSET\r\n" + mail, b"m1\r\n.\r\nRSET\r\n" + mail,
+                      b"m2\r\n.\r\n", b"QUIT\r\n"]
     assert bytes(store.received).endswith(b"m2\r\n.\r\nQUIT\r\n")
     # each result's transcript: its own commands and its own final reply, in that order
-    assert got[1][2].splitlines()[-10:] == [
-        "-- (1 earlier messages on this connection)", "C: MAIL FROM:<a@x.test>",
-        "C: RCPT TO:<alice@store.test>", "C: DATA", "S: 250 2.1.0 OK", "S: 250 2.1.5 OK",
-        "S: 354 OK", "C: <message, 7 octets>", "C: .", "S: 452 4.3.1 Insufficient storage"]
+    assert got[1][2].splitlines()[-12:] == [
+        "-- (1 earlier messages on this connection)", "C: RSET", "C: MAIL FROM:<a@x.test>",
+        "C: RCPT TO:<alice@store.test>", "C: DATA", "S: 250 2.0.0 OK", "S: 250 2.1.0 OK",
+        "S: 250 2.1.5 OK", "S: 354 OK", "C: <message, 7 octets>", "C: .",
+        "S: 452 4.3.1 Insufficient storage"]
     assert "m2" not in got[1][2] and "queued as A" not in got[1][2]
 
 
@@ -337,7 +342,8 @@ def test_send_each_a_lost_connection_fails_the_message_not_yet_given_back(
 
     got, exc = asyncio.run(run())
     assert got == [0]                         # the first was answered before the hang-up
-    assert exc is not None and exc.step == "MAIL" and "closed the connection" in exc.detail
+    # the next message's first reply is its RSET's
+    assert exc is not None and exc.step == "RSET" and "closed the connection" in exc.detail
 
 
 def test_the_command_timeout_runs_per_wait_and_ends_a_silent_connection(tmp_path: Path) -> None:

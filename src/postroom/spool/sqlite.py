@@ -134,11 +134,12 @@ OWED = ("SELECT r.id, r.message, r.address, r.params, r.state, r.last_reply, r.d
         "JOIN messages m ON m.id = r.message WHERE r.notice != '' OR r.warned = 1 "
         "ORDER BY r.message LIMIT ?")
 
+# A recipient that keeps its message in the spool: still to deliver, or owed a notice.
+PENDING = "(state IN ('conversion', 'delivery') OR notice != '' OR warned = 1)"
 # record(): a claimed recipient (its ``warned``: 1 while a delay notice is owed), and
-# whether any other recipient of its message is still active or owed a notice.
+# whether any other recipient of its message keeps the message.
 CLAIMED = "SELECT warned FROM recipients WHERE id = ? AND claim = ? AND state = 'delivery'"
-OTHERS_OWED = ("SELECT 1 FROM recipients WHERE message = ? AND id != ? AND "
-               "(state IN ('conversion', 'delivery') OR notice != '' OR warned = 1) LIMIT 1")
+OTHERS_OWED = f"SELECT 1 FROM recipients WHERE message = ? AND id != ? AND {PENDING} LIMIT 1"
 
 WAL_CHECKPOINT_PAGES = 256          # of 4 KiB: 1 MiB
 WAL_SIZE_LIMIT = 1 << 20
@@ -734,8 +735,8 @@ def _finish_messages(conn: sqlite3.Connection, message_ids: Iterable[str]) -> No
     """Delete messages that owe nothing more: every recipient is final and every
     notice owed to the sender (NDR, success) has gone out."""
     _delete_messages(conn, [mid for mid in set(message_ids) if conn.execute(
-        "SELECT 1 FROM recipients WHERE message = ? AND (state IN ('conversion', 'delivery') "
-        "OR notice != '' OR warned = 1) LIMIT 1", (mid,)).fetchone() is None])
+        f"SELECT 1 FROM recipients WHERE message = ? AND {PENDING} LIMIT 1",
+        (mid,)).fetchone() is None])
 
 
 def _delete_messages(conn: sqlite3.Connection, message_ids: Iterable[str]) -> None:

@@ -364,13 +364,12 @@ class Client:
         try:
             await self.writer.drain()
         except OSError as exc:
-            if self._expired:
-                raise HopError(step, f"{self.peer} stopped reading during {step}") from None
-            raise HopError(step, f"connection to {self.peer} failed during {step}: "
-                           f"{exc.strerror or exc.__class__.__name__}") from None
+            if not self._expired:
+                raise HopError(step, f"connection to {self.peer} failed during {step}: "
+                               f"{exc.strerror or exc.__class__.__name__}") from None
         finally:
             self._due = 0.0
-        if self._expired:          # a drain woken by the abort returns without an error
+        if self._expired:          # the abort: the drain raised, or returned without an error
             raise HopError(step, f"{self.peer} stopped reading during {step}")
 
     # --- the clock -----------------------------------------------------------------

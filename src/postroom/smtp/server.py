@@ -188,6 +188,7 @@ class ServerState:
         self.relay = RelaySettings(frozenset(c.local_domains), c.trusted_networks,
                                    frozenset(c.aliases), c.routes)
         self.throttle = AuthThrottle(c.smtp.auth_failure_limit, c.smtp.auth_failure_window)
+        self.spool_away_noted = -3600.0      # event 5003, said once a minute (Session)
         self.intake = Intake(self.spool, c.hostname, self.relay.local_domains, self.metrics,
                              self.events, self.clock)
         self.intake.early = early_conversion(c)
@@ -464,7 +465,7 @@ class Session(asyncio.Protocol):
                     try:
                         self._decide(ev)
                     except Exception as exc:  # noqa: BLE001 - the translation point
-                        core.respond(reply_for_exception(exc, self.id))
+                        core.respond(self._reply_for(exc))
                     continue
                 self._busy = True             # a commit, AUTH or TLS: input waits
                 assert self._loop is not None
@@ -478,7 +479,7 @@ class Session(asyncio.Protocol):
         try:
             await self._handle(ev)
         except Exception as exc:  # noqa: BLE001 - the translation point
-            self.core.respond(reply_for_exception(exc, self.id))
+            self.core.respond(self._reply_for(exc))
         self._busy = False
         self._progress()
         self._pump()
@@ -758,6 +759,20 @@ class Session(asyncio.Protocol):
             log.warning("session=%s could not archive %s: %s", self.id, qid, exc)
             return
         self._event(7001, f"copy of {qid} kept in {path}", queue_id=qid, level="maximum")
+
+    def _reply_for(self, exc: BaseException) -> Reply:
+        """:func:`reply_for_exception`; a spool that cannot be reached is also said in
+        event 5003, once a minute, whatever else the queue manager is doing (waiting
+        for the database, it may have nothing to fail on)."""
+        if isinstance(exc, StorageUnavailable):
+            st = self.state
+            now = time.monotonic()
+            if now - st.spool_away_noted >= 60:
+                st.spool_away_noted = now
+                self._event(5003, f"the spool's database cannot be reached ({exc}): new mail "
+                            "is answered 451 4.3.0; the node resumes by itself when it is "
+                            "back")
+        return reply_for_exception(exc, self.id)
 
     def _event(self, kind: int, text: str, **kw: object) -> None:
         ev_log = self.state.events

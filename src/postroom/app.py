@@ -38,6 +38,7 @@ from .events import EventLog, Levels
 from .intake import Stamping, Submission
 from .metrics import Metrics
 from .model import ComponentError
+from .observability import attach_loop
 from .policy import RelaySettings, SessionSnapshot, check_rcpt, peer_address, trusted_network
 from .smtp.server import ServerState, Session
 from .spool import Filters, Spool, open_spool
@@ -263,11 +264,18 @@ def loop_name() -> str:
 
 
 def run_loop(main: Coroutine[Any, Any, T]) -> T:
-    """Run ``main`` to its end on the loop :func:`loop_name` names."""
+    """Run ``main`` to its end on the loop :func:`loop_name` names; the log lines of
+    that time are written from it, a batch at a time (observability.attach_loop)."""
+    async def logged() -> T:
+        attach_loop(asyncio.get_running_loop())
+        try:
+            return await main
+        finally:
+            attach_loop(None)
     if loop_name() == "uvloop":
         import uvloop
-        return uvloop.run(main)
-    return asyncio.run(main)
+        return uvloop.run(logged())
+    return asyncio.run(logged())
 
 
 def fork_front_ends(config: Config, listeners: Listeners, count: int,

@@ -65,3 +65,34 @@ def test_every_kind_has_a_known_category_level_and_severity() -> None:
         assert kind.category in CATEGORIES and kind.level in LEVELS[1:]
         assert kind.severity in SEVERITIES
         assert str(kind.id)[0] == str(CATEGORIES.index(kind.category) + 1)
+
+
+@pytest.mark.parametrize("json_each", [True, False])
+def test_a_batch_keeps_every_column_and_field_and_a_nan_does_not_lose_it(
+        tmp_path: Path, json_each: bool) -> None:
+    """A batch goes in as one statement (SQLite's json_each over the documents) where
+    SQLite has it, else row by row; a document SQLite's JSON parser refuses (NaN is not
+    JSON) sends that batch row by row, and nothing is lost."""
+    log = EventLog(tmp_path / "events.sqlite3")
+    log._json_each = log._json_each and json_each
+    assert log._json_each == json_each               # this SQLite has json_each
+    statements: list[str] = []
+    log._conn.set_trace_callback(statements.append)
+    log.emit(3001, "message received", queue_id="Q1", peer="192.0.2.7", size=4380,
+             note="héllo \"quoted\"", nested={"a": [1, 2]})
+    log.flush()
+    batched = [s for s in statements if "json_each" in s]
+    log.emit(3003, "deferred", queue_id="Q2", next_attempt=float("nan"))
+    log.emit(5002, "boom", reference="x")
+    log.flush()
+    log.close()
+    assert len(batched) == (1 if json_each else 0)
+    got = query_events(connect_events(tmp_path / "events.sqlite3"))
+    assert [(e["id"], e["severity"], e["category"], e["queue_id"], e["peer"]) for e in got] == [
+        (3001, "info", "message_transfer", "Q1", "192.0.2.7"),
+        (3003, CATALOGUE[3003].severity, "message_transfer", "Q2", None),
+        (5002, "error", CATALOGUE[5002].category, None, None)]
+    assert got[0]["text"] == "message received"
+    assert got[0]["fields"] == {"size": 4380, "note": "héllo \"quoted\"", "nested": {"a": [1, 2]}}
+    assert str(got[1]["fields"]["next_attempt"]) == "nan"
+    assert abs(got[0]["at"] - time.time()) < 60

@@ -142,6 +142,12 @@ class QueueManager:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qmgr")
         self._task: asyncio.Task[None] | None = None
         self._in_flight: set[int] = set()
+        # Whether a claim of ours may have ended without its results recorded (a failed
+        # round or delivery task; and at start): then the next round's due() reads our
+        # own leased recipients too, to try them again at once. Otherwise it skips them:
+        # they are in flight, and reading them back each round was most of its rows.
+        self._unrecorded = True
+        self._mine = self.owner
         self._connections: dict[str, int] = defaultdict(int)
         self._failures: dict[str, int] = {}     # destinations failing as a whole, in a row
         # destination ref -> (end of its backoff, the failure's reply, its detail as JSON)
@@ -263,6 +269,8 @@ class QueueManager:
         while not self._stopping:
             self._wake.clear()
             stopped = self.stopped
+            self._mine = self.owner if self._unrecorded else ""
+            self._unrecorded = False
             try:
                 worked = 0
                 if "queue-manager" not in stopped:
@@ -275,10 +283,12 @@ class QueueManager:
                     worked += await self.send_notices()
                     await self._sweep()
             except StorageUnavailable as exc:
+                self._unrecorded = True
                 self._unreachable(exc)
                 worked = 0
                 await asyncio.sleep(1)
             except StorageFull:
+                self._unrecorded = True
                 self._event(5001, "the spool's disk is full: the queue manager cannot record "
                             "results; retrying every second")
                 log.warning("the spool's disk is full: results cannot be recorded; "
@@ -286,6 +296,7 @@ class QueueManager:
                 worked = 0
                 await asyncio.sleep(1)
             except Exception:
+                self._unrecorded = True
                 log.exception("queue manager round failed; retrying in 1s")
                 self._event(5002, "a queue manager round failed (details in postroom.log); "
                             "retrying in 1s")
@@ -435,7 +446,7 @@ class QueueManager:
         a mail store over LMTP in its own task, as outbound mail goes (capped, backing off
         when the store is down), so a slow store never holds up the Maildirs."""
         now = self.clock()
-        due = await self.spool.due(Direction.INBOUND, now, self.BATCH, self.owner)
+        due = await self.spool.due(Direction.INBOUND, now, self.BATCH, self._mine)
         local: list[Claim] = []
         stores: dict[str, tuple[Destination, list[Claim]]] = {}
         for d in due:
@@ -560,7 +571,7 @@ class QueueManager:
         if len(self._outbound_tasks) >= cap:
             return 0
         now = self.clock()
-        due = await self.spool.due(Direction.OUTBOUND, now, 4 * self.BATCH, self.owner)
+        due = await self.spool.due(Direction.OUTBOUND, now, 4 * self.BATCH, self._mine)
         groups: dict[str, tuple[Destination, list[Claim]]] = {}
         unroutable: list[Claim] = []
         waiting: dict[str, int] = {}
@@ -615,12 +626,14 @@ class QueueManager:
         return started + len(unroutable) + sum(waiting.values())
 
     async def _deliver_remote(self, dest: Destination, claims: list[Claim]) -> None:
+        recorded = False
         try:
             agent = self.agents.for_route(dest.route)
             assert agent is not None
             results = await agent.deliver(dest, await self._messages(claims))
             by_id = {c.rid: c for c in claims}
             await self._record([(by_id[r.recipient], r) for r in results])
+            recorded = True
             if results and all(r.hop_failure for r in results):
                 first = results[0]
                 await self._back_off(dest, str(first.reply), {**first.as_detail(),
@@ -638,6 +651,8 @@ class QueueManager:
             log.exception("outbound delivery to %s failed; will retry", dest.describe())
             await self._back_off(dest)
         finally:
+            if not recorded:
+                self._unrecorded = True
             self._connections[dest.key] -= 1
             if self._connections[dest.key] <= 0:
                 del self._connections[dest.key]

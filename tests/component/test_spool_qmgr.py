@@ -470,3 +470,38 @@ def test_free_pages_in_the_spool_file_count_as_reusable_space(spool: SqliteSpool
     spool.write_sync(fill_and_drop)
     spool.write_sync(lambda c: c.execute("DROP TABLE scratch"))
     assert spool.reusable_bytes() >= 400_000
+
+
+
+def test_a_result_not_recorded_is_tried_again_in_the_next_round_not_after_the_lease(
+        spool: SqliteSpool, tmp_path: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch
+        ) -> None:
+    """The queue manager's rounds skip its own leased recipients (they are in flight)
+    unless a claim of its may have ended unrecorded (here: the disk full at the
+    result's commit); then the next round reads them back, as an owner's own lease never
+    keeps it off. Without that, the copy would wait for its lease: 300 s."""
+    q = make_qmgr(spool, MaildirStore(tmp_path / "mail", "t"), clock)
+    new = tmp_path / "mail" / "example.test" / "a" / "new"
+    real_record = spool.record
+    failures = [StorageFull("database or disk is full")]
+
+    async def record_once_full(transitions, now):  # type: ignore[no-untyped-def]
+        if failures:
+            raise failures.pop()
+        return await real_record(transitions, now)
+    monkeypatch.setattr(spool, "record", record_once_full)
+
+    async def main() -> None:
+        await spool.enqueue(message(("a@example.test", "inbound")))
+        q.start()
+        try:
+            for _ in range(150):                 # the round after a failure waits 1 s
+                await asyncio.sleep(0.02)
+                if stored_messages(spool) == 0:
+                    break
+        finally:
+            await q.stop()
+    asyncio.run(main())
+    assert failures == []                        # the first result was lost...
+    assert stored_messages(spool) == 0           # ...and the next round delivered it
+    assert len(list(new.iterdir())) == 1

@@ -202,7 +202,8 @@ class Intake:
                     continue
                 route = chosen[0] if len(chosen) == 1 else self._rng.choice(chosen)
                 ref = destination_ref(route, domain)
-            out.append(replace(r, state=State.DELIVERY, destination=ref))
+            # made anew: dataclasses.replace costs as much again (it checks every field)
+            out.append(NewRecipient(r.address, r.direction, r.params, State.DELIVERY, ref))
         return tuple(out)
 
     async def queue(self, s: Submission) -> NewMessage:

@@ -11,6 +11,7 @@ Receiving ends at "queued": this module never imports delivery or the queue mana
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import itertools
 import logging
@@ -159,6 +160,15 @@ def early_conversion(c: Config) -> EarlyConversion:
                            inbound=not (c.imap.enabled and c.imap.delivery == "lmtp"))
 
 
+
+@functools.lru_cache(maxsize=4096)
+def _peer(text: str) -> tuple[IPAddress, str]:
+    """The peer's address and its text, parsed once per address (ipaddress's parser
+    and str(): about 4 us a connection)."""
+    ip = peer_address(text)
+    return ip, str(ip)
+
+
 @dataclass
 class ServerState:
     """What every session shares: config, decisions' inputs, counters, the spool."""
@@ -269,8 +279,7 @@ class Session(asyncio.Protocol):
         self.transport = transport = cast(asyncio.Transport, transport)
         self._loop = asyncio.get_running_loop()
         peername = transport.get_extra_info("peername") or ("0.0.0.0", 0)
-        self.ip = peer_address(peername[0])
-        self.peer = str(self.ip)
+        self.ip, self.peer = _peer(peername[0])
         st = self.state
         limits = st.config.smtp
         if st.shutting_down:

@@ -91,6 +91,15 @@ def _domain(address: str) -> str:
 class QueueManager:
     BATCH = 256
     MESSAGES_PER_CONNECTION = 50
+    # Back-to-back rounds that hand nothing to a delivery agent are this far apart at
+    # least. While a destination is down, every new message woke a round of its own
+    # (four reads and a write, to put it to wait with the destination), and under
+    # steady delivery so did every commit that found all due mail in flight; now the
+    # work of 10 ms waits together. Rounds that deliver never wait: a batch's end frees
+    # its connection for the next at once (a gap after every round made W2 slower).
+    # Measured, three interleaved pairs each: W3 945-979 -> 992-1,020 messages/s,
+    # server CPU 1.17-1.21 -> 1.08-1.15 ms a message; W2 1,090-1,124 -> 1,134-1,159.
+    ROUND_GAP = 0.01
     HEARTBEAT = 10.0            # seconds between this node's heartbeats in the spool
 
     def __init__(
@@ -142,6 +151,7 @@ class QueueManager:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qmgr")
         self._task: asyncio.Task[None] | None = None
         self._in_flight: set[int] = set()
+        self._delivering = False          # this round handed work to an agent
         # Whether a claim of ours may have ended without its results recorded (a failed
         # round or delivery task; and at start): then the next round's due() reads our
         # own leased recipients too, to try them again at once. Otherwise it skips them:
@@ -266,7 +276,10 @@ class QueueManager:
             await self._sweep(self.started or time.time())
         except OSError as exc:
             log.warning("could not remove old body files: %s", exc)
+        loop = asyncio.get_running_loop()
         while not self._stopping:
+            started = loop.time()
+            self._delivering = False
             self._wake.clear()
             stopped = self.stopped
             self._mine = self.owner if self._unrecorded else ""
@@ -303,6 +316,11 @@ class QueueManager:
                 worked = 0
                 await asyncio.sleep(1)
             if worked or self._stopping:
+                if not self._delivering and not self._stopping:
+                    # nothing handed to an agent: conversions, notices, new mail put
+                    # to wait for a destination that is down; rounds of those that
+                    # follow each other wait for company (see ROUND_GAP)
+                    await asyncio.sleep(max(0.0, started + self.ROUND_GAP - loop.time()))
                 continue
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=1.0)
@@ -465,6 +483,7 @@ class QueueManager:
             self._start(dest, [claimed[d.rid] for d in ds if d.rid in claimed])
         mine = [claimed[d.rid] for d in local if d.rid in claimed]
         if mine:
+            self._delivering = True
             agent = self.agents.for_route(LOCAL_ROUTE)
             assert agent is not None, "the local agent is always registered"
             self._held.update((c.rid, c) for c in mine)
@@ -481,6 +500,7 @@ class QueueManager:
         """Deliver ``claims`` to ``dest`` in a task of its own (one connection)."""
         if not claims:
             return
+        self._delivering = True
         self._in_flight.update(c.rid for c in claims)
         self._held.update((c.rid, c) for c in claims)
         self._connections[dest.key] += 1

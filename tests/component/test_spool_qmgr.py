@@ -6,6 +6,7 @@ import asyncio
 import fcntl
 import os
 import sqlite3
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -505,3 +506,46 @@ def test_a_result_not_recorded_is_tried_again_in_the_next_round_not_after_the_le
     assert failures == []                        # the first result was lost...
     assert stored_messages(spool) == 0           # ...and the next round delivered it
     assert len(list(new.iterdir())) == 1
+
+
+def test_rounds_that_deliver_nothing_wait_for_company(
+        spool: SqliteSpool, tmp_path: Path, clock: Clock) -> None:
+    """While a destination is down, each new message used to wake a round of its own
+    (reads, and a write to put it to wait); rounds that hand nothing to an agent now
+    start ROUND_GAP apart at least, and the messages of that time wait together."""
+    agent = DeadAgent()
+    q = make_qmgr(spool, MaildirStore(tmp_path / "mail", "t"), clock, remote=agent)
+    rounds: list[float] = []
+    real_due = spool.due
+
+    async def due(direction, now, limit, owner=""):  # type: ignore[no-untyped-def]
+        if direction == Direction.OUTBOUND:
+            rounds.append(time.monotonic())
+        return await real_due(direction, now, limit, owner)
+    spool.due = due  # type: ignore[method-assign]
+
+    async def main() -> None:
+        await spool.enqueue(message(("u0@far.test", "outbound")))
+        q.start()
+        try:
+            for _ in range(100):                     # the first attempt: down, backing off
+                await asyncio.sleep(0.01)
+                if agent.calls:
+                    break
+            await asyncio.sleep(0.05)
+            del rounds[:]
+            for i in range(1, 41):                   # new mail, one commit at a time
+                await spool.enqueue(message((f"u{i}@far.test", "outbound")))
+                q.wake()
+                await asyncio.sleep(0.001)
+            await asyncio.sleep(0.1)
+        finally:
+            await q.stop()
+    asyncio.run(main())
+    assert agent.calls == [1]                        # nothing tried again meanwhile
+    gaps = [b - a for a, b in zip(rounds, rounds[1:])]
+    assert rounds and min(gaps) >= q.ROUND_GAP * 0.9, gaps
+    assert len(rounds) < 30                          # 40 messages, fewer rounds
+    waiting = [r for r in rows(spool, "address, next_attempt") if r[0] != "u0@far.test"]
+    assert len(waiting) == 40
+    assert all(float(r[1]) == clock.now + 60 for r in waiting)   # type: ignore[arg-type]

@@ -367,6 +367,9 @@ def connect_events(path: Path) -> sqlite3.Connection:
     return conn
 
 
+# An event's JSON document (json.dumps with these options makes a new encoder a call).
+_encode = json.JSONEncoder(ensure_ascii=False, default=str).encode
+
 # One batch of events, given as a JSON array of their documents, in one statement.
 INSERT_BATCH = (
     "INSERT INTO events (at, kind, severity, category, text, queue_id, peer, fields) "
@@ -488,9 +491,9 @@ class EventLog:
     def _write(self, rows: list[tuple[Any, ...]]) -> None:
         # one JSON document per event: the line in events.jsonl, and the row's fields
         # (the row's own columns are left out of them when read back)
-        docs = [json.dumps({"at": round(at, 6), "id": kind, "severity": sev,
-                            "category": cat, "text": text, "queue_id": qid, "peer": peer,
-                            **fields}, ensure_ascii=False, default=str)
+        encode = _encode
+        docs = [encode({"at": round(at, 6), "id": kind, "severity": sev, "category": cat,
+                        "text": text, "queue_id": qid, "peer": peer, **fields})
                 for at, kind, sev, cat, text, qid, peer, fields in rows]
         self._jsonl.write(docs)
         conn = self._conn

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import itertools
 import os
 import sqlite3
 import time
@@ -543,7 +544,7 @@ def test_rounds_that_deliver_nothing_wait_for_company(
             await q.stop()
     asyncio.run(main())
     assert agent.calls == [1]                        # nothing tried again meanwhile
-    gaps = [b - a for a, b in zip(rounds, rounds[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(rounds)]
     assert rounds and min(gaps) >= q.ROUND_GAP * 0.9, gaps
     assert len(rounds) < 30                          # 40 messages, fewer rounds
     waiting = [r for r in rows(spool, "address, next_attempt") if r[0] != "u0@far.test"]

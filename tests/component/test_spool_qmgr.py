@@ -516,14 +516,13 @@ def test_rounds_that_deliver_nothing_wait_for_company(
     start ROUND_GAP apart at least, and the messages of that time wait together."""
     agent = DeadAgent()
     q = make_qmgr(spool, MaildirStore(tmp_path / "mail", "t"), clock, remote=agent)
-    rounds: list[float] = []
-    real_due = spool.due
+    rounds: list[float] = []                         # when each round began: its first read
+    real_pending = spool.pending_conversion
 
-    async def due(direction, now, limit, owner=""):  # type: ignore[no-untyped-def]
-        if direction == Direction.OUTBOUND:
-            rounds.append(time.monotonic())
-        return await real_due(direction, now, limit, owner)
-    spool.due = due  # type: ignore[method-assign]
+    async def pending_conversion(limit):  # type: ignore[no-untyped-def]
+        rounds.append(time.monotonic())
+        return await real_pending(limit)
+    spool.pending_conversion = pending_conversion  # type: ignore[method-assign]
 
     async def main() -> None:
         await spool.enqueue(message(("u0@far.test", "outbound")))

@@ -160,7 +160,6 @@ def early_conversion(c: Config) -> EarlyConversion:
                            inbound=not (c.imap.enabled and c.imap.delivery == "lmtp"))
 
 
-
 @functools.lru_cache(maxsize=4096)
 def _peer(text: str) -> tuple[IPAddress, str]:
     """The peer's address and its text, parsed once per address (ipaddress's parser

@@ -311,6 +311,31 @@ def test_an_enqueue_on_one_node_wakes_the_others_listeners_within_a_second(
     run([a, b], body)
 
 
+def test_an_enqueue_that_fails_stores_nothing(url: str, tmp_path: Path) -> None:
+    """An enqueue is all or nothing: here its recipients' values cannot be sent (a NUL
+    in a text column) after the message's own were accepted, and no message is left
+    behind without its recipients (the message and its recipients are one statement,
+    its own transaction)."""
+    import psycopg
+
+    from postroom.spool import NewRecipient, new_queue_id
+    from postroom.spool.records import NewMessage
+    (a,) = nodes(url, tmp_path, "a")
+
+    async def body() -> None:
+        await a.start(listen=False)
+        await a.enqueue(msg("ok@far.test"))
+        bad = NewMessage(new_queue_id(), "s@example.org", {}, {}, b"body",
+                         (NewRecipient("x@far.test", Direction.OUTBOUND, {},
+                                       State.DELIVERY, "0|far\x00.test"),))
+        with pytest.raises(psycopg.DataError):
+            await a.enqueue(bad)
+        assert await a.message_bodies([bad.queue_id]) == {}
+        assert [c.address for c in await a.pending_conversion(10)] == ["ok@far.test"]
+        assert await a.due(Direction.OUTBOUND, time.time() + 60, 10) == []
+    run([a], body)
+
+
 # --- the database goes away and comes back (one restart for the module) ---------------
 def test_a_stopped_database_is_storage_unavailable_and_the_same_spool_carries_on(
         url: str, tmp_path: Path, postgres_server: Any) -> None:

@@ -312,10 +312,8 @@ def test_an_enqueue_on_one_node_wakes_the_others_listeners_within_a_second(
 
 
 def test_an_enqueue_that_fails_stores_nothing(url: str, tmp_path: Path) -> None:
-    """An enqueue is all or nothing: here its recipients' values cannot be sent (a NUL
-    in a text column) after the message's own were accepted, and no message is left
-    behind without its recipients (the message and its recipients are one statement,
-    its own transaction)."""
+    """An enqueue is all or nothing: when its recipients' values cannot be stored (a
+    NUL in a text column), no message is left behind without its recipients."""
     import psycopg
 
     from postroom.spool import NewRecipient, new_queue_id

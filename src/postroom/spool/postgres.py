@@ -378,10 +378,6 @@ class PostgresSpool:
             finally:
                 self._listen_conn = None
 
-    async def _notify(self, conn: AConn) -> None:
-        """NOTIFY the other nodes: delivered when the transaction commits."""
-        await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, self._token))
-
     # --- closing -------------------------------------------------------------------
     def _shut(self) -> AsyncConnectionPool[AConn] | None:
         """Closed from now on: no listener, no synchronous connection; the pool, to
@@ -434,7 +430,7 @@ class PostgresSpool:
         now = self.clock()
 
         async def insert(conn: AConn) -> None:
-            await self._insert_message(conn, message, now, notify=True)
+            await self._insert_message(conn, message, now)
         # a message without a body file is one statement, in autocommit its own
         # transaction: one round trip instead of five (BEGIN, three statements, COMMIT)
         await self._run(insert, tx=bool(message.body_file))
@@ -442,10 +438,10 @@ class PostgresSpool:
             self._known.add(message.body_file)      # this file is now a cache
         self._wake()
 
-    async def _insert_message(self, conn: AConn, m: NewMessage, now: float, *,
-                              notify: bool = False) -> None:
-        """The message's row and its recipients' in one statement (and with ``notify``
-        the other nodes' NOTIFY, delivered at commit); then a big body's chunks."""
+    async def _insert_message(self, conn: AConn, m: NewMessage, now: float) -> None:
+        """The message's row, its recipients' and the other nodes' NOTIFY (delivered at
+        commit; PostgreSQL sends a transaction's identical ones once) in one statement;
+        then a big body's chunks."""
         for r in m.recipients:
             check_entry(r.state)
         await conn.execute(
@@ -456,8 +452,7 @@ class PostgresSpool:
             "destination, next_attempt, updated) SELECT m.id, t.a, t.p, t.d, t.s, t.r, "
             "%(now)s, %(now)s FROM m, unnest(%(a)s::text[], %(p)s::text[], %(d)s::text[], "
             "%(s)s::text[], %(r)s::text[]) WITH ORDINALITY AS t(a, p, d, s, r, n) "
-            "ORDER BY t.n) "
-            + ("SELECT pg_notify(%(channel)s, %(token)s)" if notify else "SELECT 1"),
+            "ORDER BY t.n) SELECT pg_notify(%(channel)s, %(token)s)",
             {"mid": m.queue_id, "now": now, "sender": _clean(m.sender), "size": m.size,
              "mparams": json.dumps(m.params), "client": json.dumps(m.client),
              "data": m.data, "body_file": m.body_file,
@@ -785,8 +780,6 @@ class PostgresSpool:
                 if n.report is not None:
                     await self._insert_message(conn, n.report, now)
                 done.append(n)
-            if any(n.report is not None for n in done):
-                await self._notify(conn)
             await _finish_messages(conn, {n.message for n in sent})
             return done
         done = await self._run(tx)
